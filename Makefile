@@ -1,0 +1,32 @@
+# Two commands a newcomer needs (see README): `make demo` and `make test`.
+# Each creates .venv on first use; later runs reuse it until pyproject.toml or constraints.txt change.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt pip setuptools wheel numpy cython
+	# xtcocotools' wheel is built against numpy 1: build it from source against our numpy.
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation --no-binary xtcocotools xtcocotools
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python bench/losses.py --quick
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)
