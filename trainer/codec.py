@@ -1,0 +1,288 @@
+"""DARK heatmap codec (Zhang et al. 2020, "Distribution-Aware Coordinate Representation"), flip test and
+the map from heatmap pixels back to image pixels.
+
+Conventions:
+- Heatmap pixel ``(i, j)`` (column i, row j) has its centre at coordinate ``(x, y) = (i, j)``; a keypoint at
+  input-crop pixel ``p`` sits at heatmap coordinate ``p / stride`` (stride = input / heatmap = 4 for the
+  paper's 256x192 input and 64x48 heatmaps), as in MMPose's DARK configuration.
+- ``heatmap_size`` is ``(W, H)``; arrays are ``[N, K, H, W]``.
+
+Encoding ("unbiased" = the Gaussian is centred on the exact sub-pixel location, not on a rounded pixel)
+and decoding (Gaussian modulation, log, second-order Taylor expansion at the maximum) are both vectorised
+over instances and keypoints; ``decode_dark`` runs on CPU or GPU tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.keypoints import flip_index as coco_wholebody_flip_index
+
+# Keypoints whose Gaussian support (3 sigma, as MMPose) misses every heatmap pixel centre get weight 0.
+_GAUSSIAN_SUPPORT_SIGMAS = 3.0
+# Floor before the log in DARK modulation (the DARK reference implementation uses 1e-10).
+_LOG_FLOOR = 1e-10
+# Outputs at least this large (elements) are multiplied with torch even when it runs several threads.
+_TORCH_PRODUCT_MIN_SIZE = 1 << 22
+# sqrt of the smallest normal float32: products of two values above it are normal numbers.
+_TAIL_FLOOR = float(np.sqrt(np.finfo(np.float32).tiny))
+
+
+def _check_heatmap_size(heatmap_size) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in heatmap_size)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"heatmap_size must be (W, H), got {heatmap_size!r}") from error
+    if width <= 0 or height <= 0:
+        raise ValueError(f"heatmap_size must be positive (W, H), got {heatmap_size!r}")
+    return width, height
+
+
+def encode_unbiased(
+    keypoints, visible, heatmap_size=(48, 64), sigma: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian target heatmaps centred on exact sub-pixel keypoint locations (DARK's unbiased encoding).
+
+    Args:
+        keypoints: ``[N, K, 2]`` (x, y) in heatmap pixels (array-like or tensor).
+        visible: ``[N, K]``; a keypoint is drawn when ``visible > 0`` (COCO flags 1 and 2 both count).
+        heatmap_size: ``(W, H)`` of the heatmaps.
+        sigma: Gaussian standard deviation in heatmap pixels (the paper uses 2).
+
+    Returns:
+        ``(heatmaps [N, K, H, W] float32, weights [N, K] float32)``. ``heatmaps[n, k, y, x] =
+        exp(-((x - kx)^2 + (y - ky)^2) / (2 sigma^2))`` over the whole map (peak 1 when the keypoint is on a
+        pixel centre; values below 1e-19 are flushed to 0). Weight and heatmap are 0 for invisible
+        keypoints, non-finite coordinates and keypoints whose 3-sigma square contains no pixel centre.
+    """
+    width, height = _check_heatmap_size(heatmap_size)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    keypoints = np.asarray(keypoints, dtype=np.float32)
+    visible = np.asarray(visible)
+    if keypoints.ndim != 3 or keypoints.shape[-1] != 2:
+        raise ValueError(f"keypoints must have shape [N, K, 2], got {keypoints.shape}")
+    if visible.shape != keypoints.shape[:2]:
+        raise ValueError(f"visible must have shape {keypoints.shape[:2]} (as keypoints), got {visible.shape}")
+
+    kx, ky = keypoints[..., 0], keypoints[..., 1]
+    radius = _GAUSSIAN_SUPPORT_SIGMAS * sigma
+    with np.errstate(invalid="ignore"):
+        inside = (
+            (kx + radius >= 0) & (kx - radius <= width - 1) & (ky + radius >= 0) & (ky - radius <= height - 1)
+        )
+    weights = ((visible > 0) & np.isfinite(kx) & np.isfinite(ky) & inside).astype(np.float32)
+
+    # The 2D Gaussian is separable: outer product of a row and a column profile per keypoint.
+    kx = np.where(weights > 0, kx, 0.0)[..., None]
+    ky = np.where(weights > 0, ky, 0.0)[..., None]
+    xs = np.arange(width, dtype=np.float32)
+    ys = np.arange(height, dtype=np.float32)
+    inv_two_var = np.float32(1.0 / (2.0 * sigma * sigma))
+    profile_x = np.exp(-((xs - kx) ** 2) * inv_two_var) * weights[..., None]  # [N, K, W], 0 if weight 0
+    profile_y = np.exp(-((ys - ky) ** 2) * inv_two_var)  # [N, K, H]
+    # Zero the far tails (< 1.1e-19) so that no product is subnormal: subnormal arithmetic is ~10x slower on
+    # x86, and the change (< 1.1e-19 absolute) is far below float32 resolution at the peak.
+    profile_x = np.where(profile_x < _TAIL_FLOOR, 0.0, profile_x).astype(np.float32, copy=False)
+    profile_y = np.where(profile_y < _TAIL_FLOOR, 0.0, profile_y).astype(np.float32, copy=False)
+    heatmaps = np.empty(keypoints.shape[:2] + (height, width), dtype=np.float32)
+    # The outer product writes the whole output once. torch's broadcast multiply reaches the memory-write
+    # floor (NumPy's broadcasting over the short W axis is ~1.5-3x slower), but a small product split over
+    # several threads on a busy machine waits for them, so small outputs use NumPy unless single-threaded.
+    if heatmaps.size >= _TORCH_PRODUCT_MIN_SIZE or torch.get_num_threads() == 1:
+        torch.mul(
+            torch.from_numpy(profile_y).unsqueeze(-1),
+            torch.from_numpy(profile_x).unsqueeze(-2),
+            out=torch.from_numpy(heatmaps),
+        )
+    else:
+        np.multiply(profile_y[..., :, None], profile_x[..., None, :], out=heatmaps)
+    return heatmaps, weights
+
+
+def _gaussian_kernel_1d(kernel_size: int) -> torch.Tensor:
+    # OpenCV's GaussianBlur with sigma=0 derives sigma from the kernel size (2.0 for 11); DARK uses that blur.
+    sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+    offsets = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    kernel = torch.exp(-(offsets**2) / (2 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def _valid_blur_matrix(kernel_size: int, num_outputs: int, dtype, device) -> torch.Tensor:
+    """``[num_outputs + kernel_size - 1, num_outputs]`` matrix: 1D "valid" Gaussian filtering as a product."""
+    kernel = _gaussian_kernel_1d(kernel_size)
+    matrix = torch.zeros(num_outputs + kernel_size - 1, num_outputs, dtype=torch.float64)
+    for output in range(num_outputs):
+        matrix[output : output + kernel_size, output] = kernel
+    return matrix.to(dtype=dtype, device=device)
+
+
+def _peaks_and_patches(flat: torch.Tensor, height: int, width: int, reach: int):
+    """Per row of ``flat`` ([B, H*W]): argmax (first on ties), maximum, and the zero-padded
+    ``[2 reach + 1, 2 reach + 1]`` patch of the map around the argmax."""
+    batch = flat.shape[0]
+    if flat.device.type == "cpu":
+        # NumPy's argmax and flat ``take`` are several times faster than torch's argmax and gather on CPU
+        # (the tensor shares its memory with the array; the values are identical).
+        array = flat.contiguous().numpy()
+        argmax = np.argmax(array, axis=1)
+        offsets = np.arange(-reach, reach + 1)
+        py, px = argmax // width, argmax % width
+        rows, cols = py[:, None] + offsets, px[:, None] + offsets
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        index = np.clip(rows, 0, height - 1)[:, :, None] * width + np.clip(cols, 0, width - 1)[:, None, :]
+        index += (np.arange(batch) * (height * width))[:, None, None]
+        patches = array.reshape(-1).take(index) * inside
+        scores = array.reshape(-1).take(argmax + np.arange(batch) * (height * width))
+        return torch.from_numpy(argmax), torch.from_numpy(scores), torch.from_numpy(patches)
+    scores, argmax = flat.max(dim=1)
+    offsets = torch.arange(-reach, reach + 1, device=flat.device)
+    py, px = argmax // width, argmax % width
+    rows, cols = py[:, None] + offsets, px[:, None] + offsets
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    index = rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]
+    patches = flat.gather(1, index.reshape(batch, -1)).reshape(index.shape) * inside
+    return argmax, scores, patches
+
+
+def decode_dark(heatmaps, blur_kernel: int = 11):
+    """DARK decoding (Zhang et al. 2020): argmax, Gaussian modulation, log, Taylor refinement at the maximum.
+
+    Args:
+        heatmaps: ``[N, K, H, W]`` NumPy array or torch tensor (any device).
+        blur_kernel: odd size of the modulating Gaussian kernel (sigma derived as OpenCV does: 2.0 for 11).
+
+    Returns:
+        ``(coords [N, K, 2], scores [N, K])`` of the same kind as the input (NumPy arrays, or tensors on the
+        input's device). ``coords`` are (x, y) in heatmap pixels; ``scores`` is each map's maximum.
+        Maps whose maximum is <= 0 get coords (-1, -1). The refinement ``offset = -H^-1 g`` of the
+        log of the blurred heatmap at the integer maximum (gradient by central differences, Hessian with
+        step 2, as the DARK reference code) is applied where the maximum is at least 2 pixels from the
+        border and the Hessian is non-singular; elsewhere the integer argmax is returned.
+
+    The blur is the reference one (zero padding outside the map, then rescaled so that the maximum is the
+    original one), but only evaluated where the Taylor step reads it: on the 5x5 pixels around the argmax,
+    from the 15x15 (for an 11 kernel) patch around it. The rescaling uses the maximum of those 5x5 blurred
+    values; it only matters where the 1e-10 floor before the log applies, i.e. never near a real peak.
+    """
+    is_numpy = not isinstance(heatmaps, torch.Tensor)
+    tensor = torch.from_numpy(np.ascontiguousarray(heatmaps)) if is_numpy else heatmaps.detach()
+    if tensor.ndim != 4:
+        raise ValueError(f"heatmaps must have shape [N, K, H, W], got {tuple(tensor.shape)}")
+    if blur_kernel < 1 or blur_kernel % 2 != 1:
+        raise ValueError(f"blur_kernel must be a positive odd integer, got {blur_kernel!r}")
+    if not tensor.is_floating_point() or tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    num, num_kpts, height, width = tensor.shape
+    batch = num * num_kpts
+    device, dtype = tensor.device, tensor.dtype
+    flat = tensor.reshape(batch, height * width)
+    if batch == 0:
+        coords, scores = tensor.new_zeros((num, num_kpts, 2)), tensor.new_zeros((num, num_kpts))
+        return (coords.cpu().numpy(), scores.cpu().numpy()) if is_numpy else (coords, scores)
+
+    # Zero-padded patch around the maximum, large enough to blur the 5x5 stencil neighbourhood exactly.
+    argmax, scores, patch = _peaks_and_patches(flat, height, width, reach=blur_kernel // 2 + 2)
+    px = argmax % width
+    py = argmax // width
+    blur = _valid_blur_matrix(blur_kernel, 5, dtype, device)
+    blurred = blur.T @ patch @ blur  # [B, 5, 5], centred on the argmax
+    blurred_max = blurred.amax(dim=(1, 2))
+    ratio = torch.where(blurred_max > 0, scores / blurred_max.clamp_min(torch.finfo(dtype).tiny), 1.0)
+    log_map = torch.log((blurred * ratio[:, None, None]).clamp_min(_LOG_FLOOR))
+
+    def at(dx: int, dy: int) -> torch.Tensor:
+        return log_map[:, 2 + dy, 2 + dx]
+
+    center = at(0, 0)
+    dx = 0.5 * (at(1, 0) - at(-1, 0))
+    dy = 0.5 * (at(0, 1) - at(0, -1))
+    dxx = 0.25 * (at(2, 0) - 2 * center + at(-2, 0))
+    dyy = 0.25 * (at(0, 2) - 2 * center + at(0, -2))
+    dxy = 0.25 * (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1))
+    det = dxx * dyy - dxy * dxy
+    refinable = (px >= 2) & (px <= width - 3) & (py >= 2) & (py <= height - 3) & (det != 0)
+    safe_det = torch.where(refinable, det, torch.ones_like(det))
+    # offset = -H^{-1} g with the closed-form 2x2 inverse.
+    offset_x = -(dyy * dx - dxy * dy) / safe_det
+    offset_y = -(dxx * dy - dxy * dx) / safe_det
+    coords = torch.stack([px.to(dtype), py.to(dtype)], dim=-1)
+    coords = torch.where(refinable[:, None], coords + torch.stack([offset_x, offset_y], dim=-1), coords)
+    coords = torch.where((scores > 0)[:, None], coords, torch.full_like(coords, -1.0))
+
+    coords = coords.reshape(num, num_kpts, 2)
+    scores = scores.reshape(num, num_kpts)
+    if is_numpy:
+        return coords.numpy(), scores.numpy()
+    return coords, scores
+
+
+def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True):
+    """Un-mirror heatmaps predicted on a horizontally flipped image (test-time flip).
+
+    Flips the W axis, swaps left/right channels and, with ``shift``, moves the result one pixel to the right
+    (column 0 is kept), as MMPose's ``flip_test=True, shift_heatmap=True``. Test-time flip is then
+    ``(model(image) + flip_back_heatmaps(model(image.flip(-1)))) / 2``.
+
+    Args:
+        heatmaps: ``[N, K, H, W]`` torch tensor (or NumPy array) predicted on the mirrored image.
+        flip_index: permutation of length K mapping each channel to its mirror; defaults to
+            COCO-WholeBody's (``trainer.keypoints.flip_index()``, K = 133).
+        shift: apply the one-pixel shift.
+
+    Returns:
+        The un-mirrored heatmaps, same kind, shape and device as the input (a new array/tensor).
+    """
+    is_numpy = not isinstance(heatmaps, torch.Tensor)
+    tensor = torch.from_numpy(np.asarray(heatmaps)) if is_numpy else heatmaps
+    if tensor.ndim != 4:
+        raise ValueError(f"heatmaps must have shape [N, K, H, W], got {tuple(tensor.shape)}")
+    num_kpts = tensor.shape[1]
+    index = coco_wholebody_flip_index() if flip_index is None else [int(i) for i in flip_index]
+    if sorted(index) != list(range(num_kpts)):
+        raise ValueError(
+            f"flip_index must be a permutation of 0..{num_kpts - 1} (heatmaps have K={num_kpts}), "
+            f"got length {len(index)}"
+        )
+    index_tensor = torch.as_tensor(index, dtype=torch.long, device=tensor.device)
+    flipped = tensor.index_select(1, index_tensor).flip(-1)
+    if shift:
+        flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+    return flipped.numpy() if is_numpy else flipped
+
+
+def heatmap_to_image_coords(coords, center, scale, heatmap_size) -> np.ndarray:
+    """Map heatmap pixels back to image pixels through the inverse of the crop's affine (no rotation).
+
+    Equals ``apply_affine(coords[n], get_warp_matrix(center[n], scale[n], 0, heatmap_size, inv=True))`` for
+    every instance n, i.e. the inverse of ``get_warp_matrix(center, scale, 0, input_size)`` followed by the
+    division by the stride (input_size / heatmap_size), vectorised over instances.
+
+    Args:
+        coords: ``[N, K, 2]`` (x, y) in heatmap pixels (NumPy or tensor).
+        center: ``[N, 2]`` crop centres in image pixels.
+        scale: ``[N, 2]`` crop (w, h) in image pixels, at the input's aspect ratio.
+        heatmap_size: ``(W, H)``.
+
+    Returns:
+        ``[N, K, 2]`` float32 image coordinates.
+    """
+    width, height = _check_heatmap_size(heatmap_size)
+    if isinstance(coords, torch.Tensor):
+        coords = coords.detach().cpu().numpy()
+    coords = np.asarray(coords, dtype=np.float64)
+    center = np.asarray(center, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if coords.ndim != 3 or coords.shape[-1] != 2:
+        raise ValueError(f"coords must have shape [N, K, 2], got {coords.shape}")
+    expected = (coords.shape[0], 2)
+    if center.shape != expected:
+        raise ValueError(f"center must have shape {expected}, got {center.shape}")
+    if scale.shape != expected:
+        raise ValueError(f"scale must have shape {expected}, got {scale.shape}")
+    # get_warp_matrix scales both axes by output_w / scale_w; its inverse divides by the same factor.
+    pixels_per_heatmap_pixel = (scale[:, 0] / width)[:, None, None]
+    heatmap_center = np.array([width * 0.5, height * 0.5])
+    image = (coords - heatmap_center) * pixels_per_heatmap_pixel + center[:, None, :]
+    return image.astype(np.float32)

@@ -1,0 +1,297 @@
+"""COCO-WholeBody evaluation with xtcocotools, plus the detection-box post-processing (rescoring, OKS-NMS).
+
+The protocol is COCO-WholeBody v1.0's (Jin et al. 2020, as MMPose runs it): one ``COCOeval`` pass per part
+(``keypoints_body``, ``keypoints_foot``, ``keypoints_face``, ``keypoints_lefthand``, ``keypoints_righthand``)
+with that part's OKS sigmas, and one ``keypoints_wholebody`` pass with all 133 sigmas, all with
+``use_area=True`` (OKS normalised by the ground-truth segmentation area). Every pass ranks detections by the
+result's ``score``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RANGES, SIGMAS
+
+# Part name -> (xtcocotools iouType, result/annotation field). Whole-body concatenates all five fields.
+_PART_IOU_TYPES: dict[str, str] = {
+    "body": "keypoints_body",
+    "foot": "keypoints_foot",
+    "face": "keypoints_face",
+    "lefthand": "keypoints_lefthand",
+    "righthand": "keypoints_righthand",
+    "wholebody": "keypoints_wholebody",
+}
+
+# Order of ``COCOeval.stats`` for keypoint iouTypes (xtcocotools ``_summarizeKps``, maxDets=20).
+_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
+
+_RESULT_FIELDS = ("image_id", "category_id", "score") + tuple(name for name, _ in ANNOTATION_KEYPOINT_FIELDS)
+
+
+def _part_sigmas(part: str) -> np.ndarray:
+    sigmas = np.asarray(SIGMAS, dtype=np.float64)
+    if part == "wholebody":
+        return sigmas
+    start, stop = PART_RANGES[part]
+    return sigmas[start:stop]
+
+
+def _load_results(results) -> list[dict]:
+    if isinstance(results, (str, Path)):
+        path = Path(results)
+        try:
+            with path.open() as handle:
+                results = json.load(handle)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"results file {path} does not exist") from error
+        except json.JSONDecodeError as error:
+            raise ValueError(f"results file {path} is not valid JSON: {error}") from error
+    if not isinstance(results, list):
+        raise ValueError(
+            f"results must be a list of result dicts or a JSON file path, got {type(results).__name__}"
+        )
+    checked = []
+    for index, result in enumerate(results):
+        if not isinstance(result, dict):
+            raise ValueError(f"results[{index}] must be a dict, got {type(result).__name__}")
+        missing = [field for field in _RESULT_FIELDS if field not in result]
+        if missing:
+            raise ValueError(
+                f"results[{index}] (image_id {result.get('image_id')!r}) is missing fields {missing}"
+            )
+        for field, length in ANNOTATION_KEYPOINT_FIELDS:
+            if len(result[field]) != 3 * length:
+                raise ValueError(
+                    f"results[{index}] (image_id {result['image_id']!r}): field {field!r} must have "
+                    f"{3 * length} values (x, y, score for {length} keypoints), got {len(result[field])}"
+                )
+        # Keep only the result-format fields: xtcocotools' loadRes treats a 'bbox' key as a box result.
+        checked.append({field: copy.deepcopy(result[field]) for field in _RESULT_FIELDS})
+    return checked
+
+
+def evaluate_wholebody(ann_file, results) -> dict[str, float]:
+    """COCO-WholeBody keypoint AP/AR of ``results`` against the annotation file ``ann_file``.
+
+    Args:
+        ann_file: COCO-WholeBody v1.0 annotation JSON (path).
+        results: list of result dicts (``image_id``, ``category_id``, ``keypoints`` 17x3, ``foot_kpts`` 6x3,
+            ``face_kpts`` 68x3, ``lefthand_kpts`` 21x3, ``righthand_kpts`` 21x3, flattened, with a keypoint
+            score as third value, and ``score``), or the path of a JSON file holding that list. Other keys
+            are ignored. The inputs are not modified.
+
+    Returns:
+        ``{part}/{stat}`` for part in body, foot, face, lefthand, righthand, wholebody and stat in AP, AP50,
+        AP75, AP_M, AP_L, AR, AR50, AR75, AR_M, AR_L (xtcocotools' keypoint summary, maxDets 20), plus
+        ``hand/AP``, ``hand/AR``, ``hand/AP50``, ``hand/AP75`` (means of the two hands). A statistic is -1
+        when the part has no labelled ground truth in the range (xtcocotools' convention).
+
+    Raises:
+        ValueError: a result is malformed, or refers to image ids absent from ``ann_file`` (named).
+    """
+    from xtcocotools.coco import COCO
+    from xtcocotools.cocoeval import COCOeval
+
+    ann_path = Path(ann_file)
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"annotation file {ann_path} does not exist")
+    checked = _load_results(results)
+
+    quiet = io.StringIO()  # xtcocotools prints progress and summaries to stdout
+    with contextlib.redirect_stdout(quiet):
+        coco_gt = COCO(str(ann_path))
+    known_ids = set(coco_gt.getImgIds())
+    unknown_ids = sorted({result["image_id"] for result in checked} - known_ids, key=str)
+    if unknown_ids:
+        shown = ", ".join(repr(i) for i in unknown_ids[:20]) + (" ..." if len(unknown_ids) > 20 else "")
+        raise ValueError(f"results refer to {len(unknown_ids)} image id(s) not in {ann_path}: {shown}")
+
+    metrics: dict[str, float] = {}
+    with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+        # Results carry one 'score' per instance; xtcocotools warns that it uses it for every part.
+        warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
+        coco_dt = coco_gt.loadRes(checked) if checked else None
+        for part, iou_type in _PART_IOU_TYPES.items():
+            if coco_dt is None:
+                stats = np.full(len(_STAT_NAMES), -1.0)
+            else:
+                coco_eval = COCOeval(coco_gt, coco_dt, iou_type, _part_sigmas(part), use_area=True)
+                coco_eval.params.useSegm = None
+                coco_eval.evaluate()
+                coco_eval.accumulate()
+                coco_eval.summarize()
+                stats = coco_eval.stats
+            for name, value in zip(_STAT_NAMES, stats, strict=True):
+                metrics[f"{part}/{name}"] = float(value)
+    for name in ("AP", "AP50", "AP75", "AR"):
+        metrics[f"hand/{name}"] = 0.5 * (metrics[f"lefthand/{name}"] + metrics[f"righthand/{name}"])
+    return metrics
+
+
+def keypoints_to_results(image_ids, keypoints_133x3, scores, category_id: int = 1) -> list[dict]:
+    """Predictions as COCO-WholeBody result dicts.
+
+    Args:
+        image_ids: ``[N]`` image id of each instance.
+        keypoints_133x3: ``[N, 133, 3]`` (x, y, keypoint score) in image pixels, in COCO-WholeBody order.
+        scores: ``[N]`` instance scores (e.g. from ``rescore_instances``).
+        category_id: category of every instance (1 = person).
+
+    Returns:
+        One dict per instance with ``image_id``, ``category_id``, ``score`` and the five keypoint fields
+        (``keypoints``, ``foot_kpts``, ``face_kpts``, ``lefthand_kpts``, ``righthand_kpts``) as flat lists.
+    """
+    keypoints = np.asarray(keypoints_133x3, dtype=np.float64)
+    if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(f"keypoints_133x3 must have shape [N, {NUM_KEYPOINTS}, 3], got {keypoints.shape}")
+    image_ids = list(np.asarray(image_ids).reshape(-1).tolist())
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(image_ids) != keypoints.shape[0]:
+        raise ValueError(f"image_ids has {len(image_ids)} entries, keypoints_133x3 has {keypoints.shape[0]}")
+    if scores.shape[0] != keypoints.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries, keypoints_133x3 has {keypoints.shape[0]}")
+    results = []
+    start = 0
+    field_slices = []
+    for field, length in ANNOTATION_KEYPOINT_FIELDS:
+        field_slices.append((field, slice(start, start + length)))
+        start += length
+    for image_id, instance, score in zip(image_ids, keypoints, scores, strict=True):
+        result = {"image_id": image_id, "category_id": int(category_id), "score": float(score)}
+        for field, part_slice in field_slices:
+            result[field] = instance[part_slice].reshape(-1).tolist()
+        results.append(result)
+    return results
+
+
+def rescore_instances(box_scores, keypoint_scores, keypoint_score_thr: float = 0.2) -> np.ndarray:
+    """Instance score = box score x mean of the keypoint scores above a threshold (MMPose's rescoring).
+
+    Args:
+        box_scores: ``[N]`` person-detector scores (1 for ground-truth boxes).
+        keypoint_scores: ``[N, K]`` per-keypoint confidences (e.g. heatmap maxima from ``decode_dark``).
+        keypoint_score_thr: only keypoints scoring strictly above this count towards the mean; an instance
+            with none keeps a mean of 0 (score 0).
+
+    Returns:
+        ``[N]`` float64 instance scores.
+    """
+    box_scores = np.asarray(box_scores, dtype=np.float64).reshape(-1)
+    keypoint_scores = np.asarray(keypoint_scores, dtype=np.float64)
+    if keypoint_scores.ndim != 2 or keypoint_scores.shape[0] != box_scores.shape[0]:
+        raise ValueError(
+            f"keypoint_scores must have shape [N, K] with N = len(box_scores) = {box_scores.shape[0]}, "
+            f"got {keypoint_scores.shape}"
+        )
+    above = keypoint_scores > keypoint_score_thr
+    count = above.sum(axis=1)
+    total = np.where(above, keypoint_scores, 0.0).sum(axis=1)
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    return box_scores * mean
+
+
+def _oks_one_to_many(keypoints, others, area, other_areas, variances) -> np.ndarray:
+    # OKS between one instance and many, normalised by the mean of the two areas (MMPose's oks_iou).
+    squared_distance = ((others - keypoints[None]) ** 2).sum(axis=-1)  # [M, K]
+    mean_area = (area + other_areas) / 2 + np.spacing(1)
+    exponent = squared_distance / variances[None] / mean_area[:, None] / 2
+    return np.exp(-exponent).mean(axis=1)
+
+
+def oks_nms(instances: Sequence[dict], thr: float = 0.9, sigmas=SIGMAS) -> list[int]:
+    """Greedy non-maximum suppression by object keypoint similarity, within one image.
+
+    Args:
+        instances: the candidates of one image, each a dict with ``keypoints`` (``[K, 2]`` or ``[K, 3]``,
+            image pixels; a third column is ignored), ``score`` (float) and ``area`` (float, the instance
+            area used to normalise OKS, e.g. the product of the crop scale as MMPose).
+        thr: a candidate is suppressed when its OKS with an already kept, higher-scoring one is > ``thr``.
+        sigmas: ``[K]`` OKS sigmas (default: the 133 COCO-WholeBody ones).
+
+    Returns:
+        Indices into ``instances`` of the kept candidates, highest score first.
+    """
+    if len(instances) == 0:
+        return []
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    try:
+        keypoints = np.stack([np.asarray(inst["keypoints"], dtype=np.float64)[:, :2] for inst in instances])
+        scores = np.array([float(inst["score"]) for inst in instances])
+        areas = np.array([float(inst["area"]) for inst in instances])
+    except KeyError as error:
+        raise ValueError(
+            f"oks_nms: every instance needs 'keypoints', 'score' and 'area'; missing {error}"
+        ) from error
+    if keypoints.shape[1] != sigmas.shape[0]:
+        raise ValueError(
+            f"oks_nms: instances have {keypoints.shape[1]} keypoints but sigmas has {sigmas.shape[0]}"
+        )
+    variances = (2 * sigmas) ** 2
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size > 0:
+        best = int(order[0])
+        keep.append(best)
+        rest = order[1:]
+        oks = _oks_one_to_many(keypoints[best], keypoints[rest], areas[best], areas[rest], variances)
+        order = rest[oks <= thr]
+    return keep
+
+
+def detections_to_results(
+    image_ids,
+    keypoints,
+    keypoint_scores,
+    box_scores,
+    areas,
+    keypoint_score_thr: float = 0.2,
+    nms_thr: float = 0.9,
+    sigmas=SIGMAS,
+    category_id: int = 1,
+) -> list[dict]:
+    """Detection-box inference output -> result dicts: rescoring, per-image OKS-NMS, result format.
+
+    Args:
+        image_ids: ``[N]`` image of each detection box.
+        keypoints: ``[N, 133, 2]`` decoded keypoints in image pixels.
+        keypoint_scores: ``[N, 133]`` keypoint confidences.
+        box_scores: ``[N]`` detector scores.
+        areas: ``[N]`` areas for OKS-NMS (MMPose uses the product of the crop scale).
+        keypoint_score_thr, nms_thr, sigmas: see ``rescore_instances`` and ``oks_nms``.
+        category_id: category of every result.
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    keypoint_scores = np.asarray(keypoint_scores, dtype=np.float64)
+    image_ids = np.asarray(image_ids).reshape(-1)
+    areas = np.asarray(areas, dtype=np.float64).reshape(-1)
+    if keypoints.ndim != 3 or keypoints.shape[-1] != 2 or keypoints.shape[:2] != keypoint_scores.shape:
+        raise ValueError(
+            f"keypoints must be [N, K, 2] and keypoint_scores [N, K]; got {keypoints.shape} and "
+            f"{keypoint_scores.shape}"
+        )
+    if not (image_ids.shape[0] == areas.shape[0] == keypoints.shape[0]):
+        raise ValueError(
+            f"image_ids ({image_ids.shape[0]}), areas ({areas.shape[0]}) and keypoints "
+            f"({keypoints.shape[0]}) must have the same length"
+        )
+    scores = rescore_instances(box_scores, keypoint_scores, keypoint_score_thr)
+    by_image: dict = defaultdict(list)
+    for index, image_id in enumerate(image_ids.tolist()):
+        by_image[image_id].append(index)
+    kept: list[int] = []
+    for indices in by_image.values():
+        instances = [{"keypoints": keypoints[i], "score": scores[i], "area": areas[i]} for i in indices]
+        kept.extend(indices[j] for j in oks_nms(instances, nms_thr, sigmas))
+    kept.sort()
+    keypoints_133x3 = np.concatenate([keypoints[kept], keypoint_scores[kept][..., None]], axis=-1)
+    return keypoints_to_results(image_ids[kept], keypoints_133x3, scores[kept], category_id)
