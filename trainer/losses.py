@@ -1,0 +1,624 @@
+"""Heatmap losses of the FoWKAL paper (Eq. 1-11): MSE, AWing, the heuristic loss, KAL, WAHR/FWAHR weighting.
+
+Element-wise functions (any shape, ``pred`` = p-hat, ``target`` = p):
+
+- :func:`awing` - Eq. 2, the Adaptive Wing loss of Wang, Bo and Fuxin (2019);
+- :func:`wahr_weight` - the WAHR pixel weight of Luo et al. (2021);
+- :func:`fwahr_weight` - Eq. 9, the FWAHR pixel weight.
+
+:class:`HeatmapLoss` reduces them over heatmaps ``[B, K, H, W]`` for the variants of Tables 2 and 3 (see
+:data:`LOSS_VARIANTS`). Every variant is computed as
+
+    term[b, k]  = awing_coef[b, k] * mean_px(W * AWing) + mse_coef[b, k] * mean_px(W * (p - p_hat)^2)
+    total       = mean_b( sum_k keypoint_scale[k] * term[b, k] ) + reg
+
+where W is 1, the WAHR or the FWAHR weight, and the coefficients/scales come from the variant's mix function
+(the target weight enters through the coefficients). The pixel work, which is almost all of the cost, runs
+by default in :class:`_FusedKeypointTerms`: one pass over cache-sized slabs that computes the per-pixel loss
+and its analytic derivative together (no autograd graph over the ``B*K*H*W`` elements, no full-size
+temporaries). ``HeatmapLoss(..., fused=False)`` runs the same equations through the element-wise functions
+and autograd instead; the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trainer.keypoints import COCO_WHOLEBODY_PARTS
+
+# Parts the heuristic loss (Eq. 4-5) trains with MSE (coarse) and with AWing (dense).
+COARSE_PARTS: tuple[str, ...] = ("body", "foot")
+DENSE_PARTS: tuple[str, ...] = ("face", "hand")
+
+WEIGHTINGS = ("none", "wahr", "fwahr")
+FWAHR_CONDITIONS = ("pred", "target")
+KAF_MODES = ("literal", "uncertainty")
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"{owner}: {name} must be positive, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Element-wise functions, written as the paper writes them (autograd differentiates them).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def awing(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    omega: float = 14.0,
+    theta: float = 0.5,
+    epsilon: float = 1.0,
+    alpha: float = 2.1,
+) -> Tensor:
+    """Adaptive Wing loss per element, Eq. 2 (defaults: Wang, Bo and Fuxin 2019, as the paper uses).
+
+    ``omega * ln(1 + |(p - p_hat) / epsilon|^(alpha - p))`` where ``|p - p_hat| < theta``, else
+    ``A * |p - p_hat| - C`` with A and C chosen so that value and slope are continuous at ``theta``.
+    """
+    _check_positive("awing", omega=omega, theta=theta, epsilon=epsilon, alpha=alpha)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"awing: pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    diff = (target - pred).abs()
+    exponent = alpha - target
+    near = omega * torch.log1p(torch.pow(diff / epsilon, exponent))
+    ratio_pow = torch.pow(theta / epsilon, exponent)  # (theta/epsilon)^(alpha - p)
+    slope = (
+        omega * (1.0 / (1.0 + ratio_pow)) * exponent * torch.pow(theta / epsilon, exponent - 1.0) / epsilon
+    )
+    offset = theta * slope - omega * torch.log1p(ratio_pow)
+    far = slope * diff - offset
+    return torch.where(diff < theta, near, far)
+
+
+def wahr_weight(pred: Tensor, target: Tensor, *, gamma: float = 0.01) -> Tensor:
+    """WAHR pixel weight of Luo et al. (2021): ``p^gamma * |1 - p_hat| + |p_hat| * (1 - p^gamma)``."""
+    _check_positive("wahr_weight", gamma=gamma)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"wahr_weight: pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    target_pow = target.pow(gamma)
+    return target_pow * (1.0 - pred).abs() + pred.abs() * (1.0 - target_pow)
+
+
+def fwahr_weight(
+    pred: Tensor, target: Tensor, *, gamma: float = 0.01, tau: float = 0.01, condition: str = "pred"
+) -> Tensor:
+    """FWAHR pixel weight, Eq. 9 read literally: WAHR where the gate is ``>= 2^(-1/gamma)``, else ``tau * p``.
+
+    Eq. 9 writes the gate on p_hat (``condition="pred"``, the default). The text calls ``2^(-1/gamma)`` the
+    soft boundary between positive and negative samples, which is where ``p^gamma = 1/2``, i.e. a condition
+    on the ground truth p (``condition="target"``). The two readings differ a lot: with ``gamma=0.01`` the
+    threshold is ~7.9e-31, so under "pred" nearly every pixel with a positive prediction gets the WAHR
+    weight and only pixels predicted <= 0 get ``tau * p``; under "target" every pixel where the ground-truth
+    heatmap is 0 gets ``tau * 0 = 0``, i.e. the background drops out of the loss. The switch lets the
+    ablation settle it.
+    """
+    _check_positive("fwahr_weight", gamma=gamma, tau=tau)
+    _check_choice("fwahr_weight", "condition", condition, FWAHR_CONDITIONS)
+    gate = pred if condition == "pred" else target
+    return torch.where(gate >= 2.0 ** (-1.0 / gamma), wahr_weight(pred, target, gamma=gamma), tau * target)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fused pixel pass: value and analytic derivative of each keypoint's pixel mean in one sweep.
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelLossConfig:
+    """Static settings of the per-pixel work (hyperparameters of Eq. 2 and 9, weighting, slab size)."""
+
+    weighting: str = "none"
+    omega: float = 14.0
+    theta: float = 0.5
+    epsilon: float = 1.0
+    alpha: float = 2.1
+    gamma: float = 0.01
+    tau: float = 0.01
+    fwahr_condition: str = "pred"
+    detach_weight: bool = False
+    chunk_elements: int = 1 << 18
+    # Far AWing branch on the selected pixels only (None: on CPU; GPUs compute both branches, no sync).
+    sparse_far_branch: bool | None = None
+
+
+def _slabs(batch: int, keypoints: int, pixels: int, runs: tuple[tuple[int, int], ...], chunk: int):
+    """Yield (b0, b1, k0, k1) blocks of about ``chunk`` elements that never straddle two keypoint runs."""
+    per_keypoint = batch * pixels
+    if chunk >= per_keypoint:
+        step_k, step_b = max(1, chunk // per_keypoint), batch
+    else:
+        step_k, step_b = 1, max(1, chunk // pixels)
+    for start, stop in runs:
+        for k0 in range(start, stop, step_k):
+            k1 = min(stop, k0 + step_k)
+            for b0 in range(0, batch, step_b):
+                yield b0, min(batch, b0 + step_b), k0, k1
+
+
+def _pixel_weight(pred: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad: bool):
+    """WAHR / FWAHR weight and, when ``want_grad``, its derivative w.r.t. pred (abs' (0) = 0, as autograd)."""
+    target_pow = target.pow(cfg.gamma)
+    abs_pred = pred.abs()
+    one_minus = torch.rsub(pred, 1.0)
+    # p^g |1-x| + |x| (1-p^g) = p^g (|1-x| - |x|) + |x|
+    weight = one_minus.abs().sub_(abs_pred).mul_(target_pow).add_(abs_pred)
+    dweight = None
+    if want_grad:
+        sign_pred = pred.sign()
+        # d/dx = -p^g sign(1-x) + sign(x) (1 - p^g) = sign(x) - p^g (sign(1-x) + sign(x))
+        dweight = one_minus.sign_().add_(sign_pred).mul_(target_pow).neg_().add_(sign_pred)
+    if cfg.weighting == "fwahr":  # Eq. 9
+        gate = (pred if cfg.fwahr_condition == "pred" else target) >= 2.0 ** (-1.0 / cfg.gamma)
+        weight = torch.where(gate, weight, target * cfg.tau)
+        if dweight is not None:
+            dweight.mul_(gate)
+    return weight, dweight
+
+
+def _awing_and_slope(diff: Tensor, abs_diff: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad: bool):
+    """AWing (Eq. 2) of ``diff = p_hat - p`` and, when ``want_grad``, its derivative w.r.t. p_hat."""
+    exponent = torch.rsub(target, cfg.alpha)  # alpha - p
+    base = abs_diff if cfg.epsilon == 1.0 else abs_diff / cfg.epsilon
+    base_pow = torch.pow(base, exponent)  # |d/eps|^(alpha-p)
+    near = torch.log1p(base_pow).mul_(cfg.omega)
+    is_far = abs_diff >= cfg.theta
+    # On CPU the far branch (|d| >= theta, few pixels once training is under way) is computed on those
+    # pixels only; on GPUs that selection would cost a device sync, so both branches are computed.
+    sparse = cfg.sparse_far_branch
+    if sparse is None:
+        sparse = abs_diff.device.type == "cpu"
+    if sparse:
+        far_exponent, far_abs = exponent[is_far], abs_diff[is_far]
+    else:
+        far_exponent, far_abs = exponent, abs_diff
+    ratio_pow = far_exponent.mul(math.log(cfg.theta / cfg.epsilon)).exp_()  # t = (theta/eps)^e, e = alpha - p
+    # A = omega e (theta/eps)^(e-1) / (eps (1 + t)) = omega e t / (theta (1 + t))
+    slope = ratio_pow.mul(far_exponent).div_(ratio_pow + 1.0).mul_(cfg.omega / cfg.theta)
+    # A |d| - C with C = theta A - omega ln(1 + t)  ==  A (|d| - theta) + omega ln(1 + t)
+    far = far_abs.sub(cfg.theta).mul_(slope).add_(torch.log1p(ratio_pow).mul_(cfg.omega))
+    value = near.masked_scatter_(is_far, far) if sparse else torch.where(is_far, far, near)
+    if not want_grad:
+        return value, None
+    # near: omega e |d/eps|^(e-1) / (eps (1 + |d/eps|^e)) sign(d) = omega e base_pow / ((1 + base_pow) d);
+    # 0/0 at d = 0 where the true slope is 0 (e > 1).
+    near_slope = base_pow.mul(exponent).div_(diff).div_(base_pow.add_(1.0)).mul_(cfg.omega).nan_to_num_(0.0)
+    if sparse:
+        return value, near_slope.masked_scatter_(is_far, slope.mul_(diff[is_far].sign()))
+    return value, torch.where(is_far, slope.mul_(diff.sign()), near_slope)
+
+
+class _FusedKeypointTerms(torch.autograd.Function):
+    """``term[b,k] = awing_coef * mean_px(W * AWing) + mse_coef * mean_px(W * MSE)``, analytic backward.
+
+    The forward computes, slab by slab, the per-pixel loss and its derivative w.r.t. pred and stores the
+    combined pixel gradient ``dterm[b,k]/dpred`` (one tensor the size of pred); the backward only scales it
+    by the incoming ``[B, K]`` gradient. Gradients flow to pred and to both coefficients, not to target.
+    A coefficient may be None (that loss is not needed); slabs whose coefficients are all 0 and need no
+    gradient are skipped on CPU (a zero target weight), where that check costs no device sync.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, awing_coef, mse_coef, cfg, runs):  # noqa: D102
+        batch, keypoints, height, width = pred.shape
+        pixels = height * width
+        want_grad = ctx.needs_input_grad[0]
+        want_dweight = want_grad and cfg.weighting != "none" and not cfg.detach_weight
+        on_cpu = pred.device.type == "cpu"
+        pixel_grad = torch.zeros_like(pred) if want_grad else None
+        awing_mean = pred.new_zeros(batch, keypoints) if awing_coef is not None else None
+        mse_mean = pred.new_zeros(batch, keypoints) if mse_coef is not None else None
+
+        def needed(coef: Tensor | None, b0: int, b1: int, k0: int, k1: int) -> bool:
+            if coef is None:
+                return False
+            if not on_cpu or coef.requires_grad:
+                return True
+            return bool(coef[b0:b1, k0:k1].any())
+
+        for b0, b1, k0, k1 in _slabs(batch, keypoints, pixels, runs, cfg.chunk_elements):
+            use_awing = needed(awing_coef, b0, b1, k0, k1)
+            use_mse = needed(mse_coef, b0, b1, k0, k1)
+            if not (use_awing or use_mse):
+                continue
+            x = pred[b0:b1, k0:k1]
+            p = target[b0:b1, k0:k1]
+            diff = x - p
+            weight = dweight = None
+            if cfg.weighting != "none":
+                weight, dweight = _pixel_weight(x, p, cfg, want_dweight)
+            grad_out = pixel_grad[b0:b1, k0:k1] if want_grad else None
+            for use, kind, coef, means in (
+                (use_awing, "awing", awing_coef, awing_mean),
+                (use_mse, "mse", mse_coef, mse_mean),
+            ):
+                if not use:
+                    continue
+                if kind == "awing":
+                    loss, dloss = _awing_and_slope(diff, diff.abs(), p, cfg, want_grad)
+                else:
+                    loss, dloss = diff.square(), (diff * 2.0 if want_grad else None)
+                if weight is not None:
+                    if dloss is not None:
+                        dloss.mul_(weight)
+                        if dweight is not None:
+                            dloss.addcmul_(loss, dweight)
+                    loss = loss.mul_(weight)
+                means[b0:b1, k0:k1] = loss.sum(dim=(2, 3)) / pixels
+                if want_grad:
+                    grad_out.addcmul_(dloss, coef[b0:b1, k0:k1, None, None].detach(), value=1.0 / pixels)
+
+        terms = pred.new_zeros(batch, keypoints)
+        if awing_coef is not None:
+            terms = terms + awing_coef.detach() * awing_mean
+        if mse_coef is not None:
+            terms = terms + mse_coef.detach() * mse_mean
+        ctx.save_for_backward(pixel_grad, awing_mean, mse_mean)
+        return terms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_terms):  # noqa: D102
+        pixel_grad, awing_mean, mse_mean = ctx.saved_tensors
+        grad_pred = grad_awing = grad_mse = None
+        if ctx.needs_input_grad[0]:
+            grad_pred = pixel_grad * grad_terms[:, :, None, None]
+        if ctx.needs_input_grad[2]:
+            grad_awing = grad_terms * awing_mean
+        if ctx.needs_input_grad[3]:
+            grad_mse = grad_terms * mse_mean
+        return grad_pred, None, grad_awing, grad_mse, None, None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Variants: each is a mix function (coefficients and scales per keypoint) plus its pixel weighting.
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeypointMix:
+    """How a variant combines the per-keypoint pixel means into its total.
+
+    ``awing_coef`` / ``mse_coef``: ``[B, K]`` coefficients of each keypoint's (weighted) AWing and MSE pixel
+    means (the target weight is folded in; None = that loss is not used). ``keypoint_scale``: ``[K]`` factor
+    of each keypoint's term in the per-sample sum (1/K, 1/N_part, lambda_fh/N_bf, ...). ``reg``: 0-dim terms
+    that depend on the KAF only (or None). ``report_part_means``: the per-part log entries are part means
+    (mse, awing) rather than each part's contribution to the total.
+    """
+
+    awing_coef: Tensor | None
+    mse_coef: Tensor | None
+    keypoint_scale: Tensor
+    reg: Tensor | None = None
+    report_part_means: bool = False
+
+
+@dataclass(frozen=True)
+class LossVariant:
+    """One row of Tables 2-3: a mix function, the pixel weighting and whether it needs the KAF head."""
+
+    mix: Callable[[HeatmapLoss, Tensor, Tensor | None], KeypointMix]
+    weighting: str = "none"
+    needs_kaf: bool = False
+    required_parts: tuple[str, ...] = ()
+
+
+def _mse_mix(loss: HeatmapLoss, target_weight: Tensor, kaf: Tensor | None) -> KeypointMix:
+    """Eq. 1: the mean over all K keypoints of the MSE pixel mean."""
+    scale = target_weight.new_full((loss.num_keypoints,), 1.0 / loss.num_keypoints)
+    return KeypointMix(None, target_weight, scale, report_part_means=True)
+
+
+def _awing_mix(loss: HeatmapLoss, target_weight: Tensor, kaf: Tensor | None) -> KeypointMix:
+    """Eq. 3: the mean over all K keypoints of the AWing pixel mean."""
+    scale = target_weight.new_full((loss.num_keypoints,), 1.0 / loss.num_keypoints)
+    return KeypointMix(target_weight, None, scale, report_part_means=True)
+
+
+def _heuristic_mix(loss: HeatmapLoss, target_weight: Tensor, kaf: Tensor | None) -> KeypointMix:
+    """Eq. 4-5: ``lambda_fh * L_bf + lambda_bf * L_fh`` with lambda_fh = N_fh/N on the body+foot MSE term."""
+    n_coarse, n_total = loss.num_coarse, loss.num_keypoints
+    n_dense = n_total - n_coarse
+    lambda_fh, lambda_bf = n_dense / n_total, n_coarse / n_total
+    coarse = loss.keypoint_is_coarse.to(target_weight.dtype)
+    scale = coarse * (lambda_fh / n_coarse) + (1.0 - coarse) * (lambda_bf / n_dense)
+    return KeypointMix(target_weight * (1.0 - coarse), target_weight * coarse, scale)
+
+
+def _kal_mix(loss: HeatmapLoss, target_weight: Tensor, kaf: Tensor | None) -> KeypointMix:
+    """Eq. 6-8 (and 10-11 with FWAHR): part means of ``lambda AWing + (1 - lambda) MSE`` plus Var(lambda)."""
+    assert kaf is not None  # checked by HeatmapLoss.forward
+    part_id, num_parts = loss.keypoint_part_id, len(loss.parts)
+    part_sizes = loss.part_sizes.to(kaf.dtype)
+
+    def part_mean(values: Tensor) -> Tensor:  # [B, K] -> [B, P]
+        sums = values.new_zeros(values.shape[0], num_parts).index_add(1, part_id, values)
+        return sums / part_sizes
+
+    # Eq. 7: population variance of lambda within each part, per sample; summed over parts, batch mean.
+    deviation = kaf - part_mean(kaf)[:, part_id]
+    reg = loss.reg_weight * part_mean(deviation.square()).sum(dim=1).mean()
+    if loss.kaf_mode == "uncertainty":
+        # Kendall et al. (2018): lambda and 1 - lambda act as the precisions of the two terms, each adding
+        # -1/2 log(precision) (scaled by kaf_prior_weight); part means like Eq. 8, summed, batch mean.
+        clamped = kaf.clamp(_KAF_LOG_FLOOR, 1.0 - _KAF_LOG_FLOOR)
+        prior = -loss.kaf_prior_weight * (torch.log(clamped) + torch.log1p(-clamped))
+        reg = reg + part_mean(prior).sum(dim=1).mean()
+    scale = 1.0 / loss.keypoint_part_size.to(kaf.dtype)
+    return KeypointMix(target_weight * kaf, target_weight * (1.0 - kaf), scale, reg)
+
+
+_KAF_LOG_FLOOR = 1e-6
+
+# name -> variant, as named in Tables 2 and 3. A new variant is a mix function and one line here.
+LOSS_VARIANTS: dict[str, LossVariant] = {
+    "mse": LossVariant(_mse_mix),
+    "awing": LossVariant(_awing_mix),
+    "heuristic": LossVariant(_heuristic_mix, required_parts=COARSE_PARTS + DENSE_PARTS),
+    "kal": LossVariant(_kal_mix, needs_kaf=True),
+    "heuristic_wahr": LossVariant(_heuristic_mix, "wahr", required_parts=COARSE_PARTS + DENSE_PARTS),
+    "heuristic_fwahr": LossVariant(_heuristic_mix, "fwahr", required_parts=COARSE_PARTS + DENSE_PARTS),
+    "kal_wahr": LossVariant(_kal_mix, "wahr", needs_kaf=True),
+    "fowkal": LossVariant(_kal_mix, "fwahr", needs_kaf=True),  # Eq. 11
+}
+
+
+class HeatmapLoss(nn.Module):
+    """Heatmap loss of one variant of Tables 2-3: ``mse``, ``awing``, ``heuristic``, ``kal``,
+    ``heuristic_wahr``, ``heuristic_fwahr``, ``kal_wahr``, ``fowkal`` (see :data:`LOSS_VARIANTS`).
+
+    Reductions (comparable with MMPose and across variants): a keypoint's term is the pixel mean of
+    (weight x) the per-pixel loss times its target weight, then the batch mean; ``mse``/``awing`` average
+    the K terms (Eq. 1, 3); ``heuristic`` is ``lambda_fh * L_bf + lambda_bf * L_fh`` exactly as Eq. 5 writes
+    it; the ``kal`` family sums over parts the part mean of ``lambda_k AWing_k + (1 - lambda_k) MSE_k`` and
+    adds ``reg_weight * sum_part Var(lambda_part)`` (Eq. 6-8, 10-11; population variance per sample, batch
+    mean). ``*_wahr``/``*_fwahr`` multiply each pixel's loss by the WAHR/FWAHR weight (Eq. 9), whose
+    gradient flows into pred unless ``detach_weight``; ``fwahr_condition`` is :func:`fwahr_weight`'s switch.
+
+    KAF collapse and ``kaf_mode``: Eq. 8 is linear in each lambda_k with slope
+    ``target_weight * (AWing_k - MSE_k) / N_part``, and AWing is larger than MSE at every pixel where
+    ``|p - p_hat| < 1`` (about 10x on Gaussian heatmaps), so nothing but the small variance term resists
+    pushing every lambda to 0. Measured on a toy problem (``python bench/losses.py --kaf-toy``: 4x133 free
+    16x12 heatmaps from 0, sigma-2 Gaussian targets with 1-px label jitter so the fit stays imperfect, one
+    free logit per keypoint, lambda = sigmoid(logit) from 0.5, ``kal``, 400 steps): literal Eq. 8 with plain
+    SGD (lr 1) falls monotonically to mean lambda body 0.077, foot 0.029, face 0.27, hand 0.19 (small parts
+    fall fastest: the per-part mean gives each of their lambdas a larger gradient, not any sign of
+    "preferring MSE"); with Adam (lr 1e-2, the paper's optimizer) every part is at 0.097 and still falling.
+    With ``kaf_mode="uncertainty"`` lambda stays interior: 0.35-0.41 (SGD) and 0.44-0.45 (Adam). Note the
+    paper's Fig. 5 shows KAF min-max normalized per pose, which would hide a common collapse.
+    ``kaf_mode="literal"`` (default) is Eq. 8 as written. ``kaf_mode="uncertainty"`` adds Kendall et al.'s
+    (2018) homoscedastic-uncertainty term: lambda_k and 1 - lambda_k are read as the precisions of the AWing
+    and MSE terms and each adds ``-kaf_prior_weight * log(precision)`` (default 1/2, Kendall's value for a
+    per-pixel Gaussian likelihood; part means, summed over parts, batch mean; lambda clamped to
+    [1e-6, 1 - 1e-6] inside the log). That makes the optimum interior: ``AWing_k - MSE_k =
+    kaf_prior_weight * (1/lambda_k - 1/(1 - lambda_k))``, so lambda_k falls below 1/2 as AWing exceeds MSE
+    and is 1/2 for an invisible keypoint.
+
+    ``forward(pred, target, target_weight, kaf=None, return_parts=False)`` returns the 0-dim total, or
+    ``(total, parts)`` where ``parts`` maps each part name to a detached 0-dim tensor: that part's term as
+    it enters the total (``heuristic``, ``kal`` family; they add up to the total together with ``"reg"``,
+    present for the ``kal`` family: every term that depends on lambda only), or that part's mean of the
+    keypoint terms (``mse``, ``awing``; the total is ``sum_part N_part / K * parts[part]``).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        parts: Mapping[str, tuple[int, ...]] = COCO_WHOLEBODY_PARTS,
+        reg_weight: float = 1.0,
+        gamma: float = 0.01,
+        tau: float = 0.01,
+        omega: float = 14.0,
+        theta: float = 0.5,
+        epsilon: float = 1.0,
+        alpha: float = 2.1,
+        detach_weight: bool = False,
+        fwahr_condition: str = "pred",
+        kaf_mode: str = "literal",
+        kaf_prior_weight: float = 0.5,
+        fused: bool = True,
+        chunk_elements: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("HeatmapLoss", "variant", variant, tuple(LOSS_VARIANTS))
+        _check_positive(
+            "HeatmapLoss", gamma=gamma, tau=tau, omega=omega, theta=theta, epsilon=epsilon, alpha=alpha
+        )
+        _check_positive("HeatmapLoss", kaf_prior_weight=kaf_prior_weight)
+        # reg_weight = 0 is a legitimate ablation (Eq. 8 without Eq. 7); only negative values are refused.
+        if not isinstance(reg_weight, int | float) or not math.isfinite(reg_weight) or reg_weight < 0:
+            raise ValueError(f"HeatmapLoss: reg_weight must be a finite number >= 0, got {reg_weight!r}")
+        _check_choice("HeatmapLoss", "fwahr_condition", fwahr_condition, FWAHR_CONDITIONS)
+        _check_choice("HeatmapLoss", "kaf_mode", kaf_mode, KAF_MODES)
+        if chunk_elements is not None and (not isinstance(chunk_elements, int) or chunk_elements <= 0):
+            raise ValueError(f"HeatmapLoss: chunk_elements must be a positive int, got {chunk_elements!r}")
+        self.variant = variant
+        self.spec = LOSS_VARIANTS[variant]
+        self.parts = {name: tuple(int(k) for k in idx) for name, idx in parts.items()}
+        self.num_keypoints = _check_parts(self.parts)
+        missing = [name for name in self.spec.required_parts if name not in self.parts]
+        if missing:
+            raise ValueError(
+                f"HeatmapLoss: variant={variant!r} needs parts {list(self.spec.required_parts)}, "
+                f"parts has {list(self.parts)} (missing {missing})"
+            )
+        self.reg_weight = float(reg_weight)
+        self.kaf_mode = kaf_mode
+        self.kaf_prior_weight = float(kaf_prior_weight)
+        self.fused = fused
+        self.chunk_elements = chunk_elements
+        self.pixel_config = PixelLossConfig(
+            weighting=self.spec.weighting,
+            omega=float(omega),
+            theta=float(theta),
+            epsilon=float(epsilon),
+            alpha=float(alpha),
+            gamma=float(gamma),
+            tau=float(tau),
+            fwahr_condition=fwahr_condition,
+            detach_weight=detach_weight,
+        )
+        part_id = torch.empty(self.num_keypoints, dtype=torch.long)
+        is_coarse = torch.zeros(self.num_keypoints, dtype=torch.bool)
+        for i, (name, idx) in enumerate(self.parts.items()):
+            part_id[list(idx)] = i
+            is_coarse[list(idx)] = name in COARSE_PARTS
+        sizes = torch.tensor([float(len(idx)) for idx in self.parts.values()])
+        self.register_buffer("keypoint_part_id", part_id, persistent=False)
+        self.register_buffer("part_sizes", sizes, persistent=False)
+        self.register_buffer("keypoint_part_size", sizes[part_id], persistent=False)
+        self.register_buffer("keypoint_is_coarse", is_coarse, persistent=False)
+        self.num_coarse = int(is_coarse.sum())
+        # Maximal runs of consecutive keypoints of one part: slabs never mix parts (heuristic skips work).
+        runs, start = [], 0
+        for k in range(1, self.num_keypoints + 1):
+            if k == self.num_keypoints or part_id[k] != part_id[start]:
+                runs.append((start, k))
+                start = k
+        self._runs = tuple(runs)
+
+    @property
+    def needs_kaf(self) -> bool:
+        """Whether forward needs the keypoint-wise adaptive factors (the model must build the KAF head)."""
+        return self.spec.needs_kaf
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, kaf_mode={self.kaf_mode!r}, fused={self.fused}"
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        target_weight: Tensor,
+        kaf: Tensor | None = None,
+        *,
+        return_parts: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Total (0-dim) for ``pred``/``target`` ``[B,K,H,W]`` and ``target_weight``/``kaf`` ``[B,K]``."""
+        self._check_inputs(pred, target, target_weight, kaf)
+        target = target.to(pred.dtype)
+        target_weight = target_weight.to(pred.dtype)
+        if kaf is not None:
+            kaf = kaf.to(pred.dtype)
+        mix = self.spec.mix(self, target_weight, kaf)
+        terms = self.keypoint_terms(pred, target, mix.awing_coef, mix.mse_coef)
+        scale = mix.keypoint_scale.to(pred.dtype)
+        total = (terms * scale).sum(dim=1).mean()
+        if mix.reg is not None:
+            total = total + mix.reg
+        if not return_parts:
+            return total
+        with torch.no_grad():
+            per_keypoint = (
+                terms / self.keypoint_part_size.to(terms.dtype) if mix.report_part_means else terms * scale
+            )
+            by_part = per_keypoint.new_zeros(pred.shape[0], len(self.parts))
+            by_part = by_part.index_add(1, self.keypoint_part_id, per_keypoint).mean(dim=0)
+            parts = {name: by_part[i] for i, name in enumerate(self.parts)}
+            if mix.reg is not None:
+                parts["reg"] = mix.reg.detach()
+        return total, parts
+
+    def keypoint_terms(
+        self, pred: Tensor, target: Tensor, awing_coef: Tensor | None, mse_coef: Tensor | None
+    ) -> Tensor:
+        """``[B, K]`` terms ``awing_coef * mean_px(W * AWing) + mse_coef * mean_px(W * MSE)``."""
+        cfg = self.pixel_config
+        if self.fused and not target.requires_grad:
+            chunk = self.chunk_elements
+            if chunk is None:  # slabs that stay in cache on CPU; one pass over everything on GPUs
+                chunk = 1 << 18 if pred.device.type == "cpu" else pred.numel()
+            cfg = PixelLossConfig(**{**cfg.__dict__, "chunk_elements": chunk})
+            return _FusedKeypointTerms.apply(pred, target, awing_coef, mse_coef, cfg, self._runs)
+        if cfg.weighting == "none":
+            weight = None
+        elif cfg.weighting == "wahr":
+            weight = wahr_weight(pred, target, gamma=cfg.gamma)
+        else:
+            weight = fwahr_weight(pred, target, gamma=cfg.gamma, tau=cfg.tau, condition=cfg.fwahr_condition)
+        if weight is not None and cfg.detach_weight:
+            weight = weight.detach()
+        terms = pred.new_zeros(pred.shape[:2])
+        for coef, pixel_loss in ((awing_coef, "awing"), (mse_coef, "mse")):
+            if coef is None:
+                continue
+            if pixel_loss == "awing":
+                loss = awing(
+                    pred, target, omega=cfg.omega, theta=cfg.theta, epsilon=cfg.epsilon, alpha=cfg.alpha
+                )
+            else:
+                loss = (pred - target).square()
+            if weight is not None:
+                loss = weight * loss
+            terms = terms + coef * loss.mean(dim=(2, 3))
+        return terms
+
+    def _check_inputs(self, pred: Tensor, target: Tensor, target_weight: Tensor, kaf: Tensor | None) -> None:
+        if pred.dim() != 4:
+            raise ValueError(f"HeatmapLoss: pred must be [B, K, H, W], got shape {tuple(pred.shape)}")
+        if target.shape != pred.shape:
+            raise ValueError(
+                f"HeatmapLoss: target shape {tuple(target.shape)} differs from pred shape {tuple(pred.shape)}"
+            )
+        batch, keypoints = pred.shape[:2]
+        if keypoints != self.num_keypoints:
+            raise ValueError(
+                f"HeatmapLoss: pred has K={keypoints} heatmaps but parts {list(self.parts)} "
+                f"cover {self.num_keypoints} keypoints"
+            )
+        if target_weight.shape != (batch, keypoints):
+            raise ValueError(
+                f"HeatmapLoss: target_weight must be [B, K] = [{batch}, {keypoints}], "
+                f"got shape {tuple(target_weight.shape)}"
+            )
+        if not self.needs_kaf:
+            if kaf is not None:
+                raise ValueError(f"HeatmapLoss: variant={self.variant!r} takes no kaf, but kaf was given")
+            return
+        if kaf is None:
+            raise ValueError(f"HeatmapLoss: variant={self.variant!r} needs kaf [B, K] in [0, 1], got None")
+        if kaf.shape != (batch, keypoints):
+            raise ValueError(
+                f"HeatmapLoss: kaf must be [B, K] = [{batch}, {keypoints}], got shape {tuple(kaf.shape)}"
+            )
+        inside = (kaf >= 0) & (kaf <= 1)  # also False for NaN
+        if not bool(inside.all()):
+            bad = kaf.detach()[~inside]
+            raise ValueError(f"HeatmapLoss: kaf must lie in [0, 1], got values such as {bad[:5].tolist()}")
+
+
+def _check_parts(parts: dict[str, tuple[int, ...]]) -> int:
+    """Check that the parts partition 0..K-1 into non-empty groups; return K."""
+    if not parts:
+        raise ValueError("HeatmapLoss: parts is empty")
+    indices = sorted(k for idx in parts.values() for k in idx)
+    for name, idx in parts.items():
+        if not idx:
+            raise ValueError(f"HeatmapLoss: parts[{name!r}] is empty")
+    if indices != list(range(len(indices))):
+        raise ValueError(
+            f"HeatmapLoss: parts must cover keypoints 0..K-1 exactly once, got indices {indices[:10]}..."
+            f" ({len(indices)} in total, {len(set(indices))} distinct)"
+        )
+    return len(indices)
