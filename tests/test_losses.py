@@ -222,20 +222,26 @@ def test_total_matches_numpy_on_wholebody_layout(variant, fused):
     assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
+_OPTION_SETS = [
+    {"fwahr_condition": "target"},
+    {"kaf_mode": "uncertainty"},
+    {"kaf_mode": "uncertainty", "kaf_prior_weight": 0.1, "reg_weight": 3.0},
+    {"reg_weight": 0.0, "gamma": 0.2, "tau": 0.3},
+    {"omega": 9.0, "theta": 0.3, "epsilon": 2.0, "alpha": 2.5},
+]
+
+
 @pytest.mark.parametrize(
-    "options",
+    ("variant", "options"),
     [
-        {"fwahr_condition": "target"},
-        {"kaf_mode": "uncertainty"},
-        {"kaf_mode": "uncertainty", "kaf_prior_weight": 0.1, "reg_weight": 3.0},
-        {"reg_weight": 0.0, "gamma": 0.2, "tau": 0.3},
-        {"omega": 9.0, "theta": 0.3, "epsilon": 2.0, "alpha": 2.5},
+        (variant, options)
+        for variant in ("fowkal", "kal_wahr", "heuristic_fwahr")
+        for options in _OPTION_SETS
+        # kaf_mode only concerns the KAL family.
+        if "kaf_mode" not in options or variant in KAL_VARIANTS
     ],
 )
-@pytest.mark.parametrize("variant", ["fowkal", "kal_wahr", "heuristic_fwahr"])
 def test_total_matches_numpy_with_options(variant, options):
-    if "kaf_mode" in options and variant not in KAL_VARIANTS:
-        pytest.skip("kaf_mode only concerns the KAL family")
     pred, target, tw, kaf = random_inputs(3, 8, 4, 3, seed=4)
     kaf_t = kaf if variant in KAL_VARIANTS else None
     for fused in (True, False):
@@ -264,11 +270,13 @@ def test_heuristic_by_hand_on_constant_maps():
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("condition", ["pred", "target"])
+@pytest.mark.parametrize(
+    ("variant", "condition"),
+    [(variant, "pred") for variant in VARIANTS]
+    # fwahr_condition only concerns the FWAHR variants.
+    + [(variant, "target") for variant in VARIANTS if variant.endswith("fwahr") or variant == "fowkal"],
+)
 def test_fused_gradcheck_float64(variant, condition):
-    if condition == "target" and not variant.endswith("fwahr") and variant != "fowkal":
-        pytest.skip("fwahr_condition only concerns FWAHR variants")
     pred, target, tw, kaf = random_inputs(2, 8, 3, 2, seed=5, kink_free=True)
     loss = HeatmapLoss(variant, parts=SMALL_PARTS, fwahr_condition=condition, chunk_elements=5)
     pred.requires_grad_()
