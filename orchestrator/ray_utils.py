@@ -1,0 +1,58 @@
+"""Connecting to Ray: an existing cluster when one is named, else a local Ray sized for this machine."""
+
+from __future__ import annotations
+
+import os
+
+# A Train V2 run needs one CPU per worker (the controller takes none), and a sweep (issue 5) also runs one
+# driver-side trial function per trial. On a 2-core laptop that would not fit two workers plus a trial, so the
+# local Ray advertises at least this many logical CPUs; the workers then share the real cores, which is what
+# a user on a small machine wants (slower, but it runs).
+MIN_LOCAL_LOGICAL_CPUS = 4
+
+
+def local_logical_cpus(num_cpus: int | None = None) -> int:
+    """Logical CPUs for a local Ray: ``num_cpus`` when given, else max(cores, MIN_LOCAL_LOGICAL_CPUS)."""
+    if num_cpus is not None:
+        if int(num_cpus) < 1:
+            raise ValueError(f"num_cpus must be >= 1, got {num_cpus!r}")
+        return int(num_cpus)
+    return max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Connect to Ray, or start a local one, and return ``ray.cluster_resources()``.
+
+    - ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit`` for the entrypoint) given: connect to that
+      cluster; ``num_cpus`` is then ignored because a cluster's size is its own.
+    - Neither: start a local Ray with ``local_logical_cpus(num_cpus)`` logical CPUs and its dashboard bound to
+      127.0.0.1 only (never exposed on the network).
+
+    Calling it again in a process where Ray is already up is a no-op.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target:
+        ray.init(address=target, log_to_driver=True)
+    else:
+        # address="local": always a new instance; a bare ray.init() would join any `ray start` cluster
+        # already running on this machine.
+        ray.init(
+            address="local",
+            num_cpus=local_logical_cpus(num_cpus),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    """Disconnect from (and, for a local Ray started here, stop) Ray if it is up."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

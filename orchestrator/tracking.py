@@ -1,0 +1,380 @@
+"""MLflow tracking for fowkal runs: URI resolution, runs addressed by id, metrics, artifacts, the KAF plot.
+
+Every helper takes an explicit ``MlflowClient`` and run id instead of using MLflow's global "active run", so
+one driver can hold several open runs at once (a sweep's parent run and its trials' child runs, issue 5) and
+so the Ray Train controller process can log into a run the driver created.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow limits (mlflow.utils.validation): values longer than this are rejected, and log_batch takes at most
+# 100 params / 1000 metrics per request.
+_MAX_PARAM_VALUE_CHARS = 6000
+_MAX_TAG_VALUE_CHARS = 5000
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+# Tag keys. ``mlflow.parentRunId`` and ``mlflow.source.git.commit`` are MLflow's own (the UI nests child runs
+# and shows the commit); the rest are ours and short so they read well in the UI's columns.
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_LOSS_VARIANT = "loss_variant"
+TAG_DATASET = "dataset"
+TAG_ARM = "arm"
+TAG_SEED = "seed"
+TAG_SWEEP_ID = "sweep_id"
+TAG_RESUME_KEY = "fowkal.resume_key"
+TAG_ERROR = "fowkal.error"
+
+
+def resolve_tracking_uri(cli_value: str | None, output_dir: str | os.PathLike) -> str:
+    """Tracking URI by precedence: the CLI flag, then ``MLFLOW_TRACKING_URI``, then a SQLite file.
+
+    The default is ``sqlite:///<absolute output_dir>/mlflow.db`` (MLflow 3 no longer accepts a plain
+    directory store for new runs). The directory is created so SQLite can create the file.
+    """
+    if cli_value is not None and str(cli_value).strip():
+        return str(cli_value).strip()
+    env_value = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env_value:
+        return env_value
+    if output_dir is None or not str(output_dir).strip():
+        raise ValueError(f"output_dir must name a directory for the default SQLite store, got {output_dir!r}")
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        return Path(tracking_uri[len(prefix) :])
+    return None
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifact root for a new experiment: ``<db dir>/mlartifacts`` beside a SQLite store, else the server's.
+
+    Without this MLflow puts artifacts under the *current directory*, which for ``ray job submit`` is a
+    temporary copy of the working dir that Ray deletes.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    return (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store (on 127.0.0.1)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def make_client(tracking_uri: str):
+    """An ``MlflowClient`` bound to ``tracking_uri`` (no global MLflow state is touched)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """Id of the experiment called ``name``, creating it (with ``artifact_location`` when given) if absent.
+
+    A deleted experiment of that name is restored rather than failing with MLflow's "already exists" error.
+    """
+    if not name or not str(name).strip():
+        raise ValueError(f"experiment name must be a non-empty string, got {name!r}")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    if artifact_location is None:
+        artifact_location = default_artifact_location(client.tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # Another process (a concurrent trial) created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit(repo_dir: str | os.PathLike | None = None) -> str | None:
+    """HEAD commit of the git checkout holding ``repo_dir`` (default: this package's checkout), or None."""
+    cwd = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit or None
+
+
+def build_run_tags(
+    *,
+    loss_variant: str | None = None,
+    dataset_kind: str | None = None,
+    commit: str | None = None,
+    parent_run_id: str | None = None,
+    arm: str | None = None,
+    seed: int | None = None,
+    sweep_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Tags for a run; keys whose value is None are left out. ``parent_run_id`` nests it under a sweep run."""
+    tags: dict[str, Any] = {
+        TAG_LOSS_VARIANT: loss_variant,
+        TAG_DATASET: dataset_kind,
+        TAG_GIT_COMMIT: commit,
+        TAG_PARENT_RUN_ID: parent_run_id,
+        TAG_ARM: arm,
+        TAG_SEED: seed,
+        TAG_SWEEP_ID: sweep_id,
+    }
+    if extra:
+        tags.update(extra)
+    return {str(k): _truncate(str(v), _MAX_TAG_VALUE_CHARS) for k, v in tags.items() if v is not None}
+
+
+def find_run_by_resume_key(client, experiment_id: str, resume_key: str) -> str | None:
+    """Id of the newest run in the experiment tagged with ``resume_key``, or None."""
+    key = resume_key.replace("'", "\\'")
+    runs = client.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{TAG_RESUME_KEY}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(
+    client,
+    experiment_id: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_key: str | None = None,
+) -> str:
+    """Create a run (or reopen the one tagged ``resume_key``) and return its id.
+
+    ``resume_key`` makes re-running an interrupted training or sweep continue its MLflow run instead of
+    creating a duplicate: the existing run is set back to RUNNING and its metrics continue at the next step.
+    Params are logged with ``log_params``; reopening with different param values is an MLflow error, which is
+    what we want (a resumed run must be the same configuration).
+    """
+    if not run_name or not str(run_name).strip():
+        raise ValueError(f"run_name must be a non-empty string, got {run_name!r}")
+    all_tags = dict(tags or {})
+    run_id = None
+    if resume_key is not None:
+        all_tags[TAG_RESUME_KEY] = resume_key
+        run_id = find_run_by_resume_key(client, experiment_id, resume_key)
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        for key, value in all_tags.items():
+            client.set_tag(run_id, key, value)
+    if params:
+        log_params(run_id, params, client=client)
+    return run_id
+
+
+def log_params(run_id: str, params: Mapping[str, Any], *, client) -> None:
+    """Log flat params (e.g. from ``trainer.config.flatten_config``); lists/dicts become JSON strings."""
+    from mlflow.entities import Param
+
+    items = []
+    for key, value in params.items():
+        if isinstance(value, (list, tuple, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        items.append(Param(str(key), _truncate(text, _MAX_PARAM_VALUE_CHARS)))
+    # Parameters already logged with the same value are accepted by MLflow; skip them anyway so a resumed run
+    # does not depend on that.
+    existing = client.get_run(run_id).data.params
+    items = [p for p in items if existing.get(p.key) != p.value]
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH])
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are real numbers (bools, strings, lists and None are dropped)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, numbers.Real):
+            out[str(key)] = float(value)
+        elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch 0-d scalar
+            item = value.item()
+            if isinstance(item, numbers.Real) and not isinstance(item, bool):
+                out[str(key)] = float(item)
+    return out
+
+
+def log_epoch_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, client) -> dict[str, float]:
+    """Log the numeric entries of ``metrics`` at ``step`` (the epoch); returns what was logged.
+
+    Non-finite values are logged as they are (MLflow stores NaN/inf) so a diverging run is visible.
+    """
+    from mlflow.entities import Metric
+
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be a non-negative integer epoch, got {step!r}")
+    values = numeric_metrics(metrics)
+    now_ms = int(time.time() * 1000)
+    items = [Metric(key, value, now_ms, int(step)) for key, value in values.items()]
+    for start in range(0, len(items), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[start : start + _METRICS_PER_BATCH])
+    return values
+
+
+def end_run(run_id: str, status: str, *, client, error: BaseException | str | None = None) -> None:
+    """End the run with its real status (FINISHED, FAILED or KILLED); ``error`` is kept as tag and file."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+    if error is not None:
+        text = error if isinstance(error, str) else _format_exception(error)
+        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        client.set_tag(run_id, TAG_ERROR, _truncate(first_line, _MAX_TAG_VALUE_CHARS))
+        try:
+            client.log_text(run_id, text, "error.txt")
+        except Exception:  # the status matters more than the attachment
+            pass
+    client.set_terminated(run_id, status=status)
+
+
+def log_config_yaml(
+    run_id: str, config_dict: Mapping[str, Any], *, client, filename: str = "config.yaml"
+) -> None:
+    """Store the (resolved) config as a YAML artifact, ready to feed back to ``fowkal train --config``."""
+    import yaml
+
+    client.log_text(run_id, yaml.safe_dump(dict(config_dict), sort_keys=False), filename)
+
+
+def log_artifact_path(
+    run_id: str, path: str | os.PathLike, *, client, artifact_path: str | None = None
+) -> None:
+    """Upload a file or a whole directory (e.g. a checkpoint) under ``artifact_path``."""
+    local = Path(path)
+    if not local.exists():
+        raise FileNotFoundError(f"artifact path does not exist: {local}")
+    if local.is_dir():
+        client.log_artifacts(run_id, str(local), artifact_path)
+    else:
+        client.log_artifact(run_id, str(local), artifact_path)
+
+
+def plot_kaf_history(
+    kaf_history,
+    out_png: str | os.PathLike,
+    *,
+    epochs=None,
+    part_ranges: Mapping[str, tuple[int, int]] | None = None,
+    title: str = "Keypoint-wise adaptive factors (KAF) over training",
+) -> Path:
+    """Draw per-keypoint KAF over epochs (the paper's Fig. 5) and save it as a PNG; returns the path.
+
+    ``kaf_history`` is an array ``[num_epochs, K]`` (K = 133) of mean λ_k per epoch. Three panels share the
+    epoch axis: the raw λ (white = 0, close to MSE; blue = 1, close to AWing, as in Fig. 5), the same values
+    min-max normalised per epoch (Fig. 5's normalisation, which shows the *relative* focus across keypoints),
+    and the mean λ per body part. Keypoints are grouped by part with separators and labels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from trainer.keypoints import PART_RANGES
+
+    ranges = dict(part_ranges if part_ranges is not None else PART_RANGES)
+    history = np.asarray(kaf_history, dtype=np.float64)
+    if history.ndim == 1:
+        history = history[None, :]
+    num_keypoints = max(stop for _, stop in ranges.values())
+    if history.ndim != 2 or history.shape[0] < 1 or history.shape[1] != num_keypoints:
+        raise ValueError(f"kaf_history must have shape [num_epochs, {num_keypoints}], got {history.shape}")
+    epoch_axis = np.arange(1, history.shape[0] + 1) if epochs is None else np.asarray(epochs)
+    if epoch_axis.shape != (history.shape[0],):
+        raise ValueError(f"epochs must have {history.shape[0]} entries, got shape {epoch_axis.shape}")
+
+    low = np.nanmin(history, axis=1, keepdims=True)
+    span = np.nanmax(history, axis=1, keepdims=True) - low
+    normalised = (history - low) / np.where(span > 0, span, 1.0)
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]})
+    extent = (epoch_axis[0] - 0.5, epoch_axis[-1] + 0.5, num_keypoints - 0.5, -0.5)
+    for ax, data, label, limits in (
+        (axes[0], history, "λ_k", (0.0, 1.0)),
+        (axes[1], normalised, "λ_k min-max normalised per epoch", (0.0, 1.0)),
+    ):
+        image = ax.imshow(
+            data.T,
+            aspect="auto",
+            cmap="Blues",
+            vmin=limits[0],
+            vmax=limits[1],
+            extent=extent,
+            interpolation="nearest",
+        )
+        fig.colorbar(image, ax=ax, label=label)
+        for start, _ in ranges.values():
+            if start > 0:
+                ax.axhline(start - 0.5, color="darkred", linewidth=0.8)
+        # Part names as y tick labels (readable on any colour), at the middle of each part's rows.
+        ax.set_yticks([(start + stop - 1) / 2 for start, stop in ranges.values()], list(ranges))
+        ax.set_ylabel("keypoints by part")
+    axes[0].set_title(title)
+    for name, (start, stop) in ranges.items():
+        axes[2].plot(epoch_axis, np.nanmean(history[:, start:stop], axis=1), marker="o", label=name)
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].set_ylabel("mean λ per part")
+    axes[2].set_xlabel("epoch")
+    axes[2].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_exception(error: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a real, finite number (used to pick the best checkpoint's score)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
