@@ -1,0 +1,169 @@
+"""Training-step throughput: a plain PyTorch loop vs the same loop as a Ray Train worker, in one run.
+
+    .venv/bin/python bench/train.py            # hrnet_w32, 256x192, batch 8 (the issue's figure)
+    .venv/bin/python bench/train.py --quick    # hrnet_w18_small, 128x96, batch 4 (a smoke check, ~1 min)
+
+Both measurements run the *same* function (`measure_steps`): build the model, warm up, then time forward +
+MSE loss against target heatmaps + backward + Adam step on a fixed synthetic batch (so data loading is not
+measured: the question is Ray Train's overhead on the step). Under Ray Train the model goes through
+`ray.train.torch.prepare_model` (DDP only when more than one worker) and the worker uses the same number of
+torch threads as the plain loop (Ray would otherwise set OMP_NUM_THREADS=1 for a 1-CPU actor, which measures
+the thread count, not Ray). The goal is ratio = ray / plain >= 0.95. The plain loop is measured twice: before
+Ray starts, and with the local Ray idling in the background, which separates the cost of Ray's daemons on a
+small machine from the Train worker's own overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def measure_steps(config: dict) -> dict:
+    """Time ``config['steps']`` training steps after ``config['warmup']``; returns images/s and step times."""
+    import torch
+
+    from trainer.model import build_pose_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(config["threads"]))
+    under_ray = bool(config.get("under_ray"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_pose_model(config["backbone"], with_kaf=False)
+    if under_ray:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+        device = ray.train.torch.get_device()
+    else:
+        model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    height, width = config["input_hw"]
+    batch = int(config["batch"])
+    images = torch.randn(batch, 3, height, width, device=device)
+    targets = torch.rand(batch, 133, height // 4, width // 4, device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        heatmaps, _ = model(images)
+        loss = torch.nn.functional.mse_loss(heatmaps, targets)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(int(config["warmup"])):
+        step()
+    times = []
+    for _ in range(int(config["steps"])):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    # The median step, not the mean: on a shared machine one step stalled by another process would otherwise
+    # decide the figure.
+    result = {
+        "img_per_s": batch / median,
+        "mean_img_per_s": batch * len(times) / sum(times),
+        "median_step_s": median,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+    }
+    return result
+
+
+def _ray_worker(config: dict) -> dict:
+    # Train V2 keeps metrics only with checkpoints; the return value of rank 0 comes back as
+    # ``Result.return_value``, which is all we need here.
+    return measure_steps(config)
+
+
+def measure_under_ray_train(config: dict) -> dict:
+    """Run ``measure_steps`` as a one-worker Ray Train (V2) run and return the metrics it reported."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_utils import init_ray
+
+    init_ray()
+    use_gpu = config["device"] == "cuda"
+    # One worker holding as many CPUs as the plain loop uses threads, so both compete for the same cores.
+    resources = {"CPU": int(config["threads"])}
+    if use_gpu:
+        resources["GPU"] = 1
+    with tempfile.TemporaryDirectory(prefix="fowkal_bench_train_") as storage:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={**config, "under_ray": True},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name="bench-train", storage_path=storage),
+        )
+        result = trainer.fit()
+    ray.shutdown()
+    return dict(result.return_value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="hrnet_w18_small at 128x96, batch 4, few steps")
+    parser.add_argument("--backbone", default=None, help="default hrnet_w32 (hrnet_w18_small with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 8, 4 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8, 5 with --quick)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    config = {
+        "backbone": args.backbone or ("hrnet_w18_small" if args.quick else "hrnet_w32"),
+        "input_hw": (128, 96) if args.quick else (256, 192),
+        "batch": args.batch or (4 if args.quick else 8),
+        "steps": args.steps or (5 if args.quick else 8),
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    print(f"config: {config}")
+    plain = measure_steps(config)
+    print(
+        f"plain PyTorch loop : {plain['img_per_s']:.2f} img/s (median step {plain['median_step_s']:.3f} s, "
+        f"mean {plain['mean_img_per_s']:.2f} img/s)"
+    )
+    # The same plain loop again with the local Ray up (raylet, GCS, dashboard idle in the background): on a
+    # small machine their CPU use is part of what Ray costs; this separates it from the worker's own overhead.
+    from orchestrator.ray_utils import init_ray
+
+    init_ray()
+    plain_ray_up = measure_steps(config)
+    print(
+        f"plain, Ray idle up : {plain_ray_up['img_per_s']:.2f} img/s "
+        f"(median step {plain_ray_up['median_step_s']:.3f} s)"
+    )
+    under_ray = measure_under_ray_train(config)
+    print(
+        f"Ray Train, 1 worker: {under_ray['img_per_s']:.2f} img/s "
+        f"(median step {under_ray['median_step_s']:.3f} s, mean {under_ray['mean_img_per_s']:.2f} img/s, "
+        f"{under_ray['threads']} threads)"
+    )
+    ratio = under_ray["img_per_s"] / plain["img_per_s"]
+    print(f"ratio ray/plain    : {ratio:.3f} (goal >= 0.95)")
+    print(f"ratio ray/plain with Ray idle up: {under_ray['img_per_s'] / plain_ray_up['img_per_s']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

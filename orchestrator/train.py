@@ -1,0 +1,405 @@
+"""``fowkal train``: one training run under Ray Train (V2), tracked in MLflow, resumable by re-running it.
+
+How the pieces fit:
+
+- The driver (this module) loads the config, connects to Ray (``orchestrator.ray_utils.init_ray``), creates or
+  reopens the MLflow run, and launches a ``TorchTrainer`` running ``trainer.loop.train_loop_per_worker``.
+- ``RunConfig(name, storage_path)`` uses a *stable* name derived from the config, so running the same command
+  again finds the run's checkpoint-manager snapshot in storage and ``ray.train.get_checkpoint()`` hands the
+  workers the latest checkpoint: the run resumes at the next epoch. The MLflow run is reopened through a
+  ``fowkal.resume_key`` tag (storage path + run name) instead of being duplicated.
+- Per-epoch metrics reach MLflow through ``MlflowReportCallback``, a ``ray.train.UserCallback`` whose
+  ``after_report`` Ray Train calls on its *controller* after every ``ray.train.report`` of all workers, with
+  the list of the workers' metric dicts; we log rank 0's. We chose it over tailing a metrics file that the
+  workers write because (a) ``trainer/`` stays free of any tracking code and of any file format contract,
+  (b) it sees exactly what Ray Train registered (same epochs as the checkpoints), and (c) the Train V2
+  controller is pinned to the driver's node (a label selector on the driver's node id), so a local SQLite
+  store is reachable from it just as from the driver. The callback never raises: an MLflow hiccup is logged
+  as a warning and training goes on.
+- The run ends with its real status: FINISHED, FAILED (the error kept as tag and ``error.txt``), or KILLED on
+  Ctrl-C / SIGTERM (``ray job stop`` sends SIGTERM). Ray Train installs its own SIGINT handler during
+  ``fit()`` that aborts the controller gracefully; ``InterruptAwareTorchTrainer`` wraps it to remember that
+  an interrupt happened and routes SIGTERM through the same graceful abort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
+
+from orchestrator import tracking
+
+logger = logging.getLogger(__name__)
+
+# Metric that ranks checkpoints (CheckpointConfig) and picks the one logged as the best-checkpoint artifact.
+BEST_METRIC = "val/wholebody_AP"
+# Keep the best-scoring checkpoints; Ray Train always keeps the latest one on top of these (for resuming).
+NUM_CHECKPOINTS_TO_KEEP = 1
+KAL_VARIANTS = ("kal", "kal_wahr", "fowkal")
+# trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
+KAF_HISTORY_FILE = "kaf_history.npy"
+DEFAULT_EXPERIMENT = "fowkal-train"
+# Config entries that do not change what is trained and so must not change the resumable run name.
+_NAME_HASH_EXCLUDED_KEYS = ("max_failures",)
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run was stopped by Ctrl-C or SIGTERM; its MLflow run has been ended as KILLED."""
+
+    def __init__(self, message: str, run_id: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+
+
+@dataclass
+class TrainingOutcome:
+    """What ``run_training`` returns."""
+
+    run_id: str
+    tracking_uri: str
+    ray_run_name: str
+    storage_path: str
+    metrics: dict[str, Any]
+    best_metrics: dict[str, Any] | None
+    best_checkpoint_path: str | None
+    latest_checkpoint_path: str | None
+    status: str = "FINISHED"
+    artifacts: list[str] = field(default_factory=list)
+
+
+def stable_run_name(config) -> str:
+    """``<name>-<loss variant>-<8 hex of the config hash>``: same config, same Ray run (so it resumes)."""
+    from trainer.config import config_to_dict
+
+    values = config_to_dict(config)
+    for key in _NAME_HASH_EXCLUDED_KEYS:
+        values.pop(key, None)
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(config.name)) or "run"
+    return f"{safe_name}-{config.loss.variant}-{digest}"
+
+
+def default_storage_path(config) -> str:
+    """``<output_dir>/ray_results`` made absolute against the current directory."""
+    return str((Path(config.output_dir).expanduser() / "ray_results").resolve())
+
+
+class MlflowReportCallback(UserCallback):
+    """Logs rank 0's metrics of every ``ray.train.report`` to an MLflow run, at step = the reported epoch.
+
+    Runs on the Ray Train controller (pickled there; the MLflow client is created lazily in that process).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client = None
+        self._reports = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None  # a client holds connections; make a fresh one where it is unpickled
+        return state
+
+    def _get_client(self):
+        if self._client is None:
+            self._client = tracking.make_client(self.tracking_uri)
+        return self._client
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self._reports += 1
+        if not metrics:
+            return
+        rank0 = metrics[0]
+        try:
+            epoch = rank0.get("epoch", self._reports)
+            finite = isinstance(epoch, int | float) and not isinstance(epoch, bool) and math.isfinite(epoch)
+            step = int(epoch) if finite else self._reports
+            tracking.log_epoch_metrics(self.run_id, rank0, step, client=self._get_client())
+        except Exception as err:  # never let tracking break training
+            logger.warning("MLflow logging of report %d failed: %s", self._reports, err)
+
+    def after_exception(self, run_context, worker_exceptions):
+        try:
+            first = next(iter(worker_exceptions.values()), None)
+            self._get_client().set_tag(self.run_id, "fowkal.last_worker_error", str(first)[:4000])
+        except Exception as err:
+            logger.warning("MLflow logging of a worker error failed: %s", err)
+
+
+class InterruptAwareTorchTrainer(TorchTrainer):
+    """TorchTrainer that notes SIGINT/SIGTERM before Ray Train's graceful abort of the controller.
+
+    ``_register_sigint_handler`` is Ray Train's (private) hook, called in ``fit()`` on the main thread once
+    the controller exists. We keep Ray's handler (which aborts the controller and its workers) and route
+    SIGTERM to it as well. If a Ray upgrade renames the hook, this override is simply not called and the
+    fallback SIGTERM handler of ``run_training`` still marks the run KILLED.
+    """
+
+    interrupt_log: list[str]
+
+    def _register_sigint_handler(self, controller):
+        super()._register_sigint_handler(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+        log = self.interrupt_log
+
+        def handler(signum, frame):
+            log.append(signal.Signals(signum).name)
+            if callable(ray_handler):
+                ray_handler(signal.SIGINT, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _pick_best(best_checkpoints) -> tuple[Any, dict] | tuple[None, None]:
+    scored = [
+        (ckpt, metrics)
+        for ckpt, metrics in (best_checkpoints or [])
+        if tracking.is_finite_number((metrics or {}).get(BEST_METRIC))
+    ]
+    if not scored:
+        return None, None
+    return max(scored, key=lambda item: item[1][BEST_METRIC])
+
+
+def _kaf_history_from_checkpoint(checkpoint):
+    """The ``[epochs, K]`` KAF history that ``trainer.loop`` stores in a checkpoint, or None."""
+    import numpy as np
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as local_dir:
+        path = Path(local_dir) / KAF_HISTORY_FILE
+        if not path.is_file():
+            return None
+        history = np.load(path)
+    return history if history.ndim == 2 and history.shape[0] > 0 else None
+
+
+def _final_summary(metrics: dict[str, Any]) -> str:
+    keys = [
+        "epoch",
+        "train/loss",
+        "val/wholebody_AP",
+        "val/wholebody_AR",
+        "val/body_AP",
+        "val/foot_AP",
+        "val/face_AP",
+        "val/hand_AP",
+    ]
+    parts = []
+    for key in keys:
+        if key in metrics and tracking.is_finite_number(metrics[key]):
+            value = metrics[key]
+            parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
+    return "  ".join(parts)
+
+
+def run_training(
+    config,
+    *,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    storage_path: str | None = None,
+    resume: bool = True,
+    experiment_name: str = DEFAULT_EXPERIMENT,
+    callbacks: list | None = None,
+    num_cpus: int | None = None,
+    print_fn=print,
+) -> TrainingOutcome:
+    """Train ``config`` (a ``trainer.config.TrainConfig``) with Ray Train and track it in MLflow.
+
+    Args:
+        config: the validated training config.
+        tracking_uri: MLflow store; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///<output_dir>/mlflow.db``.
+        address: Ray cluster address; default ``RAY_ADDRESS`` or a new local Ray.
+        storage_path: where Ray Train keeps checkpoints; default ``<output_dir>/ray_results``. Must be shared
+            by all nodes on a multi-node cluster.
+        resume: re-use the stable run name (resume from the last checkpoint, continue the MLflow run). False
+            starts a new run with a time-stamped name.
+        experiment_name: MLflow experiment.
+        callbacks: extra ``ray.train.UserCallback`` objects (e.g. Tune's report callback for sweeps).
+        num_cpus: logical CPUs of a local Ray (ignored when connecting to a cluster).
+        print_fn: where the summary lines go.
+
+    Returns:
+        TrainingOutcome with the MLflow run id, final and best metrics and checkpoint paths.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C or SIGTERM (the MLflow run is KILLED).
+        Exception: whatever made training fail (the MLflow run is FAILED).
+    """
+    from orchestrator.ray_utils import init_ray
+    from trainer.config import config_to_dict, flatten_config
+
+    config_dict = config_to_dict(config)
+    uri = tracking.resolve_tracking_uri(tracking_uri, config.output_dir)
+    storage = str(Path(storage_path).expanduser().resolve()) if storage_path else default_storage_path(config)
+    name = stable_run_name(config)
+    if not resume:
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Ray Train V2 would chdir every worker into a per-run scratch directory; the config's relative paths
+    # (data, outputs) are meant relative to the working directory (the repository, or the --working-dir of
+    # `ray job submit`), so keep it.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+    client = tracking.make_client(uri)
+    experiment_id = tracking.get_or_create_experiment(client, experiment_name)
+    tags = tracking.build_run_tags(
+        loss_variant=config.loss.variant,
+        dataset_kind=config.data.kind,
+        commit=tracking.git_commit(),
+        extra={"fowkal.ray_run_name": name, "fowkal.storage_path": storage},
+    )
+    run_id = tracking.start_run(
+        client,
+        experiment_id,
+        name,
+        params=flatten_config(config),
+        tags=tags,
+        resume_key=f"{storage}/{name}",
+    )
+    print_fn(f"MLflow run {run_id} ({name}) in {uri}")
+
+    interrupt_log: list[str] = []
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handlers = {}
+    if on_main_thread:
+        previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def fallback_sigterm(signum, frame):  # until Ray Train's handler takes over inside fit()
+            interrupt_log.append(signal.Signals(signum).name)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, fallback_sigterm)
+
+    try:
+        tracking.log_config_yaml(run_id, config_dict, client=client)
+        init_ray(address, num_cpus=num_cpus)
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+        from trainer.loop import train_loop_per_worker
+
+        trainer = InterruptAwareTorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config_dict,
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=NUM_CHECKPOINTS_TO_KEEP,
+                    checkpoint_score_attribute=BEST_METRIC,
+                    checkpoint_score_order="max",
+                ),
+                callbacks=[MlflowReportCallback(uri, run_id), *(callbacks or [])],
+            ),
+        )
+        trainer.interrupt_log = interrupt_log
+        print_fn(
+            f"Ray Train run {name!r} in {storage} ({config.num_workers} worker(s), use_gpu={config.use_gpu})"
+        )
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as err:
+        _restore_handlers(previous_handlers)
+        reason = ", ".join(interrupt_log) or type(err).__name__
+        tracking.end_run(run_id, "KILLED", client=client, error=f"interrupted by {reason}")
+        print_fn(f"training interrupted ({reason}); MLflow run {run_id} ended as KILLED")
+        raise TrainingInterrupted(f"training {name!r} interrupted by {reason}", run_id) from err
+    except Exception as err:
+        _restore_handlers(previous_handlers)
+        if interrupt_log and (_is_ray_actor_error(err) or _is_training_failed_error(err)):
+            reason = ", ".join(interrupt_log)
+            tracking.end_run(run_id, "KILLED", client=client, error=f"interrupted by {reason}")
+            print_fn(f"training interrupted ({reason}); MLflow run {run_id} ended as KILLED")
+            raise TrainingInterrupted(f"training {name!r} interrupted by {reason}", run_id) from err
+        tracking.end_run(run_id, "FAILED", client=client, error=err)
+        print_fn(f"training failed: {err}; MLflow run {run_id} ended as FAILED")
+        raise
+    _restore_handlers(previous_handlers)
+
+    try:
+        outcome = _finish(config, result, client, run_id, uri, name, storage, print_fn)
+    except BaseException as err:
+        tracking.end_run(run_id, "FAILED", client=client, error=err)
+        raise
+    tracking.end_run(run_id, "FINISHED", client=client)
+    print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+    return outcome
+
+
+def _finish(config, result, client, run_id, uri, name, storage, print_fn) -> TrainingOutcome:
+    """Log the best checkpoint and the KAF plot, print the final metrics; returns the outcome."""
+    import tempfile
+
+    metrics = dict(result.metrics or {})
+    best_ckpt, best_metrics = _pick_best(result.best_checkpoints)
+    artifacts = ["config.yaml"]
+    best_path = None
+    if best_ckpt is not None:
+        with best_ckpt.as_directory() as local_dir:
+            tracking.log_artifact_path(run_id, local_dir, client=client, artifact_path="best_checkpoint")
+        best_path = best_ckpt.path
+        artifacts.append("best_checkpoint")
+        client.log_metric(run_id, "best/" + BEST_METRIC, float(best_metrics[BEST_METRIC]))
+    if config.loss.variant in KAL_VARIANTS:
+        # The latest checkpoint holds the whole history, also across resumes (the loop restores it).
+        history = _kaf_history_from_checkpoint(result.checkpoint)
+        if history is not None:
+            with tempfile.TemporaryDirectory(prefix="fowkal_kaf_") as tmp:
+                png = tracking.plot_kaf_history(history, Path(tmp) / "kaf_history.png")
+                client.log_artifact(run_id, str(png))
+            artifacts.append("kaf_history.png")
+        else:
+            print_fn("the checkpoint holds no KAF history; the KAF plot is skipped")
+    print_fn(f"final metrics: {_final_summary(metrics)}")
+    if best_metrics is not None:
+        print_fn(f"best {BEST_METRIC} = {best_metrics[BEST_METRIC]:.4f} at epoch {best_metrics.get('epoch')}")
+    return TrainingOutcome(
+        run_id=run_id,
+        tracking_uri=uri,
+        ray_run_name=name,
+        storage_path=storage,
+        metrics=metrics,
+        best_metrics=dict(best_metrics) if best_metrics is not None else None,
+        best_checkpoint_path=best_path,
+        latest_checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
+        artifacts=artifacts,
+    )
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _is_ray_actor_error(err: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(err, RayActorError)
+
+
+def _is_training_failed_error(err: BaseException) -> bool:
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(err, TrainingFailedError)
