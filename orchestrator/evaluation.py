@@ -349,7 +349,6 @@ def evaluate_model(
     """
     from torch.utils.data import DataLoader
 
-    from trainer.data import worker_init_fn
     from trainer.evaluate import detections_to_results, evaluate_wholebody
     from trainer.loop import predict_keypoints
 
@@ -371,7 +370,6 @@ def evaluate_model(
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init_fn,
     )
     amp_dtype = None
     if device.type == "cuda" and config.amp != "none":

@@ -62,6 +62,11 @@ from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RA
 
 logger = logging.getLogger(__name__)
 
+# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked while the parent's pool
+# exists deadlocks on its first cv2 call (seen here with cv2.setNumThreads in a worker). Parallelism comes
+# from DataLoader workers, so OpenCV runs single-threaded in every process, as MMEngine also sets it.
+cv2.setNumThreads(0)
+
 # Half-body groups (see module docstring). Body indices: 0-10 head/arms, 11-16 hips/legs.
 UPPER_BODY_IDS: tuple[int, ...] = (
     tuple(range(0, 11))
@@ -642,12 +647,6 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
         }
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """Optional DataLoader ``worker_init_fn``: one OpenCV thread per worker (workers are the parallelism)."""
-    del worker_id
-    cv2.setNumThreads(1)
-
-
 __all__ = [
     "DatasetError",
     "DetectionRecord",
@@ -662,5 +661,4 @@ __all__ = [
     "load_detections",
     "load_wholebody_annotations",
     "sample_augmentation",
-    "worker_init_fn",
 ]

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from trainer.codec import decode_dark, flip_back_heatmaps, heatmap_to_image_coords
 from trainer.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict, loss_kwargs
-from trainer.data import WholeBodyTopDownDataset, worker_init_fn
+from trainer.data import WholeBodyTopDownDataset
 from trainer.evaluate import detections_to_results, evaluate_wholebody
 from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.losses import HeatmapLoss
@@ -314,7 +314,6 @@ def train_loop_per_worker(
     loader_options = {
         "num_workers": cfg.data.loader_workers,
         "pin_memory": on_cuda,
-        "worker_init_fn": worker_init_fn,
         # Not persistent: each epoch's workers are seeded from torch's generator, which the checkpoint
         # restores, so a resumed run sees the same augmentations as an uninterrupted one.
         "persistent_workers": False,
