@@ -14,6 +14,286 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"fowkal train: {err}", file=sys.stderr)
+        return 2
+    from orchestrator.train import TrainingInterrupted, run_training
+
+    try:
+        run_training(
+            config,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            storage_path=args.storage_path,
+            resume=not args.no_resume,
+            experiment_name=args.experiment,
+        )
+    except TrainingInterrupted as err:
+        print(f"fowkal train: {err}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _load_sweep_config(command: str, args: argparse.Namespace):
+    from trainer.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"fowkal {command}: {err}", file=sys.stderr)
+        return None
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.tune.run_sweep)."""
+    from orchestrator.search_space import SearchSpaceError
+    from trainer.config import ConfigError
+
+    config = _load_sweep_config(args.command, args)
+    if config is None:
+        return 2
+    from orchestrator.tune import SweepError, SweepInterrupted, run_sweep
+
+    try:
+        run_sweep(
+            args.command,
+            config,
+            space_path=getattr(args, "space", None),
+            arms_path=getattr(args, "arms", None),
+            samples=getattr(args, "samples", 1),
+            seeds=getattr(args, "seeds", 1),
+            max_concurrent=args.max_concurrent,
+            gpus_per_trial=args.gpus_per_trial,
+            grace_period=getattr(args, "grace_period", 1),
+            reduction_factor=getattr(args, "reduction_factor", 2),
+            search_seed=getattr(args, "seed", 0),
+            resume=args.resume,
+            restart_errored=args.restart_errored,
+            tracking_uri=args.tracking_uri,
+            experiment_name=args.experiment,
+            name=args.name,
+            storage_path=args.storage_path,
+            address=args.address,
+            verbose=0 if args.quiet else 1,
+        )
+    except (SweepError, SearchSpaceError, ConfigError) as err:
+        print(f"fowkal {args.command}: {err}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as err:
+        print(f"fowkal {args.command}: {err}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    from orchestrator import tracking
+    from orchestrator.report import ReportError, write_report
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_REPORT_STORE
+    database = tracking.sqlite_path(uri)
+    if database is not None and not database.is_file():
+        print(f"fowkal report: no MLflow store at {database} (--tracking-uri {uri})", file=sys.stderr)
+        return 2
+    try:
+        write_report(args.experiment, tracking_uri=uri, out_dir=args.out, all_sweeps=args.all)
+    except ReportError as err:
+        print(f"fowkal report: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# Where `fowkal ablate/tune --config configs/smoke.yaml` keep their runs (the smoke config's output_dir).
+DEFAULT_REPORT_STORE = "sqlite:///runs/smoke/mlflow.db"
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--config", required=True, help="base YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config entry, e.g. --set epochs=4 (value parsed as YAML)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="cap on concurrent trials (default: as many as the cluster's CPUs/GPUs hold)",
+    )
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs per trial, spread over the config's num_workers (default: num_workers if use_gpu, else 0)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the interrupted sweep of the same name"
+    )
+    parser.add_argument(
+        "--restart-errored", action="store_true", help="with --resume: run errored trials again"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--experiment", default=f"fowkal-{kind}", help=f"MLflow experiment (default fowkal-{kind})"
+    )
+    parser.add_argument(
+        "--name", default=None, help="sweep name (default: <config name>-<kind>-<hash of the inputs>)"
+    )
+    parser.add_argument(
+        "--storage-path",
+        default=None,
+        help="directory of the sweep, shared by all nodes (default: <output_dir>/sweeps)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no live progress table")
+    parser.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from orchestrator.evaluation import EvalError, run_eval
+    from trainer.data import DatasetError
+
+    try:
+        run_eval(
+            ann_file=args.ann,
+            image_dir=args.images,
+            checkpoint=args.checkpoint,
+            run_id=args.run,
+            results_file=args.results,
+            det_file=args.det_file,
+            det_score_thr=args.det_score_thr,
+            flip_test=not args.no_flip,
+            batch_size=args.batch,
+            workers=args.workers,
+            gpus=args.gpus,
+            out=args.out,
+            tracking_uri=args.tracking_uri,
+            progress=not args.no_progress,
+        )
+    except (EvalError, DatasetError) as err:
+        print(f"fowkal eval: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from orchestrator.evaluation import EvalError
+    from orchestrator.show import run_show
+    from trainer.data import DatasetError
+
+    try:
+        run_show(
+            sources=args.models,
+            ann_file=args.ann,
+            image_dir=args.images,
+            out_dir=args.out,
+            n=args.n,
+            log=args.log,
+            tracking_uri=args.tracking_uri,
+            heatmaps=args.heatmaps,
+            instance=args.instance,
+            kpt_thr=args.kpt_thr,
+            top_k=args.top_k,
+            flip_test=not args.no_flip,
+        )
+    except (EvalError, DatasetError) as err:
+        print(f"fowkal show: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_eval_and_show(sub) -> None:
+    """The ``eval`` and ``show`` subcommands (orchestrator/evaluation.py, orchestrator/show.py)."""
+    tracking_help = "MLflow tracking URI of --run (default: $MLFLOW_TRACKING_URI)"
+    evaluate = sub.add_parser(
+        "eval",
+        help="COCO-WholeBody AP/AR of a checkpoint or MLflow run (flip test, DARK, rescoring, OKS-NMS)",
+    )
+    evaluate.add_argument(
+        "--checkpoint", default=None, help="checkpoint .pt file or Ray checkpoint directory"
+    )
+    evaluate.add_argument("--run", default=None, metavar="RUN_ID", help="MLflow run: its best checkpoint")
+    evaluate.add_argument(
+        "--results", default=None, metavar="FILE", help="score this results file instead of running a model"
+    )
+    evaluate.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
+    evaluate.add_argument("--images", default=None, help="image directory")
+    evaluate.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
+    evaluate.add_argument("--det-score-thr", type=float, default=0.0, help="keep detections scoring >= this")
+    evaluate.add_argument("--no-flip", action="store_true", help="disable the flip test")
+    evaluate.add_argument("--batch", type=int, default=None, help="batch size (default: data.val_batch_size)")
+    evaluate.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: data.loader_workers)"
+    )
+    evaluate.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="0 = CPU, 1 = cuda:0, N > 1 = DataParallel over N GPUs (default: 1 if CUDA is available)",
+    )
+    evaluate.add_argument(
+        "--out", default=None, help="results file to write (default: wholebody_results.json)"
+    )
+    evaluate.add_argument("--tracking-uri", default=None, help=tracking_help)
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    show = sub.add_parser(
+        "show",
+        help="draw predicted skeletons (two runs side by side, per-part OKS) or one instance's heatmaps",
+    )
+    show.add_argument(
+        "--run",
+        dest="models",
+        action="append",
+        type=lambda value: ("run", value),
+        metavar="RUN_ID",
+        help="MLflow run (give two --run/--checkpoint to compare; left to right in this order)",
+    )
+    show.add_argument(
+        "--checkpoint",
+        dest="models",
+        action="append",
+        type=lambda value: ("checkpoint", value),
+        metavar="CKPT",
+        help="checkpoint file or directory, in place of a --run",
+    )
+    show.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
+    show.add_argument("--images", required=True, help="image directory")
+    show.add_argument("--out", required=True, help="output directory for the PNGs")
+    show.add_argument("--n", type=int, default=16, help="number of images")
+    show.add_argument("--log", action="store_true", help="log the PNGs as MLflow artifacts of the run(s)")
+    show.add_argument("--tracking-uri", default=None, help=tracking_help)
+    show.add_argument(
+        "--heatmaps",
+        default=None,
+        metavar="PART",
+        help="heatmap view of one instance: body, foot, face, hand, lefthand or righthand",
+    )
+    show.add_argument(
+        "--instance", type=int, default=None, metavar="ANN_ID", help="annotation id for --heatmaps"
+    )
+    show.add_argument("--kpt-thr", type=float, default=0.3, help="draw keypoints scoring >= this")
+    show.add_argument("--top-k", type=int, default=5, help="keypoints that moved most to mark (two runs)")
+    show.add_argument("--no-flip", action="store_true", help="disable the flip test")
+    show.set_defaults(func=_cmd_show, models=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fowkal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +305,69 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, default=64, help="number of images")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     synth.set_defaults(func=_cmd_data_synth)
+
+    train = sub.add_parser(
+        "train",
+        help="train one model under Ray Train, tracked in MLflow (re-running the same command resumes)",
+    )
+    train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set loss.variant=mse --set epochs=2 (value parsed as YAML)",
+    )
+    train.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db)",
+    )
+    train.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
+    )
+    train.add_argument(
+        "--storage-path",
+        default=None,
+        help="checkpoint storage shared by all nodes (default: <output_dir>/ray_results)",
+    )
+    train.add_argument("--experiment", default="fowkal-train", help="MLflow experiment name")
+    train.add_argument(
+        "--no-resume", action="store_true", help="start a new run instead of resuming the same config's run"
+    )
+    train.set_defaults(func=_cmd_train)
+
+    tune = sub.add_parser(
+        "tune", help="hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, one Ray Train run per trial"
+    )
+    tune.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
+    tune.add_argument("--samples", type=int, default=20, help="number of trials")
+    tune.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
+    tune.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/this at each rung")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    _add_sweep_arguments(tune, "tune")
+
+    ablate = sub.add_parser(
+        "ablate", help="the paper's ablation: every arm x seed as Ray Tune trials, then the ablation table"
+    )
+    ablate.add_argument(
+        "--arms", required=True, help="ablation arms YAML (search_spaces/ablation_paper.yaml)"
+    )
+    ablate.add_argument("--seeds", type=int, default=1, help="seeds per arm: config seed, seed + 1, ...")
+    _add_sweep_arguments(ablate, "ablate")
+
+    report = sub.add_parser("report", help="Markdown + HTML report of a sweep or ablation read from MLflow")
+    report.add_argument("experiment", help="MLflow experiment name (its newest sweep) or a parent run id")
+    report.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_REPORT_STORE})",
+    )
+    report.add_argument("--out", default="reports", help="directory for report.md and report.html")
+    report.add_argument("--all", action="store_true", help="every sweep of the experiment, newest first")
+    report.set_defaults(func=_cmd_report)
+    _add_eval_and_show(sub)
     return parser
 
 
