@@ -349,8 +349,8 @@ def evaluate_model(
     """
     from torch.utils.data import DataLoader
 
-    from trainer.evaluate import detections_to_results, evaluate_wholebody
-    from trainer.loop import predict_keypoints
+    from trainer.evaluate import evaluate_wholebody
+    from trainer.loop import autocast_dtype, predict_keypoints, results_from_predictions
 
     config = loaded.config
     dataset = build_eval_dataset(config, ann_file, image_dir, det_file, det_score_thr)
@@ -371,19 +371,11 @@ def evaluate_model(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    amp_dtype = None
-    if device.type == "cuda" and config.amp != "none":
-        use_bf16 = config.amp == "bf16" or (config.amp == "auto" and torch.cuda.is_bf16_supported())
-        amp_dtype = torch.bfloat16 if use_bf16 else torch.float16
     batches = with_progress(loader, len(loader), "eval", enabled=progress)
-    predictions = predict_keypoints(model, batches, device, flip_test, amp_dtype, False)
-    results = detections_to_results(
-        predictions["image_ids"],
-        predictions["keypoints"],
-        predictions["keypoint_scores"],
-        predictions["box_scores"],
-        predictions["areas"],
+    predictions = predict_keypoints(
+        model, batches, device, flip_test, autocast_dtype(device, config.amp), False
     )
+    results = results_from_predictions(predictions)
     metrics = evaluate_wholebody(ann_file, results)
     return EvalOutcome(metrics=metrics, results=results, num_boxes=len(dataset))
 

@@ -266,8 +266,8 @@ def _untrained_scores(cfg) -> dict[str, float]:
 
     from trainer.config import loss_kwargs
     from trainer.data import WholeBodyTopDownDataset
-    from trainer.evaluate import detections_to_results, evaluate_wholebody
-    from trainer.loop import predict_keypoints, resolve_datasets
+    from trainer.evaluate import evaluate_wholebody
+    from trainer.loop import predict_keypoints, resolve_datasets, results_from_predictions
     from trainer.losses import HeatmapLoss
     from trainer.model import build_pose_model
 
@@ -280,13 +280,7 @@ def _untrained_scores(cfg) -> dict[str, float]:
     model = build_pose_model(cfg.model.backbone, with_kaf=with_kaf)
     loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size)
     predictions = predict_keypoints(model, loader, torch.device("cpu"), flip_test=cfg.flip_test)
-    results = detections_to_results(
-        predictions["image_ids"],
-        predictions["keypoints"],
-        predictions["keypoint_scores"],
-        predictions["box_scores"],
-        predictions["areas"],
-    )
+    results = results_from_predictions(predictions)
     return {key: float(value) for key, value in evaluate_wholebody(paths["val_ann"], results).items()}
 
 

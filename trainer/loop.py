@@ -186,6 +186,28 @@ def predict_keypoints(
     return {key: np.concatenate(value) for key, value in out.items()}
 
 
+def results_from_predictions(predictions: dict[str, np.ndarray]) -> list[dict]:
+    """``predict_keypoints`` output -> COCO-WholeBody result dicts (rescoring + OKS-NMS, as MMPose)."""
+    return detections_to_results(
+        predictions["image_ids"],
+        predictions["keypoints"],
+        predictions["keypoint_scores"],
+        predictions["box_scores"],
+        predictions["areas"],
+    )
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """Mixed-precision dtype for ``amp`` ("auto", "bf16", "fp16", "none") on ``device``: CUDA only, else None.
+
+    "auto" takes bf16 where the GPU supports it (no loss scaling needed), else fp16.
+    """
+    if device.type != "cuda" or amp == "none":
+        return None
+    use_bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if use_bf16 else torch.float16
+
+
 def _ray_train_context() -> Any | None:
     """The Ray Train context inside a Ray Train worker, else None (plain run)."""
     try:
@@ -279,10 +301,7 @@ def train_loop_per_worker(
     is_main = rank == 0
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     on_cuda = device.type == "cuda"
-    amp_dtype = None
-    if on_cuda and cfg.amp != "none":
-        use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported())
-        amp_dtype = torch.bfloat16 if use_bf16 else torch.float16
+    amp_dtype = autocast_dtype(device, cfg.amp)
     channels_last = on_cuda and cfg.channels_last
     if on_cuda:
         torch.backends.cudnn.benchmark = True
@@ -474,14 +493,7 @@ def train_loop_per_worker(
                 predictions = {key: np.concatenate([part[key] for part in gathered]) for key in predictions}
             val_metrics = [None]
             if is_main:
-                results = detections_to_results(
-                    predictions["image_ids"],
-                    predictions["keypoints"],
-                    predictions["keypoint_scores"],
-                    predictions["box_scores"],
-                    predictions["areas"],
-                )
-                scores = evaluate_wholebody(paths["val_ann"], results)
+                scores = evaluate_wholebody(paths["val_ann"], results_from_predictions(predictions))
                 val_metrics = [{name: scores[key] for key, name in VAL_METRICS.items()}]
             if distributed:  # every worker reports the same numbers and tracks the same best AP
                 torch.distributed.broadcast_object_list(val_metrics, src=0)
@@ -539,6 +551,8 @@ __all__ = [
     "lr_decay_epochs",
     "lr_factor",
     "predict_keypoints",
+    "results_from_predictions",
+    "autocast_dtype",
     "resolve_datasets",
     "train_loop_per_worker",
 ]
