@@ -129,12 +129,6 @@ def load_models(
     return models
 
 
-def _dataset_ids(dataset) -> tuple[np.ndarray, np.ndarray]:
-    # WholeBodyTopDownDataset keeps the image and annotation id of every sample in these arrays; reading
-    # them avoids decoding every image just to learn which samples belong to which image.
-    return np.asarray(dataset._image_ids), np.asarray(dataset._ann_ids)
-
-
 def select_image_ids(ann_file, image_dir, config, n: int) -> list[int]:
     """The first ``n`` images (annotation file order) with at least one ground-truth sample."""
     from trainer.data import load_wholebody_annotations
@@ -142,7 +136,7 @@ def select_image_ids(ann_file, image_dir, config, n: int) -> list[int]:
     if n < 1:
         raise EvalError(f"--n must be >= 1, got {n}")
     dataset = build_eval_dataset(config, ann_file, image_dir)
-    with_samples = set(_dataset_ids(dataset)[0].tolist())
+    with_samples = set(dataset.sample_ids[0].tolist())
     order = list(load_wholebody_annotations(ann_file).images)
     return [i for i in order if i in with_samples][:n]
 
@@ -164,7 +158,7 @@ def predict_instances(
 
     config = model.loaded.config
     dataset = build_eval_dataset(config, ann_file, image_dir)
-    sample_images, sample_anns = _dataset_ids(dataset)
+    sample_images, sample_anns = dataset.sample_ids
     wanted = set(int(i) for i in image_ids)
     indices = [i for i, image_id in enumerate(sample_images.tolist()) if image_id in wanted]
     device = device if device is not None else select_device(None)[0]
@@ -320,7 +314,7 @@ def show_heatmaps(
     indices = COCO_WHOLEBODY_PARTS[part] if part in COCO_WHOLEBODY_PARTS else tuple(range(*PART_RANGES[part]))
     config = model.loaded.config
     dataset = build_eval_dataset(config, ann_file, image_dir)
-    ann_ids = _dataset_ids(dataset)[1].tolist()
+    ann_ids = dataset.sample_ids[1].tolist()
     if not ann_ids:
         raise EvalError(f"{ann_file} has no labelled, non-crowd instance to show")
     if instance is None:

@@ -112,6 +112,22 @@ def test_dataset_sizes_for_training_gt_eval_and_detection_eval():
     assert float(sample["target_weight"].sum()) == 0.0
 
 
+@needs_mini
+def test_sample_ids_match_the_samples_without_reading_images():
+    gt_eval = WholeBodyTopDownDataset(ANN, MINI, train=False)
+    image_ids, ann_ids = gt_eval.sample_ids
+    for index in (0, len(gt_eval) - 1):
+        sample = gt_eval[index]
+        assert (image_ids[index], ann_ids[index]) == (sample["image_id"], sample["ann_id"])
+    det_eval = WholeBodyTopDownDataset(ANN, MINI, train=False, det_file=DET, det_score_thr=0.3)
+    det_images, det_anns = det_eval.sample_ids
+    raw = [d for d in json.loads(DET.read_text()) if d["score"] >= 0.3]
+    assert sorted(det_images.tolist()) == sorted(d["image_id"] for d in raw)
+    assert set(det_anns.tolist()) == {-1}
+    image_ids[0] = -5  # a copy: the dataset is unchanged
+    assert gt_eval.sample_ids[0][0] != -5
+
+
 # ------------------------------------------------------------------------------------------------ samples
 
 

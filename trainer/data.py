@@ -571,6 +571,12 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._image_ids)
 
+    @property
+    def sample_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(image_ids [N], ann_ids [N])`` of the samples in index order (ann_id -1 for detections), without
+        reading any image."""
+        return self._image_ids.copy(), self._ann_ids.copy()
+
     def _generator(self) -> np.random.Generator:
         """Per-process augmentation generator, reseeded when the worker (or epoch's worker seed) changes."""
         info = torch.utils.data.get_worker_info()
