@@ -9,14 +9,8 @@ from safetensors.torch import save_file
 
 from trainer.model import PretrainedWeightsError, build_pose_model, load_backbone_weights
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The CI machine has 2 cores shared with other jobs: one thread avoids OpenMP oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here trains or runs a model: one torch thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
