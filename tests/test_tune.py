@@ -263,6 +263,29 @@ def _asha_stop_epochs(losses_in_trial_order: list[list[float]], grace: int, fact
     return stops
 
 
+def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file_is_touched_later(tmp_path):
+    from orchestrator.tune import _trial_statuses_from_state
+
+    def write_state(name: str, statuses: dict[str, str]) -> Path:
+        trials = [[json.dumps({"trial_id": tid, "status": status}), {}] for tid, status in statuses.items()]
+        path = tmp_path / name
+        path.write_text(json.dumps({"trial_data": trials}))
+        return path
+
+    old = write_state("experiment_state-2026-11-22_02-23-56.json", {"a": "TERMINATED", "b": "RUNNING"})
+    new = write_state(
+        "experiment_state-2026-11-22_02-24-47.json", {"a": "TERMINATED", "b": "TERMINATED", "c": "TERMINATED"}
+    )
+    # What a resumed sweep left behind: the first session's file rewritten after the second one's.
+    os.utime(new, (1_000_000_000, 1_000_000_000))
+    os.utime(old, (1_000_000_100, 1_000_000_100))
+    assert _trial_statuses_from_state(str(tmp_path)) == {
+        "a": "TERMINATED",
+        "b": "TERMINATED",
+        "c": "TERMINATED",
+    }
+
+
 @pytest.mark.slow
 def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir, omega_space):
     import yaml
