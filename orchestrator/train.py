@@ -192,16 +192,9 @@ def _kaf_history_from_checkpoint(checkpoint):
 
 
 def _final_summary(metrics: dict[str, Any]) -> str:
-    keys = [
-        "epoch",
-        "train/loss",
-        "val/wholebody_AP",
-        "val/wholebody_AR",
-        "val/body_AP",
-        "val/foot_AP",
-        "val/face_AP",
-        "val/hand_AP",
-    ]
+    from trainer.loop import VAL_METRICS
+
+    keys = ["epoch", "train/loss", *VAL_METRICS.values()]
     parts = []
     for key in keys:
         if key in metrics and tracking.is_finite_number(metrics[key]):
