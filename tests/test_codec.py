@@ -246,6 +246,21 @@ def test_decode_matches_full_map_reference_on_noisy_maps():
     np.testing.assert_allclose(coords[0], expected, atol=2e-3)
 
 
+@pytest.mark.parametrize("width, height", [(9, 12), (20, 14), (14, 40)])
+def test_decode_matches_reference_on_maps_smaller_than_the_blur_patch(width, height):
+    """Maps narrower or shorter than the 15-pixel patch the decoder reads around each peak (kernel 11 + the
+    stencil) are zero-padded before the patch is read: still the reference's result."""
+    rng = np.random.default_rng(width * height)
+    num_kpts = 12
+    centers = rng.uniform([0.0, 0.0], [width - 1.0, height - 1.0], size=(1, num_kpts, 2))
+    centers[0, :4] = [[2.2, 2.4], [width - 2.6, height - 2.3], [width / 2 + 0.3, 2.1], [2.4, height / 2]]
+    heatmaps = encode_unbiased(centers, np.ones((1, num_kpts)), heatmap_size=(width, height), sigma=1.5)[0]
+    heatmaps = (0.8 * heatmaps + 0.05 * rng.random(heatmaps.shape)).astype(np.float32)
+    coords, _ = decode_dark(heatmaps)
+    expected = np.array([reference_dark(heatmaps[0, k].astype(np.float64)) for k in range(num_kpts)])
+    np.testing.assert_allclose(coords[0], expected, atol=2e-3)
+
+
 def test_flip_test_with_the_datasets_mirror_convention():
     """A perfect model on the mirrored crop (input pixel x -> W_in - 1 - x, heatmap = input / 4): flip-back
     puts the peak at x - 0.75 heatmap px without the shift and at x + 0.25 with it (MMPose's behaviour)."""
