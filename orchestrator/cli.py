@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.tracking import EMBEDDED_DEFAULT_STORE
+
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from trainer.synth import write_synthetic_dataset
@@ -91,15 +93,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import os
-
     from orchestrator import tracking
     from orchestrator.report import ReportError, write_report
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_REPORT_STORE
-    database = tracking.sqlite_path(uri)
-    if database is not None and not database.is_file():
-        print(f"fowkal report: no MLflow store at {database} (--tracking-uri {uri})", file=sys.stderr)
+    try:
+        uri = tracking.resolve_store_to_read(args.tracking_uri)
+    except FileNotFoundError as err:
+        print(f"fowkal report: {err}", file=sys.stderr)
         return 2
     try:
         write_report(args.experiment, tracking_uri=uri, out_dir=args.out, all_sweeps=args.all)
@@ -109,8 +109,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# Where `fowkal ablate/tune --config configs/smoke.yaml` keep their runs (the smoke config's output_dir).
-DEFAULT_REPORT_STORE = "sqlite:///runs/smoke/mlflow.db"
+# Kept for callers of the earlier name: the store read when no tracking URI is given.
+DEFAULT_REPORT_STORE = EMBEDDED_DEFAULT_STORE
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -219,7 +219,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _add_eval_and_show(sub) -> None:
     """The ``eval`` and ``show`` subcommands (orchestrator/evaluation.py, orchestrator/show.py)."""
-    tracking_help = "MLflow tracking URI of --run (default: $MLFLOW_TRACKING_URI)"
+    tracking_help = (
+        f"MLflow tracking URI of --run (default: $MLFLOW_TRACKING_URI, else {EMBEDDED_DEFAULT_STORE})"
+    )
     evaluate = sub.add_parser(
         "eval",
         help="COCO-WholeBody AP/AR of a checkpoint or MLflow run (flip test, DARK, rescoring, OKS-NMS)",

@@ -232,14 +232,14 @@ def load_checkpoint_model(
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``; an error naming both when neither is set."""
-    value = (cli_value or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not value:
-        raise EvalError(
-            "--run needs the MLflow store: pass --tracking-uri (fowkal train's default is "
-            "sqlite:///<output_dir>/mlflow.db) or set MLFLOW_TRACKING_URI"
-        )
-    return value
+    """The store of ``--run``: ``tracking.resolve_store_to_read`` (flag, ``MLFLOW_TRACKING_URI``, then the
+    embedded default's ``runs/smoke/mlflow.db``), its error as an ``EvalError``."""
+    from orchestrator import tracking
+
+    try:
+        return tracking.resolve_store_to_read(cli_value)
+    except FileNotFoundError as err:
+        raise EvalError(f"--run: {err}") from err
 
 
 def get_run(client, run_id: str, tracking_uri: str):

@@ -65,6 +65,29 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return None
 
 
+# Where `fowkal train/tune/ablate --config configs/smoke.yaml` (the embedded default) keep their runs: the
+# smoke config's output_dir, relative to the current directory as that config's paths are.
+EMBEDDED_DEFAULT_STORE = "sqlite:///runs/smoke/mlflow.db"
+
+
+def resolve_store_to_read(cli_value: str | None) -> str:
+    """Tracking URI for commands that read existing runs (``fowkal report``, ``eval --run``, ``show --run``).
+
+    By precedence: the CLI flag, then ``MLFLOW_TRACKING_URI``, then the embedded default's store
+    (``EMBEDDED_DEFAULT_STORE``). A SQLite store that does not exist is an error naming the file and how to
+    name another store: reading must never create an empty database.
+    """
+    uri = (cli_value or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = uri or EMBEDDED_DEFAULT_STORE
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise FileNotFoundError(
+            f"no MLflow store at {database} (tracking URI {uri}); pass --tracking-uri or set "
+            "MLFLOW_TRACKING_URI (fowkal train/tune/ablate write sqlite:///<output_dir>/mlflow.db)"
+        )
+    return uri
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Artifact root for a new experiment: ``<db dir>/mlartifacts`` beside a SQLite store, else the server's.
 

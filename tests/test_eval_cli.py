@@ -295,6 +295,9 @@ def test_eval_run_errors_name_the_run(tmp_path, capsys, monkeypatch):
     assert main(base + ["--run", run_id]) == 2
     err = capsys.readouterr().err
     assert run_id in err and "best_checkpoint" in err and "config.yaml" in err
+    # No URI anywhere and no embedded-default store in the current directory: the error says what to pass.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "--ann", str(ANN), "--images", str(MINI), "--run", run_id]) == 2
-    assert "--tracking-uri" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tracking-uri" in err and "runs/smoke/mlflow.db" in err

@@ -202,3 +202,21 @@ def test_plot_kaf_history_rejects_a_wrong_shape(tmp_path):
         tracking.plot_kaf_history(np.zeros((4, 17)), tmp_path / "bad.png")
     with pytest.raises(ValueError, match="epochs"):
         tracking.plot_kaf_history(np.zeros((4, 133)), tmp_path / "bad.png", epochs=[1, 2])
+
+
+def test_store_to_read_precedence_and_embedded_default(tmp_path, monkeypatch):
+    """report, eval --run, show --run: flag, MLFLOW_TRACKING_URI, then runs/smoke/mlflow.db if present."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_store_to_read("http://127.0.0.1:6000") == "http://127.0.0.1:6000"
+    assert tracking.resolve_store_to_read(None) == "http://127.0.0.1:5999"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(FileNotFoundError, match=r"runs/smoke/mlflow\.db.*--tracking-uri"):
+        tracking.resolve_store_to_read(None)
+    missing = tmp_path / "elsewhere.db"
+    with pytest.raises(FileNotFoundError, match="elsewhere.db"):
+        tracking.resolve_store_to_read(f"sqlite:///{missing}")
+    assert not missing.exists()  # reading never creates a store
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "mlflow.db").write_bytes(b"")
+    assert tracking.resolve_store_to_read("") == tracking.EMBEDDED_DEFAULT_STORE
