@@ -217,7 +217,7 @@ def decode_dark(heatmaps, blur_kernel: int = 11):
     # Blur weights of the window centred on the argmax ([P, 5]: 1D "valid" filtering to the 5 stencil
     # positions), zero-extended on both sides and re-indexed by each patch's shift: rows/columns of the
     # centred window that fall outside the map get weight 0, the reference's zero padding.
-    size = 2 * reach + 1
+    size = patch.shape[-1]
     blur = torch.zeros(3 * size, 5, dtype=dtype, device=device)
     blur[size : 2 * size] = _valid_blur_matrix(blur_kernel, 5, dtype, device)
     offsets = torch.arange(size, device=device) + size
