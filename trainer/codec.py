@@ -14,6 +14,8 @@ over instances and keypoints; ``decode_dark`` runs on CPU or GPU tensors.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -254,22 +256,76 @@ def decode_dark(heatmaps, blur_kernel: int = 11):
     return coords, scores
 
 
-def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True):
+# Flip-test modes of ``flip_back_heatmaps``: MMPose's one-pixel shift, none, or the exact sub-pixel mirror.
+FLIP_MODES = ("shift", "none", "exact")
+
+
+def _resolve_flip_mode(shift: bool, mode: str | None) -> str:
+    if mode is None:
+        return "shift" if shift else "none"
+    if mode not in FLIP_MODES:
+        raise ValueError(f"flip mode must be one of {', '.join(FLIP_MODES)}; got mode={mode!r}")
+    # shift=True is the default, so only shift=False can contradict a mode on purpose.
+    if not shift and mode != "none":
+        raise ValueError(
+            f"mode={mode!r} shifts the flipped heatmaps but shift=False asks for no shift: pass one of them "
+            "(mode='none' is shift=False)"
+        )
+    return mode
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_flip_matrix(width: int, stride: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[W, W]`` matrix R such that ``maps @ R`` mirrors the W axis about the input's pixel grid.
+
+    The crop is mirrored about its input pixels (x -> W_in - 1 - x), i.e. heatmap u -> W - 1/stride - u,
+    while reversing the array maps u -> W - 1 - u: the reversed map must move 1 - 1/stride px to the right.
+    That sub-pixel move is a Fourier phase ramp applied to the map's mirror-symmetric extension (length 2W,
+    so nothing wraps around from the opposite border): exact for band-limited maps, which a sigma-2 Gaussian
+    is to float32 precision, so DARK's Gaussian fit still holds. Reversal and move are one matrix (one pass).
+    """
+    delta = 1.0 - 1.0 / stride
+    identity = torch.eye(width, dtype=torch.float64)
+    extended = torch.cat([identity, identity.flip(0)])  # columns: each unit map and its mirror image
+    ramp = torch.exp(-2j * torch.pi * delta * torch.fft.rfftfreq(2 * width, dtype=torch.float64))
+    moved = torch.fft.irfft(torch.fft.rfft(extended, dim=0) * ramp[:, None], n=2 * width, dim=0)[:width]
+    # moved[x, j]: weight of input column j in output column x; flipping the transpose's rows reverses.
+    return moved.T.flip(0).contiguous().to(dtype=dtype, device=device)
+
+
+def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True, mode: str | None = None, stride=4):
     """Un-mirror heatmaps predicted on a horizontally flipped image (test-time flip).
 
-    Flips the W axis, swaps left/right channels and, with ``shift``, moves the result one pixel to the right
-    (column 0 is kept), as MMPose's ``flip_test=True, shift_heatmap=True``. Test-time flip is then
-    ``(model(image) + flip_back_heatmaps(model(image.flip(-1)))) / 2``.
+    Swaps left/right channels and mirrors the W axis. Test-time flip is then
+    ``(model(image) + flip_back_heatmaps(model(image.flip(-1)))) / 2``. How the mirror is put back (``mode``):
+
+    - ``"shift"``: reverse the W axis and move the result one pixel to the right (column 0 is kept), as
+      MMPose's ``flip_test=True, shift_heatmap=True`` (the paper's recipe). The crop is mirrored about the
+      input's pixel grid (``image.flip(-1)``: x -> W_in - 1 - x), which in heatmap pixels is a move of
+      ``1 - 1/stride`` px (0.75 at stride 4), so this leaves a ``1/stride`` px bias to the right.
+    - ``"none"``: reverse the W axis only (``1 - 1/stride`` px to the left of the truth).
+    - ``"exact"``: reverse about the input's pixel grid for ``stride``, a sub-pixel move done as a Fourier
+      phase ramp on the map's mirror-symmetric extension (keeps a Gaussian a Gaussian for DARK).
 
     Args:
         heatmaps: ``[N, K, H, W]`` torch tensor (or NumPy array) predicted on the mirrored image.
         flip_index: permutation of length K mapping each channel to its mirror; defaults to
             COCO-WholeBody's (``trainer.keypoints.flip_index()``, K = 133).
-        shift: apply the one-pixel shift.
+        shift: with ``mode=None``, True is ``"shift"`` and False is ``"none"``. With a mode, ``shift=False``
+            and a shifting mode (``"shift"``, ``"exact"``) contradict each other: ``ValueError``.
+        mode: one of ``FLIP_MODES``; None reads ``shift``.
+        stride: input size / heatmap size (4 for 256x192 -> 64x48); used by ``"exact"``.
 
     Returns:
-        The un-mirrored heatmaps, same kind, shape and device as the input (a new array/tensor).
+        The un-mirrored heatmaps, same kind, shape and device as the input (a new array/tensor); same dtype,
+        except that ``"exact"`` returns float32 for integer input (computed in float32 for 16-bit floats).
     """
+    resolved = _resolve_flip_mode(shift, mode)
+    if isinstance(stride, bool) or not (
+        isinstance(stride, int | float | np.number) and np.isfinite(stride) and stride > 0
+    ):
+        raise ValueError(f"stride must be a positive number (input / heatmap size), got {stride!r}")
+    stride = float(stride)
     is_numpy = not isinstance(heatmaps, torch.Tensor)
     tensor = torch.from_numpy(np.asarray(heatmaps)) if is_numpy else heatmaps
     if tensor.ndim != 4:
@@ -282,9 +338,17 @@ def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True):
             f"got length {len(index)}"
         )
     index_tensor = torch.as_tensor(index, dtype=torch.long, device=tensor.device)
-    flipped = tensor.index_select(1, index_tensor).flip(-1)
-    if shift:
-        flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+    swapped = tensor.index_select(1, index_tensor)
+    if resolved == "exact":
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        matrix = _exact_flip_matrix(tensor.shape[-1], stride, dtype, tensor.device)
+        flipped = swapped.to(dtype) @ matrix
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            flipped = flipped.to(tensor.dtype)
+    else:
+        flipped = swapped.flip(-1)
+        if resolved == "shift":
+            flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
     return flipped.numpy() if is_numpy else flipped
 
 
