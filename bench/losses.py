@@ -11,7 +11,7 @@ stride-4 branch + 1x1 conv to 133 heatmaps, MSE, Adam) and the fraction of it th
     python bench/losses.py --kaf-toy   # the lambda-collapse measurement quoted in HeatmapLoss's docstring
     python bench/losses.py --device cuda
 
-Goals (issue 2): fowkal >= 3x faster than the eager baseline, loss <= 5% of an hrnet_w32 step.
+Goals: fowkal >= 3x faster than the eager baseline, loss <= 5% of an hrnet_w32 step.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def main() -> int:
 
     from ray.tune import Callback
 
-    from orchestrator.search_space import load_ablation_arms
-    from orchestrator.tune import run_sweep
+    from orchestrator.ablation_arms import load_ablation_arms
+    from orchestrator.sweep import run_sweep
     from trainer.config import load_config
 
     arms_count = args.arms or (2 if args.quick else 4)

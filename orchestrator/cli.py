@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
+from orchestrator.sweep_settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
 from orchestrator.tracking import EMBEDDED_DEFAULT_STORE
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (left out where there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        shown = not hidden and "default" not in text
+        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -51,38 +64,42 @@ def _load_sweep_config(command: str, args: argparse.Namespace):
         return None
 
 
+def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
+    """The one ``SweepSettings`` of a ``fowkal tune`` / ``fowkal ablate`` command line."""
+    return SweepSettings(
+        kind=args.command,
+        space_path=getattr(args, "space", None),
+        arms_path=getattr(args, "arms", None),
+        samples=getattr(args, "samples", SweepSettings.samples),
+        seeds=getattr(args, "seeds", SweepSettings.seeds),
+        max_concurrent=args.max_concurrent,
+        gpus_per_trial=args.gpus_per_trial,
+        grace_period=getattr(args, "grace_period", SweepSettings.grace_period),
+        reduction_factor=getattr(args, "reduction_factor", SweepSettings.reduction_factor),
+        search_seed=getattr(args, "seed", SweepSettings.search_seed),
+        resume=args.resume,
+        restart_errored=args.restart_errored,
+        tracking_uri=args.tracking_uri,
+        experiment_name=args.experiment,
+        name=args.name,
+        storage_path=args.storage_path,
+        address=args.address,
+        verbose=0 if args.quiet else 1,
+    )
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.tune.run_sweep)."""
-    from orchestrator.search_space import SearchSpaceError
+    """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.sweep.run_sweep)."""
+    from orchestrator.definition_file import SearchSpaceError
     from trainer.config import ConfigError
 
     config = _load_sweep_config(args.command, args)
     if config is None:
         return 2
-    from orchestrator.tune import SweepError, SweepInterrupted, run_sweep
+    from orchestrator.sweep import SweepInterrupted, run_sweep
 
     try:
-        run_sweep(
-            args.command,
-            config,
-            space_path=getattr(args, "space", None),
-            arms_path=getattr(args, "arms", None),
-            samples=getattr(args, "samples", 1),
-            seeds=getattr(args, "seeds", 1),
-            max_concurrent=args.max_concurrent,
-            gpus_per_trial=args.gpus_per_trial,
-            grace_period=getattr(args, "grace_period", 1),
-            reduction_factor=getattr(args, "reduction_factor", 2),
-            search_seed=getattr(args, "seed", 0),
-            resume=args.resume,
-            restart_errored=args.restart_errored,
-            tracking_uri=args.tracking_uri,
-            experiment_name=args.experiment,
-            name=args.name,
-            storage_path=args.storage_path,
-            address=args.address,
-            verbose=0 if args.quiet else 1,
-        )
+        run_sweep(args.command, config, sweep_settings_from_args(args))
     except (SweepError, SearchSpaceError, ConfigError) as err:
         print(f"fowkal {args.command}: {err}", file=sys.stderr)
         return 2
@@ -146,11 +163,12 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db)",
     )
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENTS[kind], help="MLflow experiment")
     parser.add_argument(
-        "--experiment", default=f"fowkal-{kind}", help=f"MLflow experiment (default fowkal-{kind})"
-    )
-    parser.add_argument(
-        "--name", default=None, help="sweep name (default: <config name>-<kind>-<hash of the inputs>)"
+        "--name",
+        default=None,
+        help="sweep name (default: <config name>-<kind>-<hash of what defines the sweep: the config, the "
+        "definition file, the TPE seed and ASHA settings, or the seeds>)",
     )
     parser.add_argument(
         "--storage-path",
@@ -165,7 +183,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from orchestrator.evaluation import EvalError, run_eval
+    from orchestrator.eval_command import EvalError, run_eval
     from trainer.data import DatasetError
 
     try:
@@ -192,7 +210,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.evaluation import EvalError
+    from orchestrator.eval_command import EvalError
     from orchestrator.show import run_show
     from trainer.data import DatasetError
 
@@ -218,7 +236,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _add_eval_and_show(sub) -> None:
-    """The ``eval`` and ``show`` subcommands (orchestrator/evaluation.py, orchestrator/show.py)."""
+    """The ``eval`` and ``show`` subcommands (orchestrator/eval_command.py, orchestrator/show.py)."""
     tracking_help = (
         f"MLflow tracking URI of --run (default: $MLFLOW_TRACKING_URI, else {EMBEDDED_DEFAULT_STORE})"
     )
@@ -297,11 +315,14 @@ def _add_eval_and_show(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fowkal", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="fowkal", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
+    subparser_class = functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=subparser_class)
 
     data = sub.add_parser("data", help="data set utilities")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=subparser_class)
     synth = data_sub.add_parser("synth", help="generate a synthetic COCO-WholeBody-format data set")
     synth.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")
     synth.add_argument("--images", type=int, default=64, help="number of images")
@@ -344,10 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, one Ray Train run per trial"
     )
     tune.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
-    tune.add_argument("--samples", type=int, default=20, help="number of trials")
-    tune.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
-    tune.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/this at each rung")
-    tune.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    tune.add_argument("--samples", type=int, default=SweepSettings.samples, help="number of trials")
+    tune.add_argument(
+        "--grace-period",
+        type=int,
+        default=SweepSettings.grace_period,
+        help="ASHA: epochs before a trial can stop",
+    )
+    tune.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=SweepSettings.reduction_factor,
+        help="ASHA: keep 1/this at each rung",
+    )
+    tune.add_argument("--seed", type=int, default=SweepSettings.search_seed, help="seed of the TPE sampler")
     _add_sweep_arguments(tune, "tune")
 
     ablate = sub.add_parser(
@@ -356,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument(
         "--arms", required=True, help="ablation arms YAML (search_spaces/ablation_paper.yaml)"
     )
-    ablate.add_argument("--seeds", type=int, default=1, help="seeds per arm: config seed, seed + 1, ...")
+    ablate.add_argument(
+        "--seeds", type=int, default=SweepSettings.seeds, help="seeds per arm: config seed, seed + 1, ..."
+    )
     _add_sweep_arguments(ablate, "ablate")
 
     report = sub.add_parser("report", help="Markdown + HTML report of a sweep or ablation read from MLflow")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# A Train V2 run needs one CPU per worker (the controller takes none), and a sweep (issue 5) also runs one
+# A Train V2 run needs one CPU per worker (the controller takes none), and a sweep also runs one
 # driver-side trial function per trial. On a 2-core laptop that would not fit two workers plus a trial, so the
 # local Ray advertises at least this many logical CPUs; the workers then share the real cores, which is what
 # a user on a small machine wants (slower, but it runs).

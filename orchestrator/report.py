@@ -43,15 +43,6 @@ ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("val/hand_AP", "Hand AP", "hand_AP"),
 )
 BASELINE_ARM_KEY = "a"
-# Mirrors of orchestrator.tune's tag names (kept here so this module does not import Ray through it).
-TAG_SWEEP_KIND = "fowkal.sweep_kind"
-TAG_TRIAL_ID = "fowkal.trial_id"
-TAG_ARM_KEY = "fowkal.arm_key"
-TAG_METRIC = "fowkal.metric"
-TAG_MODE = "fowkal.mode"
-TAG_SAMPLED = "fowkal.sampled_params"
-ARMS_ARTIFACT = "arms.json"
-SPACE_ARTIFACT = "search_space.json"
 
 
 class ReportError(ValueError):
@@ -161,17 +152,21 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
     except Exception as err:
         raise ReportError(f"no MLflow run with id {parent_run_id!r} ({err})") from err
     tags = parent.data.tags
-    kind = tags.get(TAG_SWEEP_KIND)
+    kind = tags.get(tracking.TAG_SWEEP_KIND)
     if kind not in ("tune", "ablate") or tracking.TAG_PARENT_RUN_ID in tags:
         raise ReportError(
             f"MLflow run {parent_run_id!r} ({parent.info.run_name}) is not the parent run of a fowkal sweep "
-            f"or ablation (its tag {TAG_SWEEP_KIND!r} is {kind!r})"
+            f"or ablation (its tag {tracking.TAG_SWEEP_KIND!r} is {kind!r})"
         )
-    metric = tags.get(TAG_METRIC, "val/wholebody_AP")
-    mode = tags.get(TAG_MODE, "max")
-    space = (_read_json_artifact(client, parent_run_id, SPACE_ARTIFACT) or {}) if kind == "tune" else {}
-    arms = (_read_json_artifact(client, parent_run_id, ARMS_ARTIFACT) or []) if kind == "ablate" else []
-    sampled_names = json.loads(tags.get(TAG_SAMPLED, "[]"))
+    metric = tags.get(tracking.TAG_METRIC, "val/wholebody_AP")
+    mode = tags.get(tracking.TAG_MODE, "max")
+    space = (
+        (_read_json_artifact(client, parent_run_id, tracking.SPACE_ARTIFACT) or {}) if kind == "tune" else {}
+    )
+    arms = (
+        (_read_json_artifact(client, parent_run_id, tracking.ARMS_ARTIFACT) or []) if kind == "ablate" else []
+    )
+    sampled_names = json.loads(tags.get(tracking.TAG_SAMPLED, "[]"))
     infos = space.get("parameters", {})
     children = []
     for run in child_runs(client, parent.info.experiment_id, parent_run_id):
@@ -189,8 +184,8 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
                 run_id=run.info.run_id,
                 name=run.info.run_name or run.info.run_id,
                 status=run.info.status,
-                trial_id=run_tags.get(TAG_TRIAL_ID, ""),
-                arm_key=run_tags.get(TAG_ARM_KEY),
+                trial_id=run_tags.get(tracking.TAG_TRIAL_ID, ""),
+                arm_key=run_tags.get(tracking.TAG_ARM_KEY),
                 seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
                 metrics=dict(run.data.metrics),
                 params=dict(params),
@@ -232,7 +227,7 @@ def resolve_parent_runs(client, target: str, *, newest_only: bool = True) -> lis
         return [run.info.run_id]
     runs = client.search_runs(
         experiment_ids=[experiment.experiment_id],
-        filter_string=f"tags.`{TAG_SWEEP_KIND}` != ''",
+        filter_string=f"tags.`{tracking.TAG_SWEEP_KIND}` != ''",
         order_by=["attributes.start_time DESC"],
         max_results=1000,
     )

@@ -45,17 +45,10 @@ import cv2
 import numpy as np
 import torch
 
-from orchestrator.evaluation import (
-    EvalError,
-    LoadedCheckpoint,
-    build_eval_dataset,
-    download_run_checkpoint,
-    get_run,
-    load_checkpoint_model,
-    resolve_tracking_uri,
-    select_device,
-)
+from orchestrator.eval_command import download_run_checkpoint, get_run, store_of_run
 from trainer import visualize
+from trainer.checkpoint import EvalError, LoadedCheckpoint, load_checkpoint_model
+from trainer.inference import build_eval_dataset, select_device
 
 SHOW_ARTIFACT_DIR = "show"
 HEATMAP_PARTS: tuple[str, ...] = ("body", "foot", "face", "hand", "lefthand", "righthand")
@@ -115,7 +108,7 @@ def load_models(
     for position, (kind, value) in enumerate(sources):
         if kind == "run":
             if client is None:
-                uri = resolve_tracking_uri(tracking_uri)
+                uri = store_of_run(tracking_uri)
                 client = tracking.make_client(uri)
             destination = Path(scratch) / f"model{position}"
             destination.mkdir(parents=True, exist_ok=True)
@@ -154,7 +147,7 @@ def predict_instances(
     from torch.utils.data import DataLoader, Subset
 
     from trainer.data import load_wholebody_annotations
-    from trainer.loop import predict_keypoints
+    from trainer.inference import predict_keypoints
 
     config = model.loaded.config
     dataset = build_eval_dataset(config, ann_file, image_dir)
@@ -387,7 +380,7 @@ def run_show(
     if instance is not None and heatmaps is None:
         raise EvalError("--instance selects the instance of the heatmap view: pass --heatmaps PART with it")
     if log:  # fail on an unknown run before any work
-        uri = resolve_tracking_uri(tracking_uri)
+        uri = store_of_run(tracking_uri)
         client = tracking.make_client(uri)
         for _, run_id in sources:
             get_run(client, run_id, uri)

@@ -1,8 +1,11 @@
 """MLflow tracking for fowkal runs: URI resolution, runs addressed by id, metrics, artifacts, the KAF plot.
 
 Every helper takes an explicit ``MlflowClient`` and run id instead of using MLflow's global "active run", so
-one driver can hold several open runs at once (a sweep's parent run and its trials' child runs, issue 5) and
-so the Ray Train controller process can log into a run the driver created.
+one driver can hold several open runs at once (a sweep's parent run and its trials' child runs) and so the
+Ray Train controller process can log into a run the driver created.
+
+This module owns the names other modules and the report read back: tag keys and artifact names. It imports
+MLflow lazily and never Ray, so ``fowkal report`` needs neither Ray nor a model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,31 @@ TAG_SEED = "seed"
 TAG_SWEEP_ID = "sweep_id"
 TAG_RESUME_KEY = "fowkal.resume_key"
 TAG_ERROR = "fowkal.error"
+# Sweeps and ablations (parent and child runs).
+TAG_SWEEP_KIND = "fowkal.sweep_kind"
+TAG_SWEEP_DIR = "fowkal.sweep_dir"
+TAG_TRIAL_ID = "fowkal.trial_id"
+TAG_ARM_KEY = "fowkal.arm_key"
+TAG_ARM_LABEL = "fowkal.arm_label"
+TAG_METRIC = "fowkal.metric"
+TAG_MODE = "fowkal.mode"
+TAG_SAMPLED = "fowkal.sampled_params"  # JSON list of the sampled dotted keys (sweeps)
+TAG_END_REASON = "fowkal.end_reason"
+TAG_BEST_RUN = "fowkal.best_run"
+TAG_DEFINITION_FILE = "fowkal.definition_file"
+# fowkal train.
+TAG_RAY_RUN_NAME = "fowkal.ray_run_name"
+TAG_STORAGE_PATH = "fowkal.storage_path"
+TAG_LAST_WORKER_ERROR = "fowkal.last_worker_error"
+
+# Artifact names. A run's config (trainer.checkpoint reads a config.yaml beside a checkpoint by that name).
+CONFIG_ARTIFACT = "config.yaml"
+BASE_CONFIG_ARTIFACT = "base_config.yaml"  # a sweep's parent run
+BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"  # the best Ray checkpoint directory
+KAF_PLOT_ARTIFACT = "kaf_history.png"
+ARMS_ARTIFACT = "arms.json"  # an ablation's parent run
+SPACE_ARTIFACT = "search_space.json"  # a sweep's parent run
+ERROR_ARTIFACT = "error.txt"
 
 
 def resolve_tracking_uri(cli_value: str | None, output_dir: str | os.PathLike) -> str:
@@ -281,17 +309,37 @@ def end_run(run_id: str, status: str, *, client, error: BaseException | str | No
         raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
     if error is not None:
         text = error if isinstance(error, str) else _format_exception(error)
-        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-        client.set_tag(run_id, TAG_ERROR, _truncate(first_line, _MAX_TAG_VALUE_CHARS))
+        client.set_tag(run_id, TAG_ERROR, _truncate(error_summary(error), _MAX_TAG_VALUE_CHARS))
         try:
-            client.log_text(run_id, text, "error.txt")
+            client.log_text(run_id, text, ERROR_ARTIFACT)
         except Exception:  # the status matters more than the attachment
             pass
     client.set_terminated(run_id, status=status)
 
 
+def error_summary(error: BaseException | str) -> str:
+    """One line saying what went wrong: ``Type: message`` of an exception (of its root cause when Ray
+    wrapped it), or for a traceback text its last line, which holds the exception (not "Traceback ...")."""
+    if isinstance(error, BaseException):
+        root = error
+        while root.__cause__ is not None and root.__cause__ is not root:
+            root = root.__cause__
+        message = str(root).strip()
+        lines = [line for line in message.splitlines() if line.strip()]
+        if lines and lines[0].startswith("Traceback"):  # Ray re-raises with the worker's traceback as text
+            return error_summary(message)
+        return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return "error"
+    if lines[0].startswith("Traceback"):
+        exception_lines = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
+        return exception_lines[-1] if exception_lines else lines[-1]
+    return lines[0]
+
+
 def log_config_yaml(
-    run_id: str, config_dict: Mapping[str, Any], *, client, filename: str = "config.yaml"
+    run_id: str, config_dict: Mapping[str, Any], *, client, filename: str = CONFIG_ARTIFACT
 ) -> None:
     """Store the (resolved) config as a YAML artifact, ready to feed back to ``fowkal train --config``."""
     import yaml

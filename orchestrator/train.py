@@ -24,8 +24,6 @@ How the pieces fit:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -40,19 +38,17 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from orchestrator import tracking
+from orchestrator.launch import build_torch_trainer
+from trainer.config import config_digest
+from trainer.losses import LOSS_VARIANTS
 
 logger = logging.getLogger(__name__)
 
 # Metric that ranks checkpoints (CheckpointConfig) and picks the one logged as the best-checkpoint artifact.
 BEST_METRIC = "val/wholebody_AP"
-# Keep the best-scoring checkpoints; Ray Train always keeps the latest one on top of these (for resuming).
-NUM_CHECKPOINTS_TO_KEEP = 1
-KAL_VARIANTS = ("kal", "kal_wahr", "fowkal")
 # trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
 KAF_HISTORY_FILE = "kaf_history.npy"
 DEFAULT_EXPERIMENT = "fowkal-train"
-# Config entries that do not change what is trained and so must not change the resumable run name.
-_NAME_HASH_EXCLUDED_KEYS = ("max_failures",)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -81,12 +77,7 @@ class TrainingOutcome:
 
 def stable_run_name(config) -> str:
     """``<name>-<loss variant>-<8 hex of the config hash>``: same config, same Ray run (so it resumes)."""
-    from trainer.config import config_to_dict
-
-    values = config_to_dict(config)
-    for key in _NAME_HASH_EXCLUDED_KEYS:
-        values.pop(key, None)
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    digest = config_digest(config)
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(config.name)) or "run"
     return f"{safe_name}-{config.loss.variant}-{digest}"
 
@@ -134,7 +125,7 @@ class MlflowReportCallback(UserCallback):
     def after_exception(self, run_context, worker_exceptions):
         try:
             first = next(iter(worker_exceptions.values()), None)
-            self._get_client().set_tag(self.run_id, "fowkal.last_worker_error", str(first)[:4000])
+            self._get_client().set_tag(self.run_id, tracking.TAG_LAST_WORKER_ERROR, str(first)[:4000])
         except Exception as err:
             logger.warning("MLflow logging of a worker error failed: %s", err)
 
@@ -257,7 +248,7 @@ def run_training(
         loss_variant=config.loss.variant,
         dataset_kind=config.data.kind,
         commit=tracking.git_commit(),
-        extra={"fowkal.ray_run_name": name, "fowkal.storage_path": storage},
+        extra={tracking.TAG_RAY_RUN_NAME: name, tracking.TAG_STORAGE_PATH: storage},
     )
     run_id = tracking.start_run(
         client,
@@ -284,25 +275,13 @@ def run_training(
     try:
         tracking.log_config_yaml(run_id, config_dict, client=client)
         init_ray(address, num_cpus=num_cpus)
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-
-        from trainer.loop import train_loop_per_worker
-
-        trainer = InterruptAwareTorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=config_dict,
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=NUM_CHECKPOINTS_TO_KEEP,
-                    checkpoint_score_attribute=BEST_METRIC,
-                    checkpoint_score_order="max",
-                ),
-                callbacks=[MlflowReportCallback(uri, run_id), *(callbacks or [])],
-            ),
+        trainer = build_torch_trainer(
+            config,
+            name=name,
+            storage_path=storage,
+            callbacks=[MlflowReportCallback(uri, run_id), *(callbacks or [])],
+            score_metric=BEST_METRIC,
+            trainer_cls=InterruptAwareTorchTrainer,
         )
         trainer.interrupt_log = interrupt_log
         print_fn(
@@ -343,22 +322,24 @@ def _finish(config, result, client, run_id, uri, name, storage, print_fn) -> Tra
 
     metrics = dict(result.metrics or {})
     best_ckpt, best_metrics = _pick_best(result.best_checkpoints)
-    artifacts = ["config.yaml"]
+    artifacts = [tracking.CONFIG_ARTIFACT]
     best_path = None
     if best_ckpt is not None:
         with best_ckpt.as_directory() as local_dir:
-            tracking.log_artifact_path(run_id, local_dir, client=client, artifact_path="best_checkpoint")
+            tracking.log_artifact_path(
+                run_id, local_dir, client=client, artifact_path=tracking.BEST_CHECKPOINT_ARTIFACT
+            )
         best_path = best_ckpt.path
-        artifacts.append("best_checkpoint")
+        artifacts.append(tracking.BEST_CHECKPOINT_ARTIFACT)
         client.log_metric(run_id, "best/" + BEST_METRIC, float(best_metrics[BEST_METRIC]))
-    if config.loss.variant in KAL_VARIANTS:
+    if LOSS_VARIANTS[config.loss.variant].needs_kaf:
         # The latest checkpoint holds the whole history, also across resumes (the loop restores it).
         history = _kaf_history_from_checkpoint(result.checkpoint)
         if history is not None:
             with tempfile.TemporaryDirectory(prefix="fowkal_kaf_") as tmp:
-                png = tracking.plot_kaf_history(history, Path(tmp) / "kaf_history.png")
+                png = tracking.plot_kaf_history(history, Path(tmp) / tracking.KAF_PLOT_ARTIFACT)
                 client.log_artifact(run_id, str(png))
-            artifacts.append("kaf_history.png")
+            artifacts.append(tracking.KAF_PLOT_ARTIFACT)
         else:
             print_fn("the checkpoint holds no KAF history; the KAF plot is skipped")
     print_fn(f"final metrics: {_final_summary(metrics)}")

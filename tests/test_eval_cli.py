@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from orchestrator.evaluation import CheckpointMismatchError, EvalError, load_checkpoint_model, select_device
+from trainer.checkpoint import CheckpointMismatchError, EvalError, load_checkpoint_model
 from trainer.config import config_from_dict, config_to_dict
+from trainer.inference import select_device
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
@@ -69,7 +70,7 @@ def _independent_results(checkpoint: Path, det_file, flip_test: bool) -> list[di
 
     from trainer.data import WholeBodyTopDownDataset
     from trainer.evaluate import detections_to_results
-    from trainer.loop import predict_keypoints
+    from trainer.inference import predict_keypoints
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = _tiny_model(seed=123)

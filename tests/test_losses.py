@@ -490,3 +490,26 @@ def test_elementwise_errors():
         fwahr_weight(x, x, condition="p")
     with pytest.raises(ValueError, match=r"pred shape \(3,\) differs from target shape \(2,\)"):
         awing(x, torch.zeros(2))
+
+
+def test_loss_config_is_the_one_set_of_settings():
+    from trainer.losses import LossConfig, LossSettingError
+
+    cfg = LossConfig(variant="kal_wahr", gamma=0.02, tau=0.5, reg_weight=0.3)
+    by_config = HeatmapLoss(cfg)
+    by_name = HeatmapLoss("kal_wahr", gamma=0.02, tau=0.5, reg_weight=0.3)
+    assert by_config.config == by_name.config == cfg
+    assert by_config.pixel_config.settings == cfg and by_config.pixel_config.weighting == "wahr"
+    # Keyword settings override a given config; unknown ones are refused by name.
+    assert HeatmapLoss(cfg, gamma=0.05).config.gamma == 0.05
+    with pytest.raises(TypeError, match="gama"):
+        HeatmapLoss("mse", gama=0.1)
+    with pytest.raises(LossSettingError) as info:
+        HeatmapLoss("fowkal", tau=-1.0)
+    assert info.value.field == "tau" and "tau must be positive" in str(info.value)
+    # The element-wise functions' defaults are LossConfig's.
+    import inspect
+
+    defaults = LossConfig()
+    assert inspect.signature(awing).parameters["omega"].default == defaults.omega
+    assert inspect.signature(fwahr_weight).parameters["tau"].default == defaults.tau

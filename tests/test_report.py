@@ -51,9 +51,9 @@ def store(tmp_path_factory):
 
 def _parent(client, experiment_id, name, kind, metric, mode, extra_tags=None):
     tags = {
-        report.TAG_SWEEP_KIND: kind,
-        report.TAG_METRIC: metric,
-        report.TAG_MODE: mode,
+        tracking.TAG_SWEEP_KIND: kind,
+        tracking.TAG_METRIC: metric,
+        tracking.TAG_MODE: mode,
         tracking.TAG_SWEEP_ID: name,
         **(extra_tags or {}),
     }
@@ -79,7 +79,7 @@ def ablation(store):
     uri, client = store
     experiment_id = tracking.get_or_create_experiment(client, "report-ablation")
     parent = _parent(client, experiment_id, "smoke-ablate-x", "ablate", "val/wholebody_AP", "max")
-    client.log_text(parent, json.dumps(ARMS), report.ARMS_ARTIFACT)
+    client.log_text(parent, json.dumps(ARMS), tracking.ARMS_ARTIFACT)
     for (arm, seed), final in FINAL.items():
         status = "KILLED" if (arm, seed) == ("f", 2) else "FINISHED"
         name = {"a": "mse", "f": "fowkal"}[arm] + f"-s{seed}"
@@ -89,7 +89,7 @@ def ablation(store):
             experiment_id,
             parent,
             name,
-            {report.TAG_ARM_KEY: arm, tracking.TAG_SEED: str(seed), report.TAG_TRIAL_ID: f"t{arm}{seed}"},
+            {tracking.TAG_ARM_KEY: arm, tracking.TAG_SEED: str(seed), tracking.TAG_TRIAL_ID: f"t{arm}{seed}"},
             {"seed": seed},
             [earlier, final],
             status,
@@ -175,7 +175,7 @@ def sweep(store):
         "tune",
         "val/wholebody_AP",
         "max",
-        {report.TAG_SAMPLED: json.dumps(["loss.x", "loss.y"])},
+        {tracking.TAG_SAMPLED: json.dumps(["loss.x", "loss.y"])},
     )
     space = {
         "parameters": {
@@ -183,7 +183,7 @@ def sweep(store):
             "loss.y": {"distribution": "loguniform", "low": 1e-3, "high": 1.0, "log": True, "choices": []},
         }
     }
-    client.log_text(parent, json.dumps(space), report.SPACE_ARTIFACT)
+    client.log_text(parent, json.dumps(space), tracking.SPACE_ARTIFACT)
     rng = np.random.default_rng(0)
     xs = rng.uniform(0, 1, 16)
     ys = np.exp(rng.uniform(np.log(1e-3), 0, 16))
@@ -201,7 +201,7 @@ def sweep(store):
             experiment_id,
             parent,
             f"tpe-{i:03d}",
-            {report.TAG_TRIAL_ID: f"t{i}"},
+            {tracking.TAG_TRIAL_ID: f"t{i}"},
             {"loss.x": repr(float(x)), "loss.y": repr(float(y))},
             history,
             trials[-1][3],

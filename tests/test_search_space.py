@@ -11,13 +11,9 @@ import numpy as np
 import optuna
 import pytest
 
-from orchestrator.search_space import (
-    SearchSpaceError,
-    apply_overrides,
-    load_ablation_arms,
-    load_search_space,
-)
-from trainer.config import TrainConfig, config_from_dict, config_to_dict
+from orchestrator.ablation_arms import load_ablation_arms
+from orchestrator.sweep_space import SearchSpaceError, load_search_space
+from trainer.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, config_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FOWKAL_SPACE = REPO / "search_spaces" / "fowkal_loss.yaml"
@@ -530,7 +526,45 @@ def test_apply_overrides_creates_missing_sections_and_rejects_unknown_keys():
         "name": "smoke",
         "loss": {"variant": "mse"},
     }
-    with pytest.raises(SearchSpaceError, match=r"'loss\.tua'.*loss\.tau"):
+    with pytest.raises(ConfigError, match=r"'loss\.tua'.*loss\.tau"):
         apply_overrides({}, {"loss.tua": 0.1})
-    with pytest.raises(SearchSpaceError, match="'loss' is a section.*loss.variant"):
+    with pytest.raises(ConfigError, match="'loss' is a section.*loss.variant"):
         apply_overrides({}, {"loss": {"tau": 0.1}})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conditions by variant property
+
+
+def test_when_may_name_variant_properties_instead_of_lists(tmp_path):
+    from trainer.losses import LOSS_VARIANTS
+
+    space = load_search_space(FOWKAL_SPACE)
+    when = {name: p.when.get("loss.variant") for name, p in space.parameters.items() if p.when}
+    # The shipped space names properties; they expand to the variant table's rows that have them.
+    assert set(when["loss.tau"]) == {"heuristic_fwahr", "fowkal"}
+    assert set(when["loss.gamma"]) == {"heuristic_wahr", "heuristic_fwahr", "kal_wahr", "fowkal"}
+    assert set(when["loss.reg_weight"]) == {v for v, spec in LOSS_VARIANTS.items() if spec.needs_kaf}
+    assert set(when["loss.omega"]) == set(LOSS_VARIANTS) - {"mse"}
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            parameters:
+              loss.variant: {distribution: categorical, choices: [mse, kal, fowkal], paper: fowkal}
+              loss.reg_weight:
+                distribution: loguniform
+                low: 0.1
+                high: 10.0
+                paper: 1.0
+                when: {loss.variant: {needs_kaf: true}}
+            """
+        )
+    )
+    space = load_search_space(path)
+    assert space.to_overrides({"loss.variant": "mse"}) == {"loss.variant": "mse"}
+    assert space.to_overrides({"loss.variant": "kal", "loss.reg_weight": 2.0})["loss.reg_weight"] == 2.0
+    path.write_text(path.read_text().replace("needs_kaf: true", "needs_kfa: true"))
+    with pytest.raises(SearchSpaceError, match=r"needs_kfa.*needs_kaf, uses_awing|needs_kfa.*known"):
+        load_search_space(path)

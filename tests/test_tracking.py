@@ -65,6 +65,24 @@ def test_end_run_sets_the_real_status(store, status):
         assert "error.txt" in names
 
 
+def test_error_tag_carries_the_exception_type_and_message(store):
+    uri, client, experiment_id = store
+    run_id = tracking.start_run(client, experiment_id, "error-tag")
+    try:
+        try:
+            raise FloatingPointError("non-finite training loss nan at epoch 1, iteration 2/13")
+        except FloatingPointError as inner:
+            raise RuntimeError("Training failed") from inner
+    except RuntimeError as err:
+        tracking.end_run(run_id, "FAILED", client=client, error=err)
+    tag = _fresh_client(uri).get_run(run_id).data.tags[tracking.TAG_ERROR]
+    assert tag == "FloatingPointError: non-finite training loss nan at epoch 1, iteration 2/13"
+    # A traceback handed over as text (Ray's way) is summarised by its exception line, not "Traceback".
+    text = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nValueError: bad box\n'
+    assert tracking.error_summary(text) == "ValueError: bad box"
+    assert tracking.error_summary("trial failed (reconciled)") == "trial failed (reconciled)"
+
+
 def test_end_run_rejects_unknown_status(store):
     _, client, experiment_id = store
     run_id = tracking.start_run(client, experiment_id, "bad-status")

@@ -264,10 +264,10 @@ def _untrained_scores(cfg) -> dict[str, float]:
     """COCO-WholeBody scores of a freshly initialised model on the run's validation set (flip test, DARK)."""
     from torch.utils.data import DataLoader
 
-    from trainer.config import loss_kwargs
     from trainer.data import WholeBodyTopDownDataset
     from trainer.evaluate import evaluate_wholebody
-    from trainer.loop import predict_keypoints, resolve_datasets, results_from_predictions
+    from trainer.inference import predict_keypoints, results_from_predictions
+    from trainer.loop import resolve_datasets
     from trainer.losses import HeatmapLoss
     from trainer.model import build_pose_model
 
@@ -276,7 +276,7 @@ def _untrained_scores(cfg) -> dict[str, float]:
     val_set = WholeBodyTopDownDataset(
         paths["val_ann"], paths["val_images"], config=cfg.data.pipeline, train=False
     )
-    with_kaf = HeatmapLoss(cfg.loss.variant, **loss_kwargs(cfg.loss)).needs_kaf
+    with_kaf = HeatmapLoss(cfg.loss).needs_kaf
     model = build_pose_model(cfg.model.backbone, with_kaf=with_kaf)
     loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size)
     predictions = predict_keypoints(model, loader, torch.device("cpu"), flip_test=cfg.flip_test)

@@ -168,15 +168,12 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, monkeypatch, capsys, synth_
 
 
 def test_trial_configs_names_statuses_and_concurrency(tmp_path, synth_dir):
-    from orchestrator.search_space import load_ablation_arms, load_search_space
-    from orchestrator.tune import (
-        SweepError,
-        SweepPlan,
-        derive_max_concurrent,
-        trial_end_status,
-        trial_run_name,
-        trial_train_config,
-    )
+    from orchestrator.ablation_arms import load_ablation_arms
+    from orchestrator.resources import derive_max_concurrent
+    from orchestrator.sweep_settings import SweepError
+    from orchestrator.sweep_space import load_search_space
+    from orchestrator.trial import SweepPlan, trial_run_name, trial_train_config
+    from orchestrator.trial_status import trial_end_status
     from trainer.config import config_to_dict
 
     base = _config(tmp_path / "out", synth_dir)
@@ -224,6 +221,37 @@ def test_trial_configs_names_statuses_and_concurrency(tmp_path, synth_dir):
         derive_max_concurrent({"CPU": 8.0}, num_workers=1, gpus_per_trial=0, requested=0)
 
 
+def test_one_settings_object_from_the_cli_and_the_sweep_identity(synth_dir, tmp_path):
+    from orchestrator.cli import build_parser, sweep_settings_from_args
+    from orchestrator.sweep import sweep_name_for
+    from orchestrator.sweep_settings import SweepSettings
+
+    args = build_parser().parse_args(["tune", "--config", str(SMOKE), "--space", str(LOSS_SPACE)])
+    settings = sweep_settings_from_args(args)
+    defaults = SweepSettings(kind="tune", space_path=str(LOSS_SPACE), experiment_name="fowkal-tune")
+    assert settings == defaults  # every flag's default is the dataclass field's
+    args = build_parser().parse_args(["ablate", "--config", str(SMOKE), "--arms", str(ABLATION_ARMS)])
+    assert sweep_settings_from_args(args).seeds == SweepSettings.seeds
+    help_text = build_parser()._subparsers._group_actions[0].choices["tune"].format_help()
+    assert "(default: 20)" in help_text and "(default: 0)" in help_text
+
+    # The name --resume finds depends on what defines the experiment, not on the trial budget.
+    base = _config(tmp_path / "out", synth_dir)
+    text = LOSS_SPACE.read_text()
+    name = sweep_name_for("tune", base, text, settings.identity())
+    assert name == sweep_name_for("tune", base, text, settings.replace(samples=99).identity())
+    assert name == sweep_name_for("tune", base, text, settings.replace(max_concurrent=3).identity())
+    assert name != sweep_name_for("tune", base, text, settings.replace(search_seed=1).identity())
+    assert name != sweep_name_for("tune", base, text + "\n# edited", settings.identity())
+    ablate = SweepSettings(kind="ablate", arms_path=str(ABLATION_ARMS))
+    arms_text = ABLATION_ARMS.read_text()
+    assert sweep_name_for("ablate", base, arms_text, ablate.identity()) != sweep_name_for(
+        "ablate", base, arms_text, ablate.replace(seeds=3).identity()
+    )
+    with pytest.raises(TypeError, match="sampels"):
+        settings.replace(sampels=3)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end (slow: Ray and several Ray Train runs)
 
@@ -264,7 +292,7 @@ def _asha_stop_epochs(losses_in_trial_order: list[list[float]], grace: int, fact
 
 
 def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file_is_touched_later(tmp_path):
-    from orchestrator.tune import _trial_statuses_from_state
+    from orchestrator.trial_status import trial_statuses_from_state
 
     def write_state(name: str, statuses: dict[str, str]) -> Path:
         trials = [[json.dumps({"trial_id": tid, "status": status}), {}] for tid, status in statuses.items()]
@@ -279,7 +307,7 @@ def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file
     # What a resumed sweep left behind: the first session's file rewritten after the second one's.
     os.utime(new, (1_000_000_000, 1_000_000_000))
     os.utime(old, (1_000_000_100, 1_000_000_100))
-    assert _trial_statuses_from_state(str(tmp_path)) == {
+    assert trial_statuses_from_state(str(tmp_path)) == {
         "a": "TERMINATED",
         "b": "TERMINATED",
         "c": "TERMINATED",
@@ -290,7 +318,7 @@ def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file
 def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir, omega_space):
     import yaml
 
-    from orchestrator.tune import run_sweep
+    from orchestrator.sweep import run_sweep
     from trainer.config import load_config
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -373,7 +401,8 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, synth_dir, omega_space):
-    from orchestrator.tune import _trial_statuses_from_state, run_sweep
+    from orchestrator.sweep import run_sweep
+    from orchestrator.trial_status import trial_statuses_from_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
@@ -407,7 +436,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, sy
         # Kill the driver once Tune's saved experiment state holds two finished trials (what a restore
         # can rely on): the next trial is then running or about to start.
         while True:
-            statuses = _trial_statuses_from_state(str(tune_dir)) if tune_dir.is_dir() else {}
+            statuses = trial_statuses_from_state(str(tune_dir)) if tune_dir.is_dir() else {}
             if sum(s == "TERMINATED" for s in statuses.values()) >= 2:
                 break
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
@@ -522,7 +551,7 @@ def mlflow_server(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_dir, mlflow_server):
     from orchestrator.report import write_report
-    from orchestrator.tune import run_sweep
+    from orchestrator.sweep import run_sweep
 
     arms = tmp_path / "arms.yaml"
     arms.write_text(

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import hashlib
+import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ import yaml
 
 from trainer.data import PipelineConfig
 from trainer.losses import LOSS_VARIANTS as HEATMAP_LOSS_VARIANTS
-from trainer.losses import HeatmapLoss
+from trainer.losses import LossConfig, LossSettingError
 from trainer.model import SUPPORTED_BACKBONES
 
 LOSS_VARIANTS: tuple[str, ...] = tuple(HEATMAP_LOSS_VARIANTS)
@@ -83,31 +87,6 @@ class ModelConfig:
     backbone: str = "hrnet_w32"
     # Local ImageNet weights (.safetensors or .pth); null trains from scratch. Never downloaded.
     pretrained_path: str | None = None
-
-
-@dataclass
-class LossConfig:
-    """``trainer.losses.HeatmapLoss`` variant and hyperparameters (paper Eq. 1-11; defaults as the paper)."""
-
-    variant: str = "fowkal"
-    reg_weight: float = 1.0
-    gamma: float = 0.01
-    tau: float = 0.01
-    omega: float = 14.0
-    theta: float = 0.5
-    epsilon: float = 1.0
-    alpha: float = 2.1
-    detach_weight: bool = False
-    fwahr_condition: str = "pred"
-    kaf_mode: str = "literal"
-    kaf_prior_weight: float = 0.5
-
-
-def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
-    """Keyword arguments of ``trainer.losses.HeatmapLoss`` besides the variant."""
-    kwargs = dataclasses.asdict(loss)
-    del kwargs["variant"]
-    return kwargs
 
 
 @dataclass
@@ -297,13 +276,10 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     )
     check(optim.lr_decay_factor > 0, "optim.lr_decay_factor", optim.lr_decay_factor, "a positive number")
     check(optim.grad_clip is None or optim.grad_clip > 0, "optim.grad_clip", optim.grad_clip, "null or > 0")
-    try:  # HeatmapLoss checks its own hyperparameters; fail here, before any Ray work, naming the key
-        HeatmapLoss(cfg.loss.variant, **loss_kwargs(cfg.loss))
-    except ValueError as err:
-        text = str(err)
-        named = [f.name for f in dataclasses.fields(LossConfig) if re.search(rf"\b{f.name}\b", text)]
-        key = f"loss.{named[0]}" if named else "loss"
-        raise ConfigError(f"{source}: {key}: {text}") from err
+    try:  # the loss's own range checks, here before any Ray work, naming the key
+        cfg.loss.validate()
+    except LossSettingError as err:
+        raise ConfigError(f"{source}: loss.{err.field}: {err}") from err
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
@@ -328,21 +304,92 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return plain(cfg)
 
 
+def flatten_dict(values: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys to leaves (``{"loss": {"tau": 1}}`` -> ``{"loss.tau": 1}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_dict(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def flatten_config(cfg: TrainConfig) -> dict[str, Any]:
     """Dotted keys to scalars (lists joined as strings), e.g. for MLflow params: ``{"loss.variant": ...}``."""
-    flat: dict[str, Any] = {}
+    return {
+        key: ",".join(str(v) for v in value) if isinstance(value, list) else value
+        for key, value in flatten_dict(config_to_dict(cfg)).items()
+    }
 
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{prefix}.{key}" if prefix else key)
-        elif isinstance(value, list):
-            flat[prefix] = ",".join(str(v) for v in value)
-        else:
-            flat[prefix] = value
 
-    walk(config_to_dict(cfg), "")
-    return flat
+def config_digest(cfg: TrainConfig | Mapping, exclude: typing.Iterable[str] = ("max_failures",)) -> str:
+    """8 hex digits of the config's content, without the top-level keys that do not change what is trained.
+
+    The identity behind resumable names: ``fowkal train``'s Ray run name and a sweep's default name.
+    """
+    values = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else copy.deepcopy(dict(cfg))
+    for key in exclude:
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dotted keys: the one override engine (``--set``, search spaces, ablation arms)
+
+
+def _config_keys() -> tuple[str, ...]:
+    return tuple(flatten_dict(config_to_dict(TrainConfig())))
+
+
+# Every leaf of TrainConfig by dotted key (loss.tau, optim.lr, data.pipeline.sigma, ...).
+CONFIG_KEYS: tuple[str, ...] = _config_keys()
+
+
+def unknown_key_message(key: str) -> str:
+    """Why ``key`` is not a TrainConfig leaf: a section, or a typo (with the closest keys)."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if prefix in CONFIG_KEYS:
+            return f"{prefix!r} is a value of TrainConfig, it has no sub-keys ({key!r})"
+    leaves = [k for k in CONFIG_KEYS if k.startswith(f"{key}.")]
+    if leaves:
+        return f"{key!r} is a section of TrainConfig, not a value: name a leaf such as {leaves[0]}"
+    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown TrainConfig key {key!r}{hint} (keys look like loss.tau, optim.lr)"
+
+
+def set_dotted(values: dict, key: str, value: Any) -> None:
+    """Set ``values[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections."""
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(config_dict: Mapping, overrides: Mapping[str, Any]) -> dict:
+    """A copy of a nested ``TrainConfig`` dict with ``overrides`` (dotted leaf key -> value) set.
+
+    Missing intermediate sections are created, so a partial dict read from a config YAML works too.
+
+    Raises:
+        ConfigError: an override key is not a ``TrainConfig`` leaf (names the key, suggests close ones).
+    """
+    if not isinstance(config_dict, Mapping):
+        raise ConfigError(f"apply_overrides: config_dict must be a mapping, got {type(config_dict).__name__}")
+    result = copy.deepcopy(dict(config_dict))
+    for key, value in overrides.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"apply_overrides: {unknown_key_message(key)}")
+        set_dotted(result, key, value)
+    return result
 
 
 # Fields holding file system paths, as (section, field); "" is the top level.
@@ -375,6 +422,7 @@ def resolve_paths(cfg: TrainConfig, base_dir: str | Path | None = None) -> Train
 
 
 def _apply_override(values: dict, override: str, source: str) -> None:
+    """One ``--set key=value`` (value parsed as YAML) on the nested dict read from a config file."""
     if not isinstance(override, str) or "=" not in override:
         raise ConfigError(f"{source}: override {override!r} must look like key.subkey=value")
     dotted, raw = override.split("=", 1)
@@ -383,31 +431,18 @@ def _apply_override(values: dict, override: str, source: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: override {dotted!r}: value {raw!r} is not valid YAML: {err}") from err
-    # Walk the schema, not the YAML, so that keys the file leaves at their defaults can be overridden too.
-    cls: Any = TrainConfig
+    if dotted not in CONFIG_KEYS:
+        raise ConfigError(f"{source}: override {dotted!r}: {unknown_key_message(dotted)}")
+    # Keys the file leaves at their defaults can be overridden too; a section the file wrote as a
+    # non-mapping is its own error, named, rather than silently replaced.
     node = values
     parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in known:
-            raise ConfigError(
-                f"{source}: override {dotted!r}: unknown key {'.'.join(parts[: depth + 1])!r} "
-                f"(known in {cls.__name__}: {', '.join(sorted(known))})"
-            )
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(
-                f"{source}: override {dotted!r}: {'.'.join(parts[: depth + 1])!r} has no sub-keys"
-            )
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+        if child is not None and not isinstance(child, dict):
             raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])}: expected a mapping, got {child!r}")
-        node = child
+        node = node.setdefault(part, {}) if child is None else child
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
@@ -436,6 +471,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Train
 
 __all__ = [
     "AMP_MODES",
+    "CONFIG_KEYS",
     "ConfigError",
     "DATA_KINDS",
     "DataConfig",
@@ -444,10 +480,14 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "apply_overrides",
+    "config_digest",
     "config_from_dict",
     "config_to_dict",
     "flatten_config",
+    "flatten_dict",
     "load_config",
-    "loss_kwargs",
+    "set_dotted",
+    "unknown_key_message",
     "resolve_paths",
 ]

@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from trainer.codec import decode_dark, flip_back_heatmaps, heatmap_to_image_coords
-from trainer.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict, loss_kwargs
+from trainer.checkpoint import CHECKPOINT_FILE, load_training_checkpoint, save_atomic
+from trainer.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict
 from trainer.data import WholeBodyTopDownDataset
-from trainer.evaluate import detections_to_results, evaluate_wholebody
+from trainer.evaluate import evaluate_wholebody
+from trainer.inference import autocast_dtype, predict_keypoints, results_from_predictions
 from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.losses import HeatmapLoss
-from trainer.model import PoseModel, build_pose_model
+from trainer.model import build_pose_model
 
-CHECKPOINT_FILE = "checkpoint.pt"  # inside a Ray checkpoint directory
 PARTS = tuple(COCO_WHOLEBODY_PARTS)  # body, foot, face, hand
 # evaluate_wholebody key -> reported metric name
 VAL_METRICS = {
@@ -133,81 +133,6 @@ def _synthetic_dataset(directory: Path, num_images: int, seed: int) -> tuple[str
     return str(ann_file), str(directory / _SYNTH_IMAGE_DIR)
 
 
-@torch.no_grad()
-def predict_keypoints(
-    model: PoseModel,
-    loader: DataLoader,
-    device: torch.device,
-    flip_test: bool = True,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> dict[str, np.ndarray]:
-    """Top-down inference over ``loader``: (flip-test averaged) heatmaps -> DARK -> image coordinates.
-
-    Returns NumPy arrays ``image_ids [N]``, ``keypoints [N,K,2]`` (image pixels), ``keypoint_scores [N,K]``,
-    ``box_scores [N]`` and ``areas [N]`` (crop scale w x h, the OKS-NMS area as MMPose), ready for
-    ``trainer.evaluate.detections_to_results``.
-    """
-    model.eval()
-    out: dict[str, list] = {
-        "image_ids": [],
-        "keypoints": [],
-        "keypoint_scores": [],
-        "box_scores": [],
-        "areas": [],
-    }
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            heatmaps = model(images)[0].float()
-            if flip_test:  # paper: average of the heatmaps of the image and of its mirror
-                flipped = model(images.flip(-1))[0].float()
-                heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(flipped))
-        coords, scores = decode_dark(heatmaps)
-        heatmap_size = (heatmaps.shape[-1], heatmaps.shape[-2])
-        scale = batch["scale"].cpu().numpy()
-        out["keypoints"].append(
-            heatmap_to_image_coords(coords, batch["center"].cpu().numpy(), scale, heatmap_size)
-        )
-        out["keypoint_scores"].append(scores.cpu().numpy())
-        out["image_ids"].append(np.asarray(batch["image_id"]).reshape(-1))
-        out["box_scores"].append(np.asarray(batch["bbox_score"], dtype=np.float64).reshape(-1))
-        out["areas"].append(scale[:, 0].astype(np.float64) * scale[:, 1])
-    if not out["image_ids"]:
-        return {
-            "image_ids": np.zeros(0, np.int64),
-            "keypoints": np.zeros((0, NUM_KEYPOINTS, 2), np.float32),
-            "keypoint_scores": np.zeros((0, NUM_KEYPOINTS), np.float32),
-            "box_scores": np.zeros(0),
-            "areas": np.zeros(0),
-        }
-    return {key: np.concatenate(value) for key, value in out.items()}
-
-
-def results_from_predictions(predictions: dict[str, np.ndarray]) -> list[dict]:
-    """``predict_keypoints`` output -> COCO-WholeBody result dicts (rescoring + OKS-NMS, as MMPose)."""
-    return detections_to_results(
-        predictions["image_ids"],
-        predictions["keypoints"],
-        predictions["keypoint_scores"],
-        predictions["box_scores"],
-        predictions["areas"],
-    )
-
-
-def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """Mixed-precision dtype for ``amp`` ("auto", "bf16", "fp16", "none") on ``device``: CUDA only, else None.
-
-    "auto" takes bf16 where the GPU supports it (no loss scaling needed), else fp16.
-    """
-    if device.type != "cuda" or amp == "none":
-        return None
-    use_bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
-    return torch.bfloat16 if use_bf16 else torch.float16
-
-
 def _ray_train_context() -> Any | None:
     """The Ray Train context inside a Ray Train worker, else None (plain run)."""
     try:
@@ -253,22 +178,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002
     torch.manual_seed(seed)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by ``train_loop_per_worker`` (a ``.pt`` file or a Ray checkpoint directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"training checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train_loop_per_worker(
@@ -363,7 +272,7 @@ def train_loop_per_worker(
     iters_per_epoch = len(train_loader)
 
     # ---- model, loss, optimiser, schedule
-    loss_fn = HeatmapLoss(cfg.loss.variant, **loss_kwargs(cfg.loss))
+    loss_fn = HeatmapLoss(cfg.loss)
     raw_model = build_pose_model(
         cfg.model.backbone,
         NUM_KEYPOINTS,
@@ -536,7 +445,7 @@ def train_loop_per_worker(
                     ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report(metrics, checkpoint=ray_checkpoint)
         else:
-            _save_atomic(checkpoint, checkpoint_dir / "latest.pt")
+            save_atomic(checkpoint, checkpoint_dir / "latest.pt")
             if is_best:
                 shutil.copyfile(checkpoint_dir / "latest.pt", checkpoint_dir / "best.pt")
             if report_fn is not None:

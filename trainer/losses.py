@@ -22,6 +22,7 @@ and autograd instead; the tests check that both agree.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,9 +41,84 @@ FWAHR_CONDITIONS = ("pred", "target")
 KAF_MODES = ("literal", "uncertainty")
 
 
+class LossSettingError(ValueError):
+    """A loss setting out of range; ``field`` names the :class:`LossConfig` field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class LossConfig:
+    """The loss's settings: the variant of Tables 2-3 and its hyperparameters (defaults as the paper).
+
+    The ``loss:`` section of a training config; :class:`HeatmapLoss` takes it whole.
+    """
+
+    variant: str = "fowkal"
+    # Weight of sum_part Var(lambda_part), Eq. 7-8 (the paper adds it unweighted); 0 = Eq. 8 without Eq. 7.
+    reg_weight: float = 1.0
+    # WAHR/FWAHR exponent and FWAHR background factor (Eq. 9; Luo et al. 2021's gamma).
+    gamma: float = 0.01
+    tau: float = 0.01
+    # AWing, Eq. 2 (Wang, Bo and Fuxin 2019's values, which the paper keeps).
+    omega: float = 14.0
+    theta: float = 0.5
+    epsilon: float = 1.0
+    alpha: float = 2.1
+    # Stop the gradient through the WAHR/FWAHR weight.
+    detach_weight: bool = False
+    # Eq. 9's gate on the prediction (as printed) or on the target (the text's reading): see fwahr_weight.
+    fwahr_condition: str = "pred"
+    # "literal" = Eq. 8 as written; "uncertainty" adds Kendall et al.'s (2018) log-precision prior.
+    kaf_mode: str = "literal"
+    kaf_prior_weight: float = 0.5
+
+    def validate(self) -> None:
+        """Raise :class:`LossSettingError` naming the field of the first setting out of range."""
+        if self.variant not in LOSS_VARIANTS:
+            raise LossSettingError(
+                "variant", f"variant={self.variant!r} is not one of {', '.join(map(repr, LOSS_VARIANTS))}"
+            )
+        for name in ("gamma", "tau", "omega", "theta", "epsilon", "alpha", "kaf_prior_weight"):
+            value = getattr(self, name)
+            if not _is_finite_number(value):
+                raise LossSettingError(name, f"{name} must be a finite number, got {value!r}")
+            if value <= 0:
+                raise LossSettingError(name, f"{name} must be positive, got {value!r}")
+        # reg_weight = 0 is a legitimate ablation (Eq. 8 without Eq. 7); only negative values are refused.
+        if not _is_finite_number(self.reg_weight) or self.reg_weight < 0:
+            raise LossSettingError(
+                "reg_weight", f"reg_weight must be a finite number >= 0, got {self.reg_weight!r}"
+            )
+        for name, choices in (("fwahr_condition", FWAHR_CONDITIONS), ("kaf_mode", KAF_MODES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise LossSettingError(
+                    name, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}"
+                )
+        if not isinstance(self.detach_weight, bool):
+            raise LossSettingError(
+                "detach_weight", f"detach_weight must be true or false, got {self.detach_weight!r}"
+            )
+
+    @property
+    def spec(self) -> LossVariant:
+        """This variant's row of :data:`LOSS_VARIANTS` (its weighting, needs_kaf, required parts)."""
+        return LOSS_VARIANTS[self.variant]
+
+
+_DEFAULTS = LossConfig()
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        if not _is_finite_number(value):
             raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
         if value <= 0:
             raise ValueError(f"{owner}: {name} must be positive, got {value!r}")
@@ -62,10 +138,10 @@ def awing(
     pred: Tensor,
     target: Tensor,
     *,
-    omega: float = 14.0,
-    theta: float = 0.5,
-    epsilon: float = 1.0,
-    alpha: float = 2.1,
+    omega: float = _DEFAULTS.omega,
+    theta: float = _DEFAULTS.theta,
+    epsilon: float = _DEFAULTS.epsilon,
+    alpha: float = _DEFAULTS.alpha,
 ) -> Tensor:
     """Adaptive Wing loss per element, Eq. 2 (defaults: Wang, Bo and Fuxin 2019, as the paper uses).
 
@@ -89,7 +165,7 @@ def awing(
     return torch.where(diff < theta, near, far)
 
 
-def wahr_weight(pred: Tensor, target: Tensor, *, gamma: float = 0.01) -> Tensor:
+def wahr_weight(pred: Tensor, target: Tensor, *, gamma: float = _DEFAULTS.gamma) -> Tensor:
     """WAHR pixel weight of Luo et al. (2021): ``p^gamma * |1 - p_hat| + |p_hat| * (1 - p^gamma)``."""
     _check_positive("wahr_weight", gamma=gamma)
     if pred.shape != target.shape:
@@ -101,7 +177,12 @@ def wahr_weight(pred: Tensor, target: Tensor, *, gamma: float = 0.01) -> Tensor:
 
 
 def fwahr_weight(
-    pred: Tensor, target: Tensor, *, gamma: float = 0.01, tau: float = 0.01, condition: str = "pred"
+    pred: Tensor,
+    target: Tensor,
+    *,
+    gamma: float = _DEFAULTS.gamma,
+    tau: float = _DEFAULTS.tau,
+    condition: str = _DEFAULTS.fwahr_condition,
 ) -> Tensor:
     """FWAHR pixel weight, Eq. 9 read literally: WAHR where the gate is ``>= 2^(-1/gamma)``, else ``tau * p``.
 
@@ -126,17 +207,10 @@ def fwahr_weight(
 
 @dataclass(frozen=True)
 class PixelLossConfig:
-    """Static settings of the per-pixel work (hyperparameters of Eq. 2 and 9, weighting, slab size)."""
+    """Static settings of the per-pixel work: loss settings (Eq. 2, 9), the weighting, the slab size."""
 
+    settings: LossConfig
     weighting: str = "none"
-    omega: float = 14.0
-    theta: float = 0.5
-    epsilon: float = 1.0
-    alpha: float = 2.1
-    gamma: float = 0.01
-    tau: float = 0.01
-    fwahr_condition: str = "pred"
-    detach_weight: bool = False
     chunk_elements: int = 1 << 18
     # Far AWing branch on the selected pixels only (None: on CPU; GPUs compute both branches, no sync).
     sparse_far_branch: bool | None = None
@@ -158,7 +232,8 @@ def _slabs(batch: int, keypoints: int, pixels: int, runs: tuple[tuple[int, int],
 
 def _pixel_weight(pred: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad: bool):
     """WAHR / FWAHR weight and, when ``want_grad``, its derivative w.r.t. pred (abs' (0) = 0, as autograd)."""
-    target_pow = target.pow(cfg.gamma)
+    hp = cfg.settings
+    target_pow = target.pow(hp.gamma)
     abs_pred = pred.abs()
     one_minus = torch.rsub(pred, 1.0)
     # p^g |1-x| + |x| (1-p^g) = p^g (|1-x| - |x|) + |x|
@@ -169,8 +244,8 @@ def _pixel_weight(pred: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad:
         # d/dx = -p^g sign(1-x) + sign(x) (1 - p^g) = sign(x) - p^g (sign(1-x) + sign(x))
         dweight = one_minus.sign_().add_(sign_pred).mul_(target_pow).neg_().add_(sign_pred)
     if cfg.weighting == "fwahr":  # Eq. 9
-        gate = (pred if cfg.fwahr_condition == "pred" else target) >= 2.0 ** (-1.0 / cfg.gamma)
-        weight = torch.where(gate, weight, target * cfg.tau)
+        gate = (pred if hp.fwahr_condition == "pred" else target) >= 2.0 ** (-1.0 / hp.gamma)
+        weight = torch.where(gate, weight, target * hp.tau)
         if dweight is not None:
             dweight.mul_(gate)
     return weight, dweight
@@ -178,11 +253,12 @@ def _pixel_weight(pred: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad:
 
 def _awing_and_slope(diff: Tensor, abs_diff: Tensor, target: Tensor, cfg: PixelLossConfig, want_grad: bool):
     """AWing (Eq. 2) of ``diff = p_hat - p`` and, when ``want_grad``, its derivative w.r.t. p_hat."""
-    exponent = torch.rsub(target, cfg.alpha)  # alpha - p
-    base = abs_diff if cfg.epsilon == 1.0 else abs_diff / cfg.epsilon
+    hp = cfg.settings
+    exponent = torch.rsub(target, hp.alpha)  # alpha - p
+    base = abs_diff if hp.epsilon == 1.0 else abs_diff / hp.epsilon
     base_pow = torch.pow(base, exponent)  # |d/eps|^(alpha-p)
-    near = torch.log1p(base_pow).mul_(cfg.omega)
-    is_far = abs_diff >= cfg.theta
+    near = torch.log1p(base_pow).mul_(hp.omega)
+    is_far = abs_diff >= hp.theta
     # On CPU the far branch (|d| >= theta, few pixels once training is under way) is computed on those
     # pixels only; on GPUs that selection would cost a device sync, so both branches are computed.
     sparse = cfg.sparse_far_branch
@@ -192,17 +268,17 @@ def _awing_and_slope(diff: Tensor, abs_diff: Tensor, target: Tensor, cfg: PixelL
         far_exponent, far_abs = exponent[is_far], abs_diff[is_far]
     else:
         far_exponent, far_abs = exponent, abs_diff
-    ratio_pow = far_exponent.mul(math.log(cfg.theta / cfg.epsilon)).exp_()  # t = (theta/eps)^e, e = alpha - p
+    ratio_pow = far_exponent.mul(math.log(hp.theta / hp.epsilon)).exp_()  # t = (theta/eps)^e, e = alpha - p
     # A = omega e (theta/eps)^(e-1) / (eps (1 + t)) = omega e t / (theta (1 + t))
-    slope = ratio_pow.mul(far_exponent).div_(ratio_pow + 1.0).mul_(cfg.omega / cfg.theta)
+    slope = ratio_pow.mul(far_exponent).div_(ratio_pow + 1.0).mul_(hp.omega / hp.theta)
     # A |d| - C with C = theta A - omega ln(1 + t)  ==  A (|d| - theta) + omega ln(1 + t)
-    far = far_abs.sub(cfg.theta).mul_(slope).add_(torch.log1p(ratio_pow).mul_(cfg.omega))
+    far = far_abs.sub(hp.theta).mul_(slope).add_(torch.log1p(ratio_pow).mul_(hp.omega))
     value = near.masked_scatter_(is_far, far) if sparse else torch.where(is_far, far, near)
     if not want_grad:
         return value, None
     # near: omega e |d/eps|^(e-1) / (eps (1 + |d/eps|^e)) sign(d) = omega e base_pow / ((1 + base_pow) d);
     # 0/0 at d = 0 where the true slope is 0 (e > 1).
-    near_slope = base_pow.mul(exponent).div_(diff).div_(base_pow.add_(1.0)).mul_(cfg.omega).nan_to_num_(0.0)
+    near_slope = base_pow.mul(exponent).div_(diff).div_(base_pow.add_(1.0)).mul_(hp.omega).nan_to_num_(0.0)
     if sparse:
         return value, near_slope.masked_scatter_(is_far, slope.mul_(diff[is_far].sign()))
     return value, torch.where(is_far, slope.mul_(diff.sign()), near_slope)
@@ -223,7 +299,7 @@ class _FusedKeypointTerms(torch.autograd.Function):
         batch, keypoints, height, width = pred.shape
         pixels = height * width
         want_grad = ctx.needs_input_grad[0]
-        want_dweight = want_grad and cfg.weighting != "none" and not cfg.detach_weight
+        want_dweight = want_grad and cfg.weighting != "none" and not cfg.settings.detach_weight
         on_cpu = pred.device.type == "cpu"
         pixel_grad = torch.zeros_like(pred) if want_grad else None
         awing_mean = pred.new_zeros(batch, keypoints) if awing_coef is not None else None
@@ -315,12 +391,19 @@ class KeypointMix:
 
 @dataclass(frozen=True)
 class LossVariant:
-    """One row of Tables 2-3: a mix function, the pixel weighting and whether it needs the KAF head."""
+    """One row of Tables 2-3: a mix function, the pixel weighting, and what the variant needs and uses.
+
+    The properties are what the rest of the project asks of a variant (the model builds the KAF head when
+    ``needs_kaf``; search-space ``when:`` conditions may name ``weighting``, ``needs_kaf`` or
+    ``uses_awing``), so a new variant is its mix function and one line in :data:`LOSS_VARIANTS`.
+    """
 
     mix: Callable[[HeatmapLoss, Tensor, Tensor | None], KeypointMix]
     weighting: str = "none"
     needs_kaf: bool = False
     required_parts: tuple[str, ...] = ()
+    # Whether AWing (Eq. 2) enters the loss, i.e. whether omega/theta/epsilon/alpha matter.
+    uses_awing: bool = True
 
 
 def _mse_mix(loss: HeatmapLoss, target_weight: Tensor, kaf: Tensor | None) -> KeypointMix:
@@ -372,7 +455,7 @@ _KAF_LOG_FLOOR = 1e-6
 
 # name -> variant, as named in Tables 2 and 3. A new variant is a mix function and one line here.
 LOSS_VARIANTS: dict[str, LossVariant] = {
-    "mse": LossVariant(_mse_mix),
+    "mse": LossVariant(_mse_mix, uses_awing=False),
     "awing": LossVariant(_awing_mix),
     "heuristic": LossVariant(_heuristic_mix, required_parts=COARSE_PARTS + DENSE_PARTS),
     "kal": LossVariant(_kal_mix, needs_kaf=True),
@@ -381,6 +464,26 @@ LOSS_VARIANTS: dict[str, LossVariant] = {
     "kal_wahr": LossVariant(_kal_mix, "wahr", needs_kaf=True),
     "fowkal": LossVariant(_kal_mix, "fwahr", needs_kaf=True),  # Eq. 11
 }
+# Properties of LossVariant that name a set of variants (in search-space ``when:`` conditions).
+VARIANT_PROPERTIES: tuple[str, ...] = ("weighting", "needs_kaf", "uses_awing")
+
+
+def variants_where(**properties) -> tuple[str, ...]:
+    """Names of the variants whose properties match, e.g. ``variants_where(needs_kaf=True)``.
+
+    A value may be a tuple/list of accepted values (``weighting=("wahr", "fwahr")``).
+    """
+    for name in properties:
+        if name not in VARIANT_PROPERTIES:
+            raise ValueError(
+                f"unknown loss-variant property {name!r} (known: {', '.join(VARIANT_PROPERTIES)})"
+            )
+    accepted = {k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in properties.items()}
+    return tuple(
+        name
+        for name, spec in LOSS_VARIANTS.items()
+        if all(getattr(spec, key) in values for key, values in accepted.items())
+    )
 
 
 class HeatmapLoss(nn.Module):
@@ -398,14 +501,9 @@ class HeatmapLoss(nn.Module):
     KAF collapse and ``kaf_mode``: Eq. 8 is linear in each lambda_k with slope
     ``target_weight * (AWing_k - MSE_k) / N_part``, and AWing is larger than MSE at every pixel where
     ``|p - p_hat| < 1`` (about 10x on Gaussian heatmaps), so nothing but the small variance term resists
-    pushing every lambda to 0. Measured on a toy problem (``python bench/losses.py --kaf-toy``: 4x133 free
-    16x12 heatmaps from 0, sigma-2 Gaussian targets with 1-px label jitter so the fit stays imperfect, one
-    free logit per keypoint, lambda = sigmoid(logit) from 0.5, ``kal``, 400 steps): literal Eq. 8 with plain
-    SGD (lr 1) falls monotonically to mean lambda body 0.077, foot 0.029, face 0.27, hand 0.19 (small parts
-    fall fastest: the per-part mean gives each of their lambdas a larger gradient, not any sign of
-    "preferring MSE"); with Adam (lr 1e-2, the paper's optimizer) every part is at 0.097 and still falling.
-    With ``kaf_mode="uncertainty"`` lambda stays interior: 0.35-0.41 (SGD) and 0.44-0.45 (Adam). Note the
-    paper's Fig. 5 shows KAF min-max normalized per pose, which would hide a common collapse.
+    pushing every lambda to 0; ``bench/losses.py --kaf-toy`` shows it on a toy problem (figures in
+    bench/RESULTS.md). The paper's Fig. 5 shows KAF min-max normalized per pose, which would hide a common
+    collapse.
     ``kaf_mode="literal"`` (default) is Eq. 8 as written. ``kaf_mode="uncertainty"`` adds Kendall et al.'s
     (2018) homoscedastic-uncertainty term: lambda_k and 1 - lambda_k are read as the precisions of the AWing
     and MSE terms and each adds ``-kaf_prior_weight * log(precision)`` (default 1/2, Kendall's value for a
@@ -423,62 +521,50 @@ class HeatmapLoss(nn.Module):
 
     def __init__(
         self,
-        variant: str,
+        config: LossConfig | str | None = None,
         *,
         parts: Mapping[str, tuple[int, ...]] = COCO_WHOLEBODY_PARTS,
-        reg_weight: float = 1.0,
-        gamma: float = 0.01,
-        tau: float = 0.01,
-        omega: float = 14.0,
-        theta: float = 0.5,
-        epsilon: float = 1.0,
-        alpha: float = 2.1,
-        detach_weight: bool = False,
-        fwahr_condition: str = "pred",
-        kaf_mode: str = "literal",
-        kaf_prior_weight: float = 0.5,
         fused: bool = True,
         chunk_elements: int | None = None,
+        **settings,
     ) -> None:
+        """``HeatmapLoss(LossConfig(...))``, or ``HeatmapLoss("fowkal", gamma=0.02)``: a variant name and
+        :class:`LossConfig` fields (``settings`` also override the fields of a given config)."""
         super().__init__()
-        _check_choice("HeatmapLoss", "variant", variant, tuple(LOSS_VARIANTS))
-        _check_positive(
-            "HeatmapLoss", gamma=gamma, tau=tau, omega=omega, theta=theta, epsilon=epsilon, alpha=alpha
-        )
-        _check_positive("HeatmapLoss", kaf_prior_weight=kaf_prior_weight)
-        # reg_weight = 0 is a legitimate ablation (Eq. 8 without Eq. 7); only negative values are refused.
-        if not isinstance(reg_weight, int | float) or not math.isfinite(reg_weight) or reg_weight < 0:
-            raise ValueError(f"HeatmapLoss: reg_weight must be a finite number >= 0, got {reg_weight!r}")
-        _check_choice("HeatmapLoss", "fwahr_condition", fwahr_condition, FWAHR_CONDITIONS)
-        _check_choice("HeatmapLoss", "kaf_mode", kaf_mode, KAF_MODES)
+        if config is None:
+            config = LossConfig()
+        elif isinstance(config, str):
+            config = LossConfig(variant=config)
+        elif not isinstance(config, LossConfig):
+            raise TypeError(f"HeatmapLoss: expected a LossConfig or a variant name, got {config!r}")
+        known = {f.name for f in dataclasses.fields(LossConfig)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"HeatmapLoss: unknown settings {unknown} (LossConfig fields: {sorted(known)})")
+        config = dataclasses.replace(config, **settings)
+        try:
+            config.validate()
+        except LossSettingError as err:
+            raise LossSettingError(err.field, f"HeatmapLoss: {err}") from None
         if chunk_elements is not None and (not isinstance(chunk_elements, int) or chunk_elements <= 0):
             raise ValueError(f"HeatmapLoss: chunk_elements must be a positive int, got {chunk_elements!r}")
-        self.variant = variant
-        self.spec = LOSS_VARIANTS[variant]
+        self.config = config
+        self.variant = config.variant
+        self.spec = config.spec
         self.parts = {name: tuple(int(k) for k in idx) for name, idx in parts.items()}
         self.num_keypoints = _check_parts(self.parts)
         missing = [name for name in self.spec.required_parts if name not in self.parts]
         if missing:
             raise ValueError(
-                f"HeatmapLoss: variant={variant!r} needs parts {list(self.spec.required_parts)}, "
+                f"HeatmapLoss: variant={self.variant!r} needs parts {list(self.spec.required_parts)}, "
                 f"parts has {list(self.parts)} (missing {missing})"
             )
-        self.reg_weight = float(reg_weight)
-        self.kaf_mode = kaf_mode
-        self.kaf_prior_weight = float(kaf_prior_weight)
+        self.reg_weight = float(config.reg_weight)
+        self.kaf_mode = config.kaf_mode
+        self.kaf_prior_weight = float(config.kaf_prior_weight)
         self.fused = fused
         self.chunk_elements = chunk_elements
-        self.pixel_config = PixelLossConfig(
-            weighting=self.spec.weighting,
-            omega=float(omega),
-            theta=float(theta),
-            epsilon=float(epsilon),
-            alpha=float(alpha),
-            gamma=float(gamma),
-            tau=float(tau),
-            fwahr_condition=fwahr_condition,
-            detach_weight=detach_weight,
-        )
+        self.pixel_config = PixelLossConfig(settings=config, weighting=self.spec.weighting)
         part_id = torch.empty(self.num_keypoints, dtype=torch.long)
         is_coarse = torch.zeros(self.num_keypoints, dtype=torch.bool)
         for i, (name, idx) in enumerate(self.parts.items()):
@@ -549,24 +635,23 @@ class HeatmapLoss(nn.Module):
             chunk = self.chunk_elements
             if chunk is None:  # slabs that stay in cache on CPU; one pass over everything on GPUs
                 chunk = 1 << 18 if pred.device.type == "cpu" else pred.numel()
-            cfg = PixelLossConfig(**{**cfg.__dict__, "chunk_elements": chunk})
+            cfg = dataclasses.replace(cfg, chunk_elements=chunk)
             return _FusedKeypointTerms.apply(pred, target, awing_coef, mse_coef, cfg, self._runs)
+        hp = cfg.settings
         if cfg.weighting == "none":
             weight = None
         elif cfg.weighting == "wahr":
-            weight = wahr_weight(pred, target, gamma=cfg.gamma)
+            weight = wahr_weight(pred, target, gamma=hp.gamma)
         else:
-            weight = fwahr_weight(pred, target, gamma=cfg.gamma, tau=cfg.tau, condition=cfg.fwahr_condition)
-        if weight is not None and cfg.detach_weight:
+            weight = fwahr_weight(pred, target, gamma=hp.gamma, tau=hp.tau, condition=hp.fwahr_condition)
+        if weight is not None and hp.detach_weight:
             weight = weight.detach()
         terms = pred.new_zeros(pred.shape[:2])
         for coef, pixel_loss in ((awing_coef, "awing"), (mse_coef, "mse")):
             if coef is None:
                 continue
             if pixel_loss == "awing":
-                loss = awing(
-                    pred, target, omega=cfg.omega, theta=cfg.theta, epsilon=cfg.epsilon, alpha=cfg.alpha
-                )
+                loss = awing(pred, target, omega=hp.omega, theta=hp.theta, epsilon=hp.epsilon, alpha=hp.alpha)
             else:
                 loss = (pred - target).square()
             if weight is not None:

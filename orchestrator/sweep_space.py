@@ -23,40 +23,31 @@ value. :meth:`SearchSpace.optuna_define_by_run` is the define-by-run function fo
 ``ray.tune.search.optuna.OptunaSearch(space=...)``: it suggests the sampled parameters (Optuna parameter
 names are the dotted keys; Ray unflattens on ``/`` only, so they reach the trial unchanged) and returns the
 constants, which Ray merges into the trial's config. :meth:`SearchSpace.to_overrides` turns that config
-into dotted-key overrides and :func:`apply_overrides` applies them to a ``config_to_dict`` dict.
+into dotted-key overrides and ``trainer.config.apply_overrides`` applies them to a ``config_to_dict`` dict.
 
-An ablation file lists the arms of the paper's Tables 2 and 3 with their reported numbers
-(:func:`load_ablation_arms`).
+A ``when:`` condition on ``loss.variant`` may list variants or name properties of the variant table
+(``trainer.losses.LOSS_VARIANTS``): ``when: {loss.variant: {needs_kaf: true}}``,
+``{weighting: [wahr, fwahr]}`` or ``{uses_awing: true}``, so a new variant joins the conditions by its line
+in that table.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import inspect
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-
-try:  # the loss module is the authority on variants and on the loss hyperparameters' valid ranges
-    from trainer.losses import LOSS_VARIANTS as _LOSS_VARIANT_SPECS
-    from trainer.losses import HeatmapLoss
-except ImportError:  # pragma: no cover - only while trainer/losses.py is missing
-    _LOSS_VARIANT_SPECS = None
-    HeatmapLoss = None
-
-KNOWN_LOSS_VARIANTS: tuple[str, ...] = (
-    tuple(_LOSS_VARIANT_SPECS)
-    if _LOSS_VARIANT_SPECS is not None
-    else ("mse", "awing", "heuristic", "kal", "heuristic_wahr", "heuristic_fwahr", "kal_wahr", "fowkal")
+from orchestrator.definition_file import (
+    SearchSpaceError,
+    check_config_values,
+    is_number,
+    number_hint,
+    read_yaml_mapping,
 )
+from trainer.config import CONFIG_KEYS, LOSS_VARIANTS, unknown_key_message
+from trainer.losses import VARIANT_PROPERTIES, variants_where
 
 DEFAULT_METRIC = "val/wholebody_AP"
 DEFAULT_MODE = "max"
@@ -70,150 +61,8 @@ _PARAMETER_FIELDS: dict[str, tuple[str, ...]] = {
     "categorical": ("distribution", "choices", "paper", "when"),
 }
 _SPACE_FIELDS = ("metric", "mode", "parameters", "points_to_evaluate")
-# Numbers an ablation arm may carry from the paper (Table 1 gives whole-body AR for two arms only).
-PAPER_METRICS: tuple[str, ...] = ("wholebody_AP", "wholebody_AR", "body_AP", "foot_AP", "face_AP", "hand_AP")
-PAPER_TABLES: tuple[str, ...] = ("2", "3")
-_ARM_FIELDS = ("key", "name", "label", "table", "overrides", "paper")
-_ARMS_FILE_FIELDS = ("description", "arms")
-
-
-class SearchSpaceError(ValueError):
-    """An invalid search-space or ablation file (or override); the message names file, key and value."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# YAML reading
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping_no_duplicates(
-    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            hash(key)
-        except TypeError:
-            continue  # SafeLoader itself reports unhashable keys
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_no_duplicates
-)
-
-
-def _read_yaml_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise SearchSpaceError(f"{path}: file does not exist")
-    try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
-        problem = getattr(err, "problem", None) or str(err)
-        raise SearchSpaceError(f"{path}: malformed YAML at {where}: {problem}") from err
-    if not isinstance(data, dict):
-        raise SearchSpaceError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Config keys and values
-
-
-def _flatten(values: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, dotted))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-_DEFAULT_CONFIG: dict = config_to_dict(TrainConfig())
-# Every leaf of TrainConfig by dotted key (loss.tau, optim.lr, data.pipeline.sigma, ...).
-CONFIG_KEYS: tuple[str, ...] = tuple(_flatten(_DEFAULT_CONFIG))
-
-
-def _unknown_key_message(key: str) -> str:
-    leaves = [k for k in CONFIG_KEYS if k.startswith(f"{key}.")]
-    if leaves:
-        return f"{key!r} is a section of TrainConfig, not a value: name a leaf such as {leaves[0]}"
-    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown TrainConfig key {key!r}{hint} (keys look like loss.tau, optim.lr)"
-
-
-def _set_dotted(values: dict, key: str, value: Any) -> None:
-    node = values
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_overrides(config_dict: Mapping, overrides: Mapping[str, Any]) -> dict:
-    """A copy of a nested ``TrainConfig`` dict with ``overrides`` (dotted key -> value) set.
-
-    Missing intermediate sections are created, so a partial dict read from a config YAML works too.
-
-    Raises:
-        SearchSpaceError: an override key is not a ``TrainConfig`` leaf (names the key, suggests close ones).
-    """
-    if not isinstance(config_dict, Mapping):
-        raise SearchSpaceError(
-            f"apply_overrides: config_dict must be a mapping, got {type(config_dict).__name__}"
-        )
-    result = copy.deepcopy(dict(config_dict))
-    for key, value in overrides.items():
-        if key not in CONFIG_KEYS:
-            raise SearchSpaceError(f"apply_overrides: {_unknown_key_message(key)}")
-        _set_dotted(result, key, value)
-    return result
-
-
-def _check_config_values(overrides: Mapping[str, Any]) -> None:
-    """Raise ValueError if the overrides on top of the defaults are not a valid TrainConfig / HeatmapLoss."""
-    try:
-        cfg = config_from_dict(apply_overrides(_DEFAULT_CONFIG, overrides), "TrainConfig")
-    except ConfigError as err:
-        raise ValueError(str(err)) from err
-    if HeatmapLoss is not None and any(key.startswith("loss.") for key in overrides):
-        accepted = inspect.signature(HeatmapLoss).parameters
-        loss_kwargs = {name: value for name, value in vars(cfg.loss).items() if name in accepted}
-        HeatmapLoss(**loss_kwargs)  # its own checks: positive gamma/tau/AWing values, known choices
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _number_hint(value: Any) -> str:
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (YAML reads 1e-3 as a string: write 1.0e-3)"
-    return ""
+# A value a walk's pick function returns for a parameter it leaves out.
+_UNSET = object()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -251,7 +100,7 @@ class Parameter:
             return any(value == c and type(value) is type(c) for c in self.choices)
         if self.distribution == "int":
             return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
-        return _is_number(value) and self.low <= value <= self.high
+        return is_number(value) and self.low <= value <= self.high
 
 
 @dataclass
@@ -269,6 +118,32 @@ class SearchSpace:
         """Dotted keys Optuna samples (all but the constants)."""
         return tuple(name for name, p in self.parameters.items() if p.distribution != "constant")
 
+    def walk(self, pick: Callable[[str, Parameter], Any]) -> dict[str, Any]:
+        """The values of one point: the parameters in sampling order, each active one set to its constant
+        or to ``pick(name, param)`` (``_UNSET`` leaves it out). The one "is this parameter active" walk."""
+        chosen: dict[str, Any] = {}
+        for name, param in self.parameters.items():
+            if not param.is_active(chosen):
+                continue
+            value = param.value if param.distribution == "constant" else pick(name, param)
+            if value is not _UNSET:
+                chosen[name] = value
+        return chosen
+
+    def _inactive_given(
+        self, chosen: Mapping[str, Any], given: Mapping[str, Any], partial: bool = False
+    ) -> list[str]:
+        """Sampled parameters present in ``given`` whose condition does not hold under ``chosen``; with
+        ``partial``, only those whose condition parents are all known (a partial point may omit them)."""
+        return [
+            name
+            for name, param in self.parameters.items()
+            if name in given
+            and name not in chosen
+            and param.distribution != "constant"
+            and (not partial or all(parent in chosen for parent in param.when))
+        ]
+
     def optuna_define_by_run(self, trial: Any) -> dict[str, Any] | None:
         """Define-by-run function for ``OptunaSearch(space=...)``: suggest the active parameters.
 
@@ -276,35 +151,22 @@ class SearchSpace:
         active constants (Ray merges them into the trial config) or None when there are none. Does no work
         besides the suggestions, as Ray requires.
         """
-        chosen: dict[str, Any] = {}
-        constants: dict[str, Any] = {}
-        for name, param in self.parameters.items():
-            if not param.is_active(chosen):
-                continue
-            if param.distribution == "constant":
-                chosen[name] = constants[name] = param.value
-            elif param.distribution == "categorical":
-                chosen[name] = trial.suggest_categorical(name, list(param.choices))
-            elif param.distribution == "int":
-                chosen[name] = trial.suggest_int(name, param.low, param.high, log=param.log)
-            else:
-                chosen[name] = trial.suggest_float(
-                    name, param.low, param.high, log=param.distribution == "loguniform"
-                )
+
+        def suggest(name: str, param: Parameter) -> Any:
+            if param.distribution == "categorical":
+                return trial.suggest_categorical(name, list(param.choices))
+            if param.distribution == "int":
+                return trial.suggest_int(name, param.low, param.high, log=param.log)
+            return trial.suggest_float(name, param.low, param.high, log=param.distribution == "loguniform")
+
+        chosen = self.walk(suggest)
+        constants = {n: v for n, v in chosen.items() if self.parameters[n].distribution == "constant"}
         return constants or None
 
     def paper_point(self) -> dict[str, Any]:
         """The paper's values of the sampled parameters that are active under them (empty if none given)."""
-        chosen: dict[str, Any] = {}
-        point: dict[str, Any] = {}
-        for name, param in self.parameters.items():
-            if not param.is_active(chosen):
-                continue
-            if param.distribution == "constant":
-                chosen[name] = param.value
-            elif param.has_paper:
-                chosen[name] = point[name] = param.paper
-        return point
+        chosen = self.walk(lambda name, param: param.paper if param.has_paper else _UNSET)
+        return {n: v for n, v in chosen.items() if self.parameters[n].distribution != "constant"}
 
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         """``OptunaSearch(points_to_evaluate=...)``: the paper's values first, then the file's extra ones."""
@@ -313,7 +175,7 @@ class SearchSpace:
         return points + [dict(p) for p in self.extra_points]
 
     def to_overrides(self, sampled: Mapping[str, Any], *, ignore_unknown: bool = False) -> dict[str, Any]:
-        """Dotted ``TrainConfig`` key -> value for one trial, ready for :func:`apply_overrides`.
+        """Dotted ``TrainConfig`` key -> value for one trial, ready for ``trainer.config.apply_overrides``.
 
         ``sampled`` is what a trial receives: the suggested values plus the constants (constants missing from
         it are added). Numpy scalars become Python numbers. Keys that are not parameters of this space raise
@@ -330,29 +192,25 @@ class SearchSpace:
                 f"{self.path}: sampled keys {unknown} are not parameters of this space "
                 f"(parameters: {', '.join(self.parameters)})"
             )
-        overrides: dict[str, Any] = {}
-        for name, param in self.parameters.items():
-            active = param.is_active(overrides)
-            if not active:
-                if name in plain and param.distribution != "constant":
-                    raise SearchSpaceError(
-                        f"{self.path}: {name}: got {plain[name]!r} but the parameter is inactive here "
-                        f"(when {param.when})"
-                    )
-                continue
+
+        def take(name: str, param: Parameter) -> Any:
             if name not in plain:
-                if param.distribution != "constant":
-                    raise SearchSpaceError(f"{self.path}: {name}: missing from the sampled values {plain}")
-                value = param.value
-            else:
-                value = plain[name]
-                if param.distribution == "int" and isinstance(value, float) and value.is_integer():
-                    value = int(value)
+                raise SearchSpaceError(f"{self.path}: {name}: missing from the sampled values {plain}")
+            value = plain[name]
+            if param.distribution == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
             if not param.contains(value):
                 raise SearchSpaceError(
                     f"{self.path}: {name}: sampled value {value!r} is outside {_describe(param)}"
                 )
-            overrides[name] = value
+            return value
+
+        overrides = self.walk(take)
+        for name in self._inactive_given(overrides, plain):
+            raise SearchSpaceError(
+                f"{self.path}: {name}: got {plain[name]!r} but the parameter is inactive here "
+                f"(when {self.parameters[name].when})"
+            )
         return overrides
 
 
@@ -379,7 +237,7 @@ def _describe(param: Parameter) -> str:
 def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
     where = f"{path}: parameters.{name}"
     if not isinstance(name, str) or name not in CONFIG_KEYS:
-        raise SearchSpaceError(f"{where}: {_unknown_key_message(str(name))}")
+        raise SearchSpaceError(f"{where}: {unknown_key_message(str(name))}")
 
     def fail(key: str, value: Any, message: str) -> SearchSpaceError:
         return SearchSpaceError(f"{where}.{key}: {message}, got {value!r}")
@@ -404,7 +262,7 @@ def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
 
     def check_value(key: str, value: Any) -> None:
         try:
-            _check_config_values({name: value})
+            check_config_values({name: value})
         except ValueError as err:
             floats = (
                 " (uniform and loguniform sample floats)" if distribution in ("uniform", "loguniform") else ""
@@ -442,8 +300,8 @@ def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
             if distribution == "int":
                 if not isinstance(bound, int) or isinstance(bound, bool):
                     raise fail(key, bound, "an int parameter needs integer bounds")
-            elif not _is_number(bound):
-                raise fail(key, bound, f"expected a finite number{_number_hint(bound)}")
+            elif not is_number(bound):
+                raise fail(key, bound, f"expected a finite number{number_hint(bound)}")
         if low >= high:
             raise SearchSpaceError(f"{where}: bad bounds: low ({low!r}) must be < high ({high!r})")
         log = spec.get("log", False)
@@ -475,19 +333,36 @@ def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
             param = dataclasses.replace(param, paper=paper)
         if not param.contains(paper):
             raise fail(
-                "paper", paper, f"the paper's value must lie in {_describe(param)}{_number_hint(paper)}"
+                "paper", paper, f"the paper's value must lie in {_describe(param)}{number_hint(paper)}"
             )
     return param
 
 
 def _parse_when(where: str, when: Any) -> dict[str, tuple[Any, ...]]:
+    """``{parent: value or [values]}``; for ``loss.variant`` also ``{property: value(s)}`` of the variant
+    table (``needs_kaf``, ``weighting``, ``uses_awing``), expanded here to the variants that have them."""
     if when is None:
         return {}
     if not isinstance(when, dict) or not when:
         raise SearchSpaceError(f"{where}.when: expected a mapping parameter -> allowed values, got {when!r}")
     parsed = {}
     for parent, allowed in when.items():
-        values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if isinstance(allowed, dict):
+            if parent != "loss.variant":
+                raise SearchSpaceError(
+                    f"{where}.when.{parent}: only loss.variant takes properties, got {allowed!r}"
+                )
+            unknown = [key for key in allowed if key not in VARIANT_PROPERTIES]
+            if unknown or not allowed:
+                raise SearchSpaceError(
+                    f"{where}.when.{parent}: unknown variant properties {unknown or allowed!r} "
+                    f"(known: {', '.join(VARIANT_PROPERTIES)})"
+                )
+            values = variants_where(**allowed)
+            if not values:
+                raise SearchSpaceError(f"{where}.when.{parent}: no loss variant has {allowed!r}")
+        else:
+            values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not values:
             raise SearchSpaceError(f"{where}.when.{parent}: expected at least one value, got {allowed!r}")
         parsed[str(parent)] = values
@@ -513,12 +388,12 @@ def _order_by_conditions(path: Path, params: dict[str, Parameter]) -> dict[str, 
                 )
             for value in allowed:
                 # Any value valid for the key is fine (e.g. all *_fwahr variants while the file fixes one).
-                if parent == "loss.variant" and value not in KNOWN_LOSS_VARIANTS:
+                if parent == "loss.variant" and value not in LOSS_VARIANTS:
                     raise SearchSpaceError(
-                        f"{where}: unknown loss variant {value!r} (known: {', '.join(KNOWN_LOSS_VARIANTS)})"
+                        f"{where}: unknown loss variant {value!r} (known: {', '.join(LOSS_VARIANTS)})"
                     )
                 try:
-                    _check_config_values({parent: value})
+                    check_config_values({parent: value})
                 except ValueError as err:
                     raise SearchSpaceError(
                         f"{where}: {value!r} is not a valid value for {parent} ({err})"
@@ -545,25 +420,24 @@ def _order_by_conditions(path: Path, params: dict[str, Parameter]) -> dict[str, 
 
 def _check_point(space: SearchSpace, point: dict, where: str) -> None:
     """Check a (possibly partial) point: sampled keys, values inside their distributions, conditions hold."""
-    chosen: dict[str, Any] = {}
     for key in point:
         if key not in space.sampled_names:
             raise SearchSpaceError(
                 f"{where}.{key}: not a sampled parameter (sampled: {', '.join(space.sampled_names)})"
             )
-    for name, param in space.parameters.items():
-        value = param.value if param.distribution == "constant" else point.get(name)
-        if name not in point and param.distribution != "constant":
-            continue  # Optuna samples what a point leaves out
-        if not param.is_active(chosen) and param.when and all(p in chosen for p in param.when):
-            if param.distribution != "constant":
-                raise SearchSpaceError(
-                    f"{where}.{name}: given, but inactive under this point (when {param.when})"
-                )
-            continue
-        if not param.contains(value):
-            raise SearchSpaceError(f"{where}.{name}: {value!r} is outside {_describe(param)}")
-        chosen[name] = value
+
+    def take(name: str, param: Parameter) -> Any:
+        if name not in point:
+            return _UNSET  # Optuna samples what a point leaves out
+        if not param.contains(point[name]):
+            raise SearchSpaceError(f"{where}.{name}: {point[name]!r} is outside {_describe(param)}")
+        return point[name]
+
+    chosen = space.walk(take)
+    for name in space._inactive_given(chosen, point, partial=True):
+        raise SearchSpaceError(
+            f"{where}.{name}: given, but inactive under this point (when {space.parameters[name].when})"
+        )
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
@@ -576,7 +450,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
             outside its distribution, or a condition on an unknown parameter. The message names file and key.
     """
     path = Path(path)
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     for key in data:
         if key not in _SPACE_FIELDS:
             raise SearchSpaceError(
@@ -621,129 +495,12 @@ def load_search_space(path: str | Path) -> SearchSpace:
     return space
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Ablation arms
-
-
-@dataclass
-class AblationArm:
-    """One row of the paper's ablation: what to override and what the paper reports for it."""
-
-    key: str  # "a".."f" as in Table 2, or a short id
-    name: str  # e.g. "mse", "fowkal": run names and MLflow tags
-    label: str  # the paper's wording, e.g. "(f) KAL + FWAHR = FoWKAL"
-    overrides: dict[str, Any]  # dotted TrainConfig keys, at least loss.variant
-    paper: dict[str, float]  # subset of PAPER_METRICS (percent)
-    table: str  # "2" or "3"
-
-
-def load_ablation_arms(path: str | Path) -> list[AblationArm]:
-    """Read and validate an ablation file: ``arms:`` a list of mappings with the :class:`AblationArm` fields.
-
-    Raises:
-        SearchSpaceError: malformed YAML (with the line), an unknown field, a duplicate key or name, an
-            unknown loss variant (listing the known ones), an override key or value ``TrainConfig`` rejects,
-            or a paper metric that is unknown or not a percentage. The message names file, arm and key.
-    """
-    path = Path(path)
-    data = _read_yaml_mapping(path)
-    for key in data:
-        if key not in _ARMS_FILE_FIELDS:
-            raise SearchSpaceError(
-                f"{path}: {key}: unknown top-level field (known: {', '.join(_ARMS_FILE_FIELDS)})"
-            )
-    raw_arms = data.get("arms")
-    if not isinstance(raw_arms, list) or not raw_arms:
-        raise SearchSpaceError(f"{path}: arms: expected a non-empty list of arms, got {raw_arms!r}")
-    arms: list[AblationArm] = []
-    for i, raw in enumerate(raw_arms):
-        where = f"{path}: arms[{i}]"
-        if not isinstance(raw, dict):
-            raise SearchSpaceError(f"{where}: expected a mapping, got {raw!r}")
-        if isinstance(raw.get("key"), str):
-            where = f"{path}: arms[{i}] (key {raw['key']!r})"
-        for key in raw:
-            if key not in _ARM_FIELDS:
-                raise SearchSpaceError(f"{where}.{key}: unknown field (known: {', '.join(_ARM_FIELDS)})")
-        for key in ("key", "name", "label"):
-            value = raw.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise SearchSpaceError(f"{where}.{key}: expected a non-empty string, got {value!r}")
-        arm_key, name = raw["key"], raw["name"]
-        if not all(ch.isalnum() or ch in "_-" for ch in arm_key) or len(arm_key) > 16:
-            raise SearchSpaceError(
-                f"{where}.key: expected a short id of letters, digits, _ or -, got {arm_key!r}"
-            )
-        table = str(raw.get("table")) if isinstance(raw.get("table"), int | str) else raw.get("table")
-        if table not in PAPER_TABLES:
-            raise SearchSpaceError(
-                f"{where}.table: expected one of {', '.join(PAPER_TABLES)}, got {raw.get('table')!r}"
-            )
-
-        overrides = raw.get("overrides")
-        if not isinstance(overrides, dict) or "loss.variant" not in overrides:
-            raise SearchSpaceError(
-                f"{where}.overrides: expected a mapping with at least loss.variant, got {overrides!r}"
-            )
-        for key in overrides:
-            if key not in CONFIG_KEYS:
-                raise SearchSpaceError(f"{where}.overrides.{key}: {_unknown_key_message(str(key))}")
-        variant = overrides["loss.variant"]
-        if variant not in KNOWN_LOSS_VARIANTS:
-            raise SearchSpaceError(
-                f"{where}.overrides.loss.variant: unknown loss variant {variant!r} "
-                f"(known: {', '.join(KNOWN_LOSS_VARIANTS)})"
-            )
-        try:
-            _check_config_values(overrides)
-        except ValueError as err:
-            raise SearchSpaceError(f"{where}.overrides: {overrides!r} is not a valid config ({err})") from err
-
-        paper = raw.get("paper")
-        if not isinstance(paper, dict) or "wholebody_AP" not in paper:
-            raise SearchSpaceError(
-                f"{where}.paper: expected a mapping with at least wholebody_AP, got {paper!r}"
-            )
-        for metric, value in paper.items():
-            if metric not in PAPER_METRICS:
-                raise SearchSpaceError(
-                    f"{where}.paper.{metric}: unknown metric (known: {', '.join(PAPER_METRICS)}), "
-                    f"got {value!r}"
-                )
-            if not _is_number(value) or not 0 <= value <= 100:
-                raise SearchSpaceError(
-                    f"{where}.paper.{metric}: expected a percentage in [0, 100], got {value!r}"
-                )
-        for other in arms:
-            if other.key == arm_key:
-                raise SearchSpaceError(f"{where}.key: duplicate arm key {arm_key!r}")
-            if other.name == name:
-                raise SearchSpaceError(f"{where}.name: duplicate arm name {name!r}")
-        arms.append(
-            AblationArm(
-                key=arm_key,
-                name=name,
-                label=raw["label"],
-                overrides=dict(overrides),
-                paper={metric: float(value) for metric, value in paper.items()},
-                table=table,
-            )
-        )
-    return arms
-
-
 __all__ = [
-    "AblationArm",
-    "CONFIG_KEYS",
     "DEFAULT_METRIC",
     "DEFAULT_MODE",
     "DISTRIBUTIONS",
-    "KNOWN_LOSS_VARIANTS",
-    "PAPER_METRICS",
     "Parameter",
     "SearchSpace",
     "SearchSpaceError",
-    "apply_overrides",
-    "load_ablation_arms",
     "load_search_space",
 ]

@@ -1,7 +1,7 @@
 """Training-step throughput: a plain PyTorch loop vs the same loop as a Ray Train worker, in one run.
 
-    .venv/bin/python bench/train.py            # hrnet_w32, 256x192, batch 8 (the issue's figure)
-    .venv/bin/python bench/train.py --quick    # hrnet_w18_small, 128x96, batch 4 (a smoke check, ~1 min)
+    .venv/bin/python bench/train_throughput.py          # hrnet_w32, 256x192, batch 8 (the paper's model)
+    .venv/bin/python bench/train_throughput.py --quick  # hrnet_w18_small, 128x96, batch 4 (~1 min)
 
 Both measurements run the *same* function (`measure_steps`): build the model, warm up, then time forward +
 MSE loss against target heatmaps + backward + Adam step on a fixed synthetic batch (so data loading is not

@@ -1,0 +1,518 @@
+"""``fowkal tune`` and ``fowkal ablate``: the engine, :func:`run_sweep`.
+
+Sweeps (Optuna TPE + ASHA over a search space) and ablations (every arm x seed, no early stopping) share it:
+
+- Everything that can be wrong with the inputs (settings, config, search space or arms file, every arm and
+  the paper point applied to the config, the resume state) is checked before Ray starts.
+- Each Tune trial is ``orchestrator.trial.run_trial``, which launches a Ray Train run; Tune never starts
+  more trials than the cluster can also place the workers of (``orchestrator.resources``).
+- MLflow: one parent run per sweep, found again by its resume key on ``--resume``; one child run per
+  trial; every child ends with its real status (``orchestrator.trial_status``).
+- ``--resume`` restores the Tune experiment (``Tuner.restore(resume_unfinished=True)``): finished trials are
+  kept, unfinished ones restart under the same trial id and their Ray Train run (stable name per trial)
+  continues from its last checkpoint.
+
+Directory layout of a sweep, ``<storage path>/<sweep name>/``: ``tune/`` (the Tune experiment), ``train/``
+(Ray Train storage of the trials), ``trials/<run name>/`` (each trial's ``output_dir``), and the results:
+``best_config.yaml``, ``summary.md``, ``importances.png``, ``parallel_coordinates.png`` (sweeps),
+``ablation.md``, ``ablation.png`` (ablations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from orchestrator.ablation_arms import AblationArm, load_ablation_arms
+from orchestrator.definition_file import SearchSpaceError
+from orchestrator.resources import TRIAL_CPUS, derive_max_concurrent
+from orchestrator.sweep_settings import SweepError, SweepSettings
+from orchestrator.sweep_space import SearchSpace, load_search_space
+from orchestrator.trial import (
+    ControllerLedger,
+    SweepPlan,
+    run_trial,
+    trial_train_config,
+    tune_trial_dirname,
+    tune_trial_name,
+)
+from orchestrator.trial_status import (
+    MlflowTrialStatusCallback,
+    reconcile_child_runs,
+    trial_id_from_path,
+    trial_statuses_from_state,
+)
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_digest,
+    config_from_dict,
+    config_to_dict,
+    flatten_config,
+)
+
+logger = logging.getLogger(__name__)
+
+ABLATION_METRIC = "val/wholebody_AP"
+
+
+@dataclass
+class SweepOutcome:
+    """What :func:`run_sweep` returns."""
+
+    kind: str
+    sweep_id: str
+    sweep_dir: str
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+    max_concurrent: int
+    trial_statuses: dict[str, str]  # Tune trial id -> Tune status at the end
+    run_statuses: dict[str, str]  # child run name -> MLflow status at the end
+    best_config_path: str | None = None
+    summary_path: str | None = None
+    table_markdown: str = ""
+    artifacts: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def sweep_name_for(kind: str, config: TrainConfig, definition_text: str, extra: dict) -> str:
+    """Stable default sweep name ``<config name>-<kind>-<8 hex>``: the same experiment, the same sweep.
+
+    ``extra`` is :meth:`SweepSettings.identity`; the digest covers the config (``config_digest``), the
+    definition file's text and ``extra``.
+    """
+    payload = json.dumps(
+        {"config": config_digest(config), "definition": definition_text, **extra}, sort_keys=True
+    )
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(config.name)) or "sweep"
+    return f"{safe}-{kind}-{digest}"
+
+
+def _check_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise SweepError(f"--name must be letters, digits, '-', '_' or '.', got {name!r}")
+    return name
+
+
+def _validate_trial_configs(plan: SweepPlan, source: str) -> None:
+    """Apply the paper point / every arm to the base config now, so a bad combination fails before Ray."""
+    if plan.kind == "ablate":
+        candidates = [({"arm": key, "seed": int(plan.base_config["seed"])}, key) for key in plan.arms]
+    else:
+        assert plan.space is not None
+        candidates = []
+        for i, point in enumerate(plan.space.points_to_evaluate()):
+            constants = {
+                name: p.value for name, p in plan.space.parameters.items() if p.distribution == "constant"
+            }
+            candidates.append(({**constants, **point}, f"points_to_evaluate[{i}]"))
+    for trial_config, label in candidates:
+        try:
+            trial_train_config(plan, trial_config, "check")
+        except (ConfigError, SearchSpaceError, ValueError) as err:
+            raise SweepError(f"{source}: {label} does not give a valid config: {err}") from err
+
+
+def run_sweep(
+    kind: str,
+    config: TrainConfig,
+    settings: SweepSettings | None = None,
+    *,
+    callbacks: list | None = None,
+    print_fn=print,
+    **changes,
+) -> SweepOutcome:
+    """Run (or resume) a hyperparameter sweep (``kind="tune"``) or an ablation (``kind="ablate"``).
+
+    Args:
+        kind: "tune" (needs ``settings.space_path``) or "ablate" (needs ``settings.arms_path``).
+        config: base training config; trials override it.
+        settings: everything else (``orchestrator.sweep_settings.SweepSettings``; its fields document
+            themselves). ``changes`` set single fields on top, e.g. ``run_sweep("ablate", cfg,
+            arms_path=..., seeds=2)``.
+        callbacks: extra ``ray.tune.Callback`` objects (driver side), e.g. for measurements.
+        print_fn: where the progress lines go.
+
+    Raises:
+        SweepError, SearchSpaceError, ConfigError: bad inputs, before Ray starts.
+    """
+    from trainer.config import resolve_paths
+
+    start = time.perf_counter()
+    settings = (settings or SweepSettings()).replace(kind=kind, **changes)
+    settings.validate(config.epochs)
+    gpus_per_trial = settings.gpus_per_trial
+    if gpus_per_trial is None:
+        gpus_per_trial = float(config.num_workers) if config.use_gpu else 0.0
+
+    # ---- inputs, all before Ray
+    space: SearchSpace | None = None
+    arms: list[AblationArm] = []
+    definition_path = settings.definition_path
+    definition_text = Path(definition_path).read_text() if Path(definition_path).is_file() else ""
+    if kind == "tune":
+        space = load_search_space(definition_path)
+        metric, mode = space.metric, space.mode
+    else:
+        arms = load_ablation_arms(definition_path)
+        metric, mode = ABLATION_METRIC, "max"
+    config = resolve_paths(config)  # trial actors and Train workers may run in other directories
+    sweep_name = _check_name(settings.name) if settings.name else None
+    sweep_name = sweep_name or sweep_name_for(kind, config, definition_text, settings.identity())
+    storage_path, resume = settings.storage_path, settings.resume
+    base_storage = Path(storage_path).expanduser() if storage_path else Path(config.output_dir) / "sweeps"
+    sweep_dir = (base_storage / sweep_name).resolve()
+    tune_dir = sweep_dir / "tune"
+    if resume and not (tune_dir / "tuner.pkl").is_file():
+        raise SweepError(
+            f"--resume: no interrupted sweep {sweep_name!r} in {sweep_dir} (no tune/tuner.pkl); "
+            "run without --resume to start it, or pass the --name of the sweep to resume"
+        )
+    if not resume and tune_dir.exists():
+        raise SweepError(
+            f"sweep {sweep_name!r} already exists in {sweep_dir}: pass --resume to continue it, "
+            "or --name NEW_NAME to start another"
+        )
+    uri = tracking.resolve_tracking_uri(settings.tracking_uri, config.output_dir)
+    experiment_name = settings.experiment
+    plan = SweepPlan(
+        kind=kind,
+        sweep_id=sweep_name,
+        sweep_dir=str(sweep_dir),
+        base_config=config_to_dict(config),
+        tracking_uri=uri,
+        experiment_id="",
+        parent_run_id="",
+        metric=metric,
+        mode=mode,
+        gpus_per_trial=float(gpus_per_trial),
+        space=space,
+        arms={arm.key: arm for arm in arms},
+    )
+    _validate_trial_configs(plan, str(definition_path))
+    seed_values = [config.seed + i for i in range(settings.seeds)]
+
+    # ---- MLflow parent run (reopened by its resume key on --resume)
+    client = tracking.make_client(uri)
+    experiment_id = tracking.get_or_create_experiment(client, experiment_name)
+    parent_tags = tracking.build_run_tags(
+        loss_variant=config.loss.variant if kind == "tune" else None,
+        dataset_kind=config.data.kind,
+        commit=tracking.git_commit(),
+        sweep_id=sweep_name,
+        extra={
+            tracking.TAG_SWEEP_KIND: kind,
+            tracking.TAG_SWEEP_DIR: str(sweep_dir),
+            tracking.TAG_METRIC: metric,
+            tracking.TAG_MODE: mode,
+            tracking.TAG_DEFINITION_FILE: str(definition_path),
+            **({tracking.TAG_SAMPLED: json.dumps(list(space.sampled_names))} if space is not None else {}),
+        },
+    )
+    sweep_params = {f"base.{k}": v for k, v in flatten_config(config).items()}
+    if kind == "tune":
+        sweep_params.update({"sweep.samples": settings.samples, "sweep.search_seed": settings.search_seed})
+    else:
+        sweep_params.update({"sweep.seeds": json.dumps(seed_values), "sweep.arms": ",".join(plan.arms)})
+    parent_run_id = tracking.start_run(
+        client,
+        experiment_id,
+        sweep_name,
+        params=sweep_params,
+        tags=parent_tags,
+        resume_key=f"sweep:{sweep_name}",
+    )
+    plan.experiment_id, plan.parent_run_id = experiment_id, parent_run_id
+    print_fn(f"MLflow parent run {parent_run_id} ({sweep_name}) in {uri}, experiment {experiment_name!r}")
+    try:
+        tracking.log_config_yaml(
+            parent_run_id, plan.base_config, client=client, filename=tracking.BASE_CONFIG_ARTIFACT
+        )
+        client.log_text(parent_run_id, definition_text, Path(definition_path).name)
+        if kind == "ablate":
+            arms_json = json.dumps([asdict(a) for a in arms], indent=1)
+            client.log_text(parent_run_id, arms_json, tracking.ARMS_ARTIFACT)
+        else:
+            space_json = json.dumps(_space_summary(space), indent=1)
+            client.log_text(parent_run_id, space_json, tracking.SPACE_ARTIFACT)
+    except Exception as err:
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
+        raise
+
+    # ---- Ray and Tune
+    status_callback = MlflowTrialStatusCallback(plan)
+    try:
+        outcome = _fit(plan, settings, status_callback, seed_values, callbacks, print_fn)
+    except KeyboardInterrupt as err:
+        tracking.end_run(parent_run_id, "KILLED", client=client, error="interrupted (resume with --resume)")
+        print_fn(f"sweep interrupted; resume it with --resume (sweep {sweep_name!r})")
+        raise SweepInterrupted(f"sweep {sweep_name!r} interrupted", parent_run_id) from err
+    except BaseException as err:
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
+        raise
+    max_concurrent_used, trial_statuses = outcome
+
+    # ---- results: reconcile, summary, best config, plots, all logged to the parent
+    try:
+        reconcile_child_runs(plan, client, trial_statuses)
+        result = _write_results(plan, client, print_fn)
+    except BaseException as err:
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
+        raise
+    interrupted = any(s not in ("TERMINATED", "ERROR") for s in trial_statuses.values())
+    tracking.end_run(parent_run_id, "KILLED" if interrupted else "FINISHED", client=client)
+    if interrupted:
+        print_fn(f"sweep interrupted: continue it with the same command and --resume (sweep {sweep_name!r})")
+    print_fn(f"results in {sweep_dir}")
+    print_fn(f"report: fowkal report {experiment_name} --tracking-uri {uri}")
+    print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+    return SweepOutcome(
+        kind=kind,
+        sweep_id=sweep_name,
+        sweep_dir=str(sweep_dir),
+        tracking_uri=uri,
+        experiment_name=experiment_name,
+        parent_run_id=parent_run_id,
+        max_concurrent=max_concurrent_used,
+        trial_statuses=trial_statuses,
+        run_statuses=result["run_statuses"],
+        best_config_path=result.get("best_config_path"),
+        summary_path=result.get("summary_path"),
+        table_markdown=result.get("table_markdown", ""),
+        artifacts=result.get("artifacts", []),
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep was interrupted (Ctrl-C); resume it with ``--resume``."""
+
+    def __init__(self, message: str, parent_run_id: str | None = None):
+        super().__init__(message)
+        self.parent_run_id = parent_run_id
+
+
+def _space_summary(space: SearchSpace) -> dict:
+    """JSON-able description of the space (for the report's importances: distributions of the params)."""
+    params = {}
+    for name, p in space.parameters.items():
+        params[name] = {
+            "distribution": p.distribution,
+            "low": p.low,
+            "high": p.high,
+            "log": p.log or p.distribution == "loguniform",
+            "choices": list(p.choices),
+            "value": p.value,
+        }
+    return {"metric": space.metric, "mode": space.mode, "parameters": params}
+
+
+def _fit(
+    plan: SweepPlan,
+    settings: SweepSettings,
+    status_callback: MlflowTrialStatusCallback,
+    seed_values: list[int],
+    callbacks: list | None,
+    print_fn,
+) -> tuple[int, dict[str, str]]:
+    """Start Ray, build (or restore) the Tuner, run it; returns (max concurrent, trial id -> Tune status)."""
+    # Trials and Train workers keep the driver's working directory (paths are absolute anyway); the classic
+    # reporter is the one that takes our metric columns (Ray's newer output ignores progress_reporter).
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Results of non-evaluation epochs lack the val/ metrics by design (ASHA skips them).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    from ray import tune
+    from ray.tune import CLIReporter, Tuner
+
+    from orchestrator.ray_utils import init_ray
+
+    resources = init_ray(settings.address, num_cpus=settings.num_cpus)
+    base = config_from_dict(plan.base_config)
+    concurrent = derive_max_concurrent(
+        resources,
+        num_workers=base.num_workers,
+        gpus_per_trial=plan.gpus_per_trial,
+        requested=settings.max_concurrent,
+    )
+    print_fn(
+        f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU -> up to {concurrent} "
+        f"concurrent trial(s) ({base.num_workers} worker(s) + {TRIAL_CPUS:g} CPU each)"
+    )
+    import ray
+
+    # Held until the sweep ends (a named actor is kept alive by its owner's handle).
+    ledger = (
+        ray.remote(ControllerLedger)
+        .options(name=plan.ledger_name, num_cpus=0, max_concurrency=8, get_if_exists=True)
+        .remote()
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
+
+    if plan.kind == "tune":
+        parameter_columns = {name: name.split(".")[-1] for name in plan.space.sampled_names}
+    else:
+        parameter_columns = {"arm": "arm", "seed": "seed"}
+    metric_columns = {"epoch": "epoch", "train/loss": "loss", plan.metric: plan.metric.split("/")[-1]}
+    reporter = CLIReporter(
+        metric_columns=metric_columns,
+        parameter_columns=parameter_columns,
+        max_report_frequency=30,
+        sort_by_metric=False,
+    )
+    run_config = tune.RunConfig(
+        name="tune",
+        storage_path=plan.sweep_dir,
+        callbacks=[status_callback, *(callbacks or [])],
+        progress_reporter=reporter if settings.verbose else None,
+        verbose=1 if settings.verbose else 0,
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
+
+    if settings.resume:
+        print_fn(
+            f"resuming sweep {plan.sweep_id!r} from {plan.tune_dir} (with the trial count it started with)"
+        )
+        tuner = Tuner.restore(
+            plan.tune_dir,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=settings.restart_errored,
+        )
+    else:
+        tune_config = _tune_config(plan, settings, concurrent)
+        tuner = Tuner(
+            trainable,
+            tune_config=tune_config,
+            param_space=_param_space(plan, seed_values),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    ray.kill(ledger)
+    statuses = {}
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or trial_id_from_path(result.path)
+        statuses[str(trial_id)] = "ERROR" if result.error is not None else "TERMINATED"
+    # The experiment state is the authority on trials that never reported (PENDING or errored early).
+    statuses.update(trial_statuses_from_state(plan.tune_dir))
+    return concurrent, statuses
+
+
+def _tune_config(plan: SweepPlan, settings: SweepSettings, concurrent: int):
+    import functools
+
+    from ray.tune import TuneConfig
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    name_creator = functools.partial(tune_trial_name, plan)
+    dirname_creator = functools.partial(tune_trial_dirname, plan)
+    if plan.kind == "ablate":
+        return TuneConfig(
+            metric=plan.metric,
+            mode=plan.mode,
+            scheduler=FIFOScheduler(),  # every arm x seed runs to the end: no early stopping
+            num_samples=1,
+            max_concurrent_trials=concurrent,
+            trial_name_creator=name_creator,
+            trial_dirname_creator=dirname_creator,
+        )
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=plan.space.optuna_define_by_run,
+        metric=plan.metric,
+        mode=plan.mode,
+        points_to_evaluate=plan.space.points_to_evaluate() or None,
+        sampler=optuna.samplers.TPESampler(seed=settings.search_seed),
+    )
+    epochs = int(plan.base_config["epochs"])
+    return TuneConfig(
+        metric=plan.metric,
+        mode=plan.mode,
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+        # time_attr epoch: rungs are in epochs; results without the metric (non-eval epochs) are skipped.
+        scheduler=ASHAScheduler(
+            time_attr="epoch",
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+            max_t=epochs,
+        ),
+        num_samples=settings.samples,
+        max_concurrent_trials=concurrent,
+        trial_name_creator=name_creator,
+        trial_dirname_creator=dirname_creator,
+    )
+
+
+def _param_space(plan: SweepPlan, seed_values: list[int]) -> dict:
+    from ray import tune
+
+    if plan.kind == "ablate":
+        return {"arm": tune.grid_search(list(plan.arms)), "seed": tune.grid_search(seed_values)}
+    return {}  # OptunaSearch's define-by-run function is the space
+
+
+def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
+    """Write and log the summary / ablation table, the best config and the plots to the parent run."""
+    import yaml
+
+    from orchestrator import report
+
+    record = report.load_sweep(client, plan.parent_run_id)
+    out_dir = Path(plan.sweep_dir)
+    result: dict[str, Any] = {"run_statuses": {c.name: c.status for c in record.children}}
+    artifacts = report.write_sweep_outputs(record, out_dir)
+    for path in artifacts:
+        client.log_artifact(plan.parent_run_id, str(path))
+    result["artifacts"] = [p.name for p in artifacts]
+    result["summary_path"] = str(out_dir / "summary.md")
+    if plan.kind == "ablate":
+        table = report.ablation_markdown(report.ablation_rows(record))
+    else:
+        table = report.sweep_markdown(record, top=10)
+        best = report.best_child(record)
+        if best is not None:
+            run_name = best.name
+            values = apply_overrides(
+                plan.base_config, plan.space.to_overrides(best.sampled, ignore_unknown=True)
+            )
+            values["output_dir"] = str(Path(plan.base_config["output_dir"]) / "best" / plan.sweep_id)
+            config_from_dict(values, source=f"best config ({run_name})")  # must load in fowkal train
+            best_path = out_dir / "best_config.yaml"
+            header = (
+                f"# Best config of sweep {plan.sweep_id} (MLflow run {best.run_id}, {run_name}): "
+                f"{plan.metric} = {best.score:.4f}\n# fowkal train --config {best_path}\n"
+            )
+            best_path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+            client.log_artifact(plan.parent_run_id, str(best_path))
+            client.log_metric(plan.parent_run_id, f"best/{plan.metric}", float(best.score))
+            client.set_tag(plan.parent_run_id, tracking.TAG_BEST_RUN, f"{run_name} ({best.run_id})")
+            result["best_config_path"] = str(best_path)
+            result["artifacts"].append(best_path.name)
+    result["table_markdown"] = table
+    print_fn(table)
+    return result
+
+
+__all__ = [
+    "ABLATION_METRIC",
+    "SweepError",
+    "SweepInterrupted",
+    "SweepOutcome",
+    "SweepSettings",
+    "run_sweep",
+    "sweep_name_for",
+]
