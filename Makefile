@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean-venv
+.PHONY: setup demo test test-fast lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,9 +25,23 @@ demo: $(STAMP)
 		--name smoke-ablate-demo $$(test -f $(DEMO_SWEEP)/tune/tuner.pkl && echo --resume)
 	$(BIN)/fowkal report fowkal-ablate --out runs/smoke/report
 
+# What CI runs (.ci/run): lint, format check, every test (the slow end-to-end ones included).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the slow end-to-end runs (Ray clusters, sweeps, full trainings).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Benchmarks (quick settings; figures go into bench/RESULTS.md by hand, see each script's docstring).
+bench: $(STAMP)
+	$(BIN)/python bench/losses.py --quick
+	$(BIN)/python bench/data.py --quick
+	$(BIN)/python bench/train_throughput.py --quick
+	$(BIN)/python bench/tune.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

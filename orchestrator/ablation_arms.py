@@ -52,12 +52,7 @@ def load_ablation_arms(path: str | Path) -> list[AblationArm]:
             or a paper metric that is unknown or not a percentage. The message names file, arm and key.
     """
     path = Path(path)
-    data = read_yaml_mapping(path)
-    for key in data:
-        if key not in _ARMS_FILE_FIELDS:
-            raise SearchSpaceError(
-                f"{path}: {key}: unknown top-level field (known: {', '.join(_ARMS_FILE_FIELDS)})"
-            )
+    data = read_yaml_mapping(path, _ARMS_FILE_FIELDS)
     raw_arms = data.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:
         raise SearchSpaceError(f"{path}: arms: expected a non-empty list of arms, got {raw_arms!r}")

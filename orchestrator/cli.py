@@ -8,6 +8,7 @@ import sys
 
 from orchestrator.sweep_settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
 from orchestrator.tracking import EMBEDDED_DEFAULT_STORE
+from trainer.arguments import add_config_arguments
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -131,15 +132,7 @@ DEFAULT_REPORT_STORE = EMBEDDED_DEFAULT_STORE
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    parser.add_argument("--config", required=True, help="base YAML config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config entry, e.g. --set epochs=4 (value parsed as YAML)",
-    )
+    add_config_arguments(parser, help_config="base YAML config of the trials (see configs/)")
     parser.add_argument(
         "--max-concurrent",
         type=int,
@@ -333,15 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one model under Ray Train, tracked in MLflow (re-running the same command resumes)",
     )
-    train.add_argument("--config", required=True, help="YAML config (see configs/)")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set loss.variant=mse --set epochs=2 (value parsed as YAML)",
-    )
+    add_config_arguments(train)
     train.add_argument(
         "--tracking-uri",
         default=None,

@@ -50,7 +50,9 @@ _StrictLoader.add_constructor(
 )
 
 
-def read_yaml_mapping(path: Path) -> dict:
+def read_yaml_mapping(path: Path, known_fields: tuple[str, ...]) -> dict:
+    """The file's top-level mapping; a missing file, malformed YAML, a duplicate key or a top-level field
+    not in ``known_fields`` is a ``SearchSpaceError`` naming the file (and the line or the field)."""
     if not path.is_file():
         raise SearchSpaceError(f"{path}: file does not exist")
     try:
@@ -62,6 +64,11 @@ def read_yaml_mapping(path: Path) -> dict:
         raise SearchSpaceError(f"{path}: malformed YAML at {where}: {problem}") from err
     if not isinstance(data, dict):
         raise SearchSpaceError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for key in data:
+        if key not in known_fields:
+            raise SearchSpaceError(
+                f"{path}: {key}: unknown top-level field (known: {', '.join(known_fields)})"
+            )
     return data
 
 

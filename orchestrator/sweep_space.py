@@ -450,12 +450,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
             outside its distribution, or a condition on an unknown parameter. The message names file and key.
     """
     path = Path(path)
-    data = read_yaml_mapping(path)
-    for key in data:
-        if key not in _SPACE_FIELDS:
-            raise SearchSpaceError(
-                f"{path}: {key}: unknown top-level field (known: {', '.join(_SPACE_FIELDS)})"
-            )
+    data = read_yaml_mapping(path, _SPACE_FIELDS)
     metric = data.get("metric", DEFAULT_METRIC)
     if not isinstance(metric, str) or not metric:
         raise SearchSpaceError(

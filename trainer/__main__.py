@@ -13,20 +13,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from trainer.arguments import add_config_arguments
 from trainer.config import ConfigError, config_to_dict, load_config, resolve_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set loss.variant=mse --set epochs=2 (value parsed as YAML)",
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--fresh", action="store_true", help="delete <output_dir>/checkpoints first instead of resuming"
     )
