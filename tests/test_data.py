@@ -37,8 +37,17 @@ needs_mini = pytest.mark.skipif(
 )
 
 
+GOLDEN = Path(__file__).resolve().parent / "data" / "mini_golden.npz"
+
+
+@pytest.fixture(autouse=True)
+def _annotation_cache_in_tmp(tmp_path, monkeypatch):
+    """The default annotation cache directory goes under tmp_path, never into the real home cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _no_aug(**overrides) -> PipelineConfig:
-    base = dict(flip_prob=0.0, half_body_prob=0.0, rot_prob=0.0, scale_range=(1.0, 1.0))
+    base = dict(flip_prob=0.0, half_body_prob=0.0, rot_prob=0.0, scale_range=(1.0, 1.0), shift_factor=0.0)
     base.update(overrides)
     return PipelineConfig(**base)
 
@@ -312,7 +321,15 @@ def test_sample_augmentation_ranges_and_probabilities():
     assert np.all(np.abs(rotations) <= 40.0 + 1e-9)
     assert abs(np.mean(rotations != 0) - 0.6) < 0.04  # rot_prob
     assert abs(flips.mean() - 0.5) < 0.04
-    assert all(np.array_equal(d[0], center) for d in draws)  # no shift by default
+    # Centre shift (MMPose defaults): p 0.3, at most 0.16 of the box scale per axis.
+    shifts = np.array([(d[0] - center) / scale for d in draws])
+    shifted = np.any(shifts != 0, axis=1)
+    assert abs(shifted.mean() - 0.3) < 0.04
+    assert np.abs(shifts).max() <= 0.16 + 1e-6 and np.abs(shifts).max() > 0.15
+    off = PipelineConfig(half_body_prob=0.0, shift_factor=0.0)
+    assert all(
+        np.array_equal(sample_augmentation(keypoints, center, scale, off, rng)[0], center) for _ in range(200)
+    )
 
 
 def test_half_body_box_covers_the_chosen_half():
@@ -471,3 +488,77 @@ def test_dataset_survives_pickling(tmp_path):
     dataset, _ = _dot_dataset(tmp_path, PipelineConfig())
     clone = pickle.loads(pickle.dumps(dataset))
     assert len(clone) == 1 and clone[0]["image"].shape == (3, 256, 192)
+
+
+# -------------------------------------------------------------------- today's outputs and MMPose's rules
+
+
+def _sample_stats(sample: dict) -> dict[str, np.ndarray]:
+    stats = {
+        k: sample[k].numpy() for k in ("center", "scale", "keypoints", "keypoints_visible", "target_weight")
+    }
+    stats["heatmap_sum"] = sample["heatmaps"].double().sum(dim=(1, 2)).numpy()
+    stats["image_sum"] = sample["image"].double().sum(dim=(1, 2)).numpy()
+    return stats
+
+
+@needs_mini
+def test_samples_equal_the_outputs_recorded_before_the_annotation_cache(tmp_path):
+    """tests/data/mini_golden.npz holds the pipeline's outputs before the cache, the vectorised box code and
+    the MMPose alignments; with the centre shift off they must come out the same, to the last bit except
+    where encode_unbiased now keeps a keypoint that lies 6-7 heatmap px outside the map (MMPose's bound)."""
+    golden = np.load(GOLDEN)
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)
+    cases = {
+        "gt_eval": (WholeBodyTopDownDataset(ANN, MINI, train=False, cache_dir=cache), 12),
+        "det_eval": (
+            WholeBodyTopDownDataset(ANN, MINI, train=False, det_file=DET, det_score_thr=0.3, cache_dir=cache),
+            33,
+        ),
+        "train": (
+            WholeBodyTopDownDataset(ANN, MINI, config=PipelineConfig(shift_factor=0.0), cache_dir=cache),
+            24,
+        ),
+    }
+    for prefix, (dataset, count) in cases.items():
+        for i in range(count):
+            sample = dataset[i % len(dataset)]
+            assert [sample["image_id"], sample["ann_id"]] == golden[f"{prefix}/ids"][i].tolist()
+            assert sample["rotation"] == golden[f"{prefix}/rot"][i]
+            assert sample["flipped"] == golden[f"{prefix}/flip"][i]
+            stats = _sample_stats(sample)
+            changed = stats["target_weight"] != golden[f"{prefix}/target_weight"][i]
+            for name, value in stats.items():
+                expected = golden[f"{prefix}/{name}"][i]
+                if name in ("target_weight", "heatmap_sum"):
+                    value, expected = value[~changed], expected[~changed]
+                np.testing.assert_array_equal(value, expected, err_msg=f"{prefix}[{i}] {name}")
+            if changed.any():  # only newly kept keypoints, 6 to 7 heatmap px outside the map
+                ratio = np.array(dataset.config.heatmap_size) / np.array(dataset.config.input_size)
+                points = stats["keypoints"][changed] * ratio
+                size = np.array(dataset.config.heatmap_size)
+                outside = np.maximum(-points, points - (size - 1)).max(axis=1)
+                assert np.all(stats["target_weight"][changed] == 1) and np.all((outside > 6) & (outside <= 7))
+
+
+def _face_only_copy(tmp_path: Path) -> tuple[Path, Path]:
+    """Mini copy where instance 460541 keeps its hands but loses every body keypoint (num_keypoints 0)."""
+
+    def face_only(data):
+        annotation = next(a for a in data["annotations"] if a["id"] == 460541)
+        annotation["keypoints"] = [0] * 51
+        annotation["num_keypoints"] = 0
+
+    return _mini_copy(tmp_path, face_only)
+
+
+@needs_mini
+def test_gt_instances_without_body_keypoints_are_dropped_as_mmpose_unless_switched(tmp_path):
+    ann, root = _face_only_copy(tmp_path)
+    default = WholeBodyTopDownDataset(ann, root, train=False)
+    anyone = WholeBodyTopDownDataset(ann, root, train=False, gt_instances="any")
+    assert 460541 not in default.sample_ids[1].tolist() and len(default) == 11
+    assert 460541 in anyone.sample_ids[1].tolist() and len(anyone) == 12
+    with pytest.raises(ValueError, match="gt_instances"):
+        WholeBodyTopDownDataset(ann, root, gt_instances="face")

@@ -77,6 +77,10 @@ class DataConfig:
     # DataLoader worker processes per training worker (0 = load in the training process).
     loader_workers: int = 2
     val_batch_size: int = 64
+    # Per-node annotation cache (trainer.annotation_cache); null = $XDG_CACHE_HOME/fowkal or ~/.cache/fowkal.
+    cache_dir: str | None = None
+    # GT instances used: "body" = num_keypoints > 0 (MMPose), "any" = any of the 133 keypoints labelled.
+    gt_instances: str = "body"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

@@ -8,9 +8,10 @@ boxes used by MMPose and the paper). Anything malformed raises ``DatasetError`` 
 annotation id / field / value.
 
 Pipeline (paper, Implementation Details; MMPose defaults where the paper is silent): box -> centre/scale at
-the input aspect ratio with padding 1.25 -> [train] half-body (p 0.3), random scale [0.5, 1.5], random
-rotation [-40, 40] deg (p 0.6), random flip (p 0.5) -> one ``cv2.warpAffine`` to the input size -> ImageNet
-normalisation -> DARK unbiased Gaussian targets (``trainer.codec.encode_unbiased``, sigma 2) on 48x64.
+the input aspect ratio with padding 1.25 -> [train] half-body (p 0.3), random centre shift (0.16 of the
+box, p 0.3), random scale [0.5, 1.5], random rotation [-40, 40] deg (p 0.6), random flip (p 0.5) -> one
+``cv2.warpAffine`` to the input size -> ImageNet normalisation -> DARK unbiased Gaussian targets
+(``trainer.codec.encode_unbiased``, sigma 2) on 48x64.
 
 Sampling facts and choices (documented because MMPose versions differ):
 - Scale and rotation are drawn from a normal truncated to +-1 standard deviation and stretched to the
@@ -36,10 +37,17 @@ Sampling facts and choices (documented because MMPose versions differ):
   first missing files, their annotation ids and the count; ``"skip"`` drops their samples and logs a warning
   with the count (also kept in ``num_skipped_missing_images``). An image that exists but cannot be decoded
   raises ``DatasetError`` when read.
-- Training / GT-box evaluation samples: non-crowd instances with at least one labelled keypoint (any of
-  133) and a non-empty box after clipping to the image (MMPose). Detection samples: ``category_id == 1``
-  (when present), ``score >= det_score_thr``, positive width and height.
-- DataLoader workers: the dataset holds only NumPy arrays, strings and the config (no open files);
+- Training / GT-box evaluation samples: non-crowd instances with at least one labelled *body* keypoint
+  (MMPose drops ``num_keypoints == 0`` even when face or hand points are labelled; ``gt_instances="any"``
+  keeps every instance with any of the 133) and a non-empty box after clipping to the image (MMPose).
+  Detection samples: ``category_id == 1`` (when present), ``score >= det_score_thr``, positive width and
+  height.
+- Annotations: ``load_wholebody_annotations`` converts a file once per cache directory into arrays that
+  every later process memory-maps (``trainer.annotation_cache``); the dataset keeps sample indices into
+  them, so the 133x3 keypoints of a full-size train file stay in the shared page cache. The image check
+  lists each image directory once instead of one ``stat`` per image (cheap on NFS).
+- DataLoader workers: the dataset holds only NumPy arrays, strings, the config and the cache's memory maps,
+  which pickle as their path and reopen after unpickling (fork, spawn and Ray workers alike);
   augmentation randomness comes from a NumPy generator seeded from ``get_worker_info().seed`` (different
   per worker and per epoch) or, in the main process, from torch's global generator (reproducible with
   ``torch.manual_seed``).
@@ -50,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +66,8 @@ import cv2
 import numpy as np
 import torch
 
-from trainer.geometry import apply_affine, box_to_center_scale, get_warp_matrix
+from trainer.annotation_cache import CachedArrays, cached_arrays
+from trainer.geometry import apply_affine, get_warp_matrix
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RANGES, flip_index
 
 logger = logging.getLogger(__name__)
@@ -79,9 +89,17 @@ _UPPER_BODY_BODY_IDS = np.arange(0, 11)
 _LOWER_BODY_BODY_IDS = np.arange(11, 17)
 
 _IMAGE_FIELDS = ("id", "file_name", "width", "height")
+# Parts whose ``<part>_valid`` flag is kept (InstanceRecord.part_valid), in the cache's column order.
+PART_VALID_NAMES: tuple[str, ...] = ("face", "lefthand", "righthand", "foot")
 _ANNOTATION_FIELDS = ("id", "image_id", "bbox", "area", "iscrowd") + tuple(
     name for name, _ in ANNOTATION_KEYPOINT_FIELDS
 )
+
+
+# Which GT instances become samples: "body" = at least one labelled body keypoint (num_keypoints > 0), as
+# MMPose (0.x: max(keypoints) > 0; 1.x CocoWholeBodyDataset); "any" = at least one labelled keypoint of 133.
+GT_INSTANCE_RULES: tuple[str, ...] = ("body", "any")
+DEFAULT_GT_INSTANCES = "body"
 
 
 class DatasetError(ValueError):
@@ -109,9 +127,9 @@ class PipelineConfig:
     # Rotation in [-rot_range, rot_range] deg (truncated normal, std = rot_range), with probability rot_prob.
     rot_range: float = 40.0
     rot_prob: float = 0.6
-    # Random centre shift as a fraction of the box scale (MMPose 1.x: 0.16 with p 0.3; the paper's MMPose 0.x
-    # recipe has none, so it is off by default).
-    shift_factor: float = 0.0
+    # Random centre shift as a fraction of the box scale, with probability shift_prob (MMPose's DARK
+    # whole-body recipe: 1.x RandomBBoxTransform defaults, 0.x configs from v0.26; 0 turns it off).
+    shift_factor: float = 0.16
     shift_prob: float = 0.3
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -162,17 +180,91 @@ class InstanceRecord:
     part_valid: dict[str, bool] = field(default_factory=dict)
 
 
-@dataclass
 class WholeBodyAnnotations:
-    """Parsed annotation file: images by id and person instances in file order."""
+    """Parsed annotation file as flat arrays (memory-mapped from the per-node cache when there is one).
 
-    ann_file: str
-    images: dict[int, ImageRecord]
-    instances: list[InstanceRecord]
+    Arrays, images in file order: ``image_ids``, ``file_names``, ``image_widths``, ``image_heights``;
+    annotations in file order: ``ann_ids``, ``ann_image_ids``, ``bboxes [N, 4]`` (float64), ``areas``,
+    ``iscrowd``, ``num_keypoints``, ``keypoints [N, 133, 3]`` (float32), ``part_valid [N, 4]`` (int8 over
+    ``PART_VALID_NAMES``: 1 true, 0 false, -1 absent), ``labelled_body`` and ``labelled_total`` (labelled
+    keypoints among the 17 body ones and among all 133). ``images`` and ``instances`` build the record
+    views on first use (a full-size train file: ~250k objects, so the dataset does not use them).
+    """
+
+    _ARRAYS = (
+        "image_ids",
+        "file_names",
+        "image_widths",
+        "image_heights",
+        "ann_ids",
+        "ann_image_ids",
+        "bboxes",
+        "areas",
+        "iscrowd",
+        "num_keypoints",
+        "keypoints",
+        "part_valid",
+        "labelled_body",
+        "labelled_total",
+    )
+
+    def __init__(self, ann_file: str, arrays: CachedArrays) -> None:
+        self.ann_file = str(ann_file)
+        self.arrays = arrays
+        self._images: dict[int, ImageRecord] | None = None
+        self._instances: list[InstanceRecord] | None = None
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name in WholeBodyAnnotations._ARRAYS:
+            return self.__dict__["arrays"][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self) -> dict:
+        return {"ann_file": self.ann_file, "arrays": self.arrays, "_images": None, "_instances": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def images(self) -> dict[int, ImageRecord]:
+        """Images by id."""
+        if self._images is None:
+            self._images = {
+                int(i): ImageRecord(image_id=int(i), file_name=str(f), width=int(w), height=int(h))
+                for i, f, w, h in zip(
+                    self.image_ids, self.file_names, self.image_widths, self.image_heights, strict=True
+                )
+            }
+        return self._images
+
+    @property
+    def instances(self) -> list[InstanceRecord]:
+        """Every annotation (crowd and unlabelled ones included) in file order."""
+        if self._instances is None:
+            part_valid = np.asarray(self.part_valid)
+            self._instances = [
+                InstanceRecord(
+                    ann_id=int(self.ann_ids[n]),
+                    image_id=int(self.ann_image_ids[n]),
+                    bbox=tuple(float(v) for v in self.bboxes[n]),
+                    area=float(self.areas[n]),
+                    iscrowd=int(self.iscrowd[n]),
+                    num_keypoints=int(self.num_keypoints[n]),
+                    keypoints=self.keypoints[n],
+                    part_valid={
+                        name: bool(part_valid[n, j])
+                        for j, name in enumerate(PART_VALID_NAMES)
+                        if part_valid[n, j] >= 0
+                    },
+                )
+                for n in range(len(self.ann_ids))
+            ]
+        return self._instances
 
     def instances_with_keypoints(self) -> list[InstanceRecord]:
         """Instances with at least one labelled keypoint (of 133)."""
-        return [inst for inst in self.instances if bool((inst.keypoints[:, 2] > 0).any())]
+        labelled = np.asarray(self.labelled_total) > 0
+        return [inst for inst, keep in zip(self.instances, labelled, strict=True) if keep]
 
 
 @dataclass
@@ -214,14 +306,31 @@ def _as_floats(value, length: int, where: str) -> np.ndarray:
     return array
 
 
-def load_wholebody_annotations(ann_file: str | os.PathLike) -> WholeBodyAnnotations:
-    """Parse and validate a COCO-WholeBody v1.0 annotation file.
+def _annotation_arrays(images: dict, ann_rows: dict) -> dict[str, np.ndarray]:
+    """Both parsers' output in the cache's layout (``WholeBodyAnnotations`` names the arrays)."""
+    keypoints = ann_rows["keypoints"]
+    labelled = keypoints[:, :, 2] > 0
+    return {
+        "image_ids": np.asarray(images["id"], dtype=np.int64),
+        "file_names": np.asarray(images["file_name"], dtype=np.str_).reshape(-1),
+        "image_widths": np.asarray(images["width"], dtype=np.int64),
+        "image_heights": np.asarray(images["height"], dtype=np.int64),
+        "ann_ids": np.asarray(ann_rows["id"], dtype=np.int64),
+        "ann_image_ids": np.asarray(ann_rows["image_id"], dtype=np.int64),
+        "bboxes": np.asarray(ann_rows["bbox"], dtype=np.float64).reshape(-1, 4),
+        "areas": np.asarray(ann_rows["area"], dtype=np.float64),
+        "iscrowd": np.asarray(ann_rows["iscrowd"], dtype=np.int64),
+        "num_keypoints": np.asarray(ann_rows["num_keypoints"], dtype=np.int64),
+        "keypoints": keypoints,
+        "part_valid": np.asarray(ann_rows["part_valid"], dtype=np.int8).reshape(-1, len(PART_VALID_NAMES)),
+        "labelled_body": labelled[:, :17].sum(axis=1).astype(np.int16),
+        "labelled_total": labelled.sum(axis=1).astype(np.int16),
+    }
 
-    Returns images by id and every annotation (crowd and unlabelled ones included; the dataset filters) with
-    its keypoints concatenated to ``[133, 3]``. Raises ``DatasetError`` on malformed JSON, a missing field, a
-    keypoint array of the wrong length, a non-numeric value, a duplicate id or an unknown ``image_id``.
-    """
-    path = Path(ann_file)
+
+def _parse_strict(path: Path) -> dict[str, np.ndarray]:
+    """The reference parser (standard-library JSON, one annotation at a time): every check, in file order,
+    raising ``DatasetError`` with the file, annotation id, field and value of the first problem."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object with 'images' and 'annotations'")
@@ -231,7 +340,8 @@ def load_wholebody_annotations(ann_file: str | os.PathLike) -> WholeBodyAnnotati
         if not isinstance(data[key], list):
             raise DatasetError(f"{path}: field {key!r} must be a list")
 
-    images: dict[int, ImageRecord] = {}
+    images: dict[str, list] = {"id": [], "file_name": [], "width": [], "height": []}
+    seen_images: set[int] = set()
     for position, entry in enumerate(data["images"]):
         where = f"{path}: images[{position}]"
         if not isinstance(entry, dict):
@@ -241,20 +351,22 @@ def load_wholebody_annotations(ann_file: str | os.PathLike) -> WholeBodyAnnotati
                 raise DatasetError(f"{where} (id={entry.get('id')!r}): missing field {key!r}")
         image_id = _as_int(entry["id"], f"{where}: field 'id'")
         where = f"{path}: image id={image_id}"
-        if image_id in images:
+        if image_id in seen_images:
             raise DatasetError(f"{where}: duplicate image id")
+        seen_images.add(image_id)
         if not isinstance(entry["file_name"], str) or not entry["file_name"]:
             raise DatasetError(
                 f"{where}: field 'file_name' must be a non-empty string, got {entry['file_name']!r}"
             )
-        images[image_id] = ImageRecord(
-            image_id=image_id,
-            file_name=entry["file_name"],
-            width=_as_int(entry["width"], f"{where}: field 'width'"),
-            height=_as_int(entry["height"], f"{where}: field 'height'"),
-        )
+        images["id"].append(image_id)
+        images["file_name"].append(entry["file_name"])
+        images["width"].append(_as_int(entry["width"], f"{where}: field 'width'"))
+        images["height"].append(_as_int(entry["height"], f"{where}: field 'height'"))
 
-    instances: list[InstanceRecord] = []
+    rows: dict[str, list] = {
+        "id": [], "image_id": [], "bbox": [], "area": [], "iscrowd": [], "num_keypoints": [], "part_valid": []
+    }  # fmt: skip
+    keypoint_rows: list[np.ndarray] = []
     seen_ids: set[int] = set()
     for position, entry in enumerate(data["annotations"]):
         if not isinstance(entry, dict):
@@ -270,7 +382,7 @@ def load_wholebody_annotations(ann_file: str | os.PathLike) -> WholeBodyAnnotati
             if key not in entry:
                 raise DatasetError(f"{where}: missing field {key!r}")
         image_id = _as_int(entry["image_id"], f"{where}: field 'image_id'")
-        if image_id not in images:
+        if image_id not in seen_images:
             raise DatasetError(f"{where}: field 'image_id' = {image_id} is not in 'images'")
         bbox = _as_floats(entry["bbox"], 4, f"{where}: field 'bbox'")
         parts = []
@@ -280,21 +392,163 @@ def load_wholebody_annotations(ann_file: str | os.PathLike) -> WholeBodyAnnotati
         keypoints = np.concatenate(parts, axis=0).astype(np.float32)
         area = float(_as_floats([entry["area"]], 1, f"{where}: field 'area'")[0])
         num_keypoints = entry.get("num_keypoints", int((keypoints[:17, 2] > 0).sum()))
-        instances.append(
-            InstanceRecord(
-                ann_id=ann_id,
-                image_id=image_id,
-                bbox=tuple(float(v) for v in bbox),
-                area=area,
-                iscrowd=_as_int(entry["iscrowd"], f"{where}: field 'iscrowd'"),
-                num_keypoints=_as_int(num_keypoints, f"{where}: field 'num_keypoints'"),
-                keypoints=keypoints,
-                part_valid={
-                    key[: -len("_valid")]: bool(entry[key]) for key in entry if key.endswith("_valid")
-                },
-            )
+        rows["id"].append(ann_id)
+        rows["image_id"].append(image_id)
+        rows["bbox"].append(bbox)
+        rows["area"].append(area)
+        rows["iscrowd"].append(_as_int(entry["iscrowd"], f"{where}: field 'iscrowd'"))
+        rows["num_keypoints"].append(_as_int(num_keypoints, f"{where}: field 'num_keypoints'"))
+        rows["part_valid"].append(
+            [
+                int(bool(entry[f"{name}_valid"])) if f"{name}_valid" in entry else -1
+                for name in PART_VALID_NAMES
+            ]
         )
-    return WholeBodyAnnotations(ann_file=str(path), images=images, instances=instances)
+        keypoint_rows.append(keypoints)
+    rows["keypoints"] = (
+        np.stack(keypoint_rows) if keypoint_rows else np.zeros((0, NUM_KEYPOINTS, 3), dtype=np.float32)
+    )
+    return _annotation_arrays(images, rows)
+
+
+class _FastPathRejected(Exception):
+    """The fast parser met something it does not handle; the strict parser decides (and names it)."""
+
+
+def _fast_schema():
+    """msgspec types of the fields the pipeline reads (others are skipped); built on first use."""
+    import msgspec
+
+    unset_or_int = int | msgspec.UnsetType
+    any_or_unset = typing.Any
+
+    class Image(msgspec.Struct):
+        id: int
+        file_name: str
+        width: int
+        height: int
+
+    annotation_fields = [
+        ("id", int),
+        ("image_id", int),
+        ("bbox", list[float]),
+        ("area", float),
+        ("iscrowd", int),
+        *[(name, list[float]) for name, _ in ANNOTATION_KEYPOINT_FIELDS],
+        ("num_keypoints", unset_or_int, msgspec.UNSET),
+        *[(f"{name}_valid", any_or_unset, msgspec.UNSET) for name in PART_VALID_NAMES],
+    ]
+    Annotation = msgspec.defstruct("Annotation", annotation_fields)
+    File = msgspec.defstruct("File", [("images", list[Image]), ("annotations", list[msgspec.Raw])])
+    return File, Annotation
+
+
+def _parse_fast(path: Path) -> dict[str, np.ndarray]:
+    """``msgspec`` parser: typed decoding straight into preallocated arrays, one annotation at a time.
+
+    At least as strict as ``_parse_strict`` (integers must be JSON integers, numbers JSON numbers, every
+    field present, ids unique and known): whatever it rejects goes to ``_parse_strict``, which names the
+    problem or, for what only the fast parser refuses (e.g. ``"id": 5.0``), returns the arrays. It keeps each
+    annotation as a slice of the file's bytes until it is decoded, so its peak memory is about the file
+    plus the arrays (the standard library's objects for a full-size train file take several times that).
+    """
+    import msgspec
+
+    file_type, annotation_type = _fast_schema()
+    unset = msgspec.UNSET
+    try:
+        top = msgspec.json.decode(path.read_bytes(), type=file_type)
+        num = len(top.annotations)
+        keypoints = np.empty((num, NUM_KEYPOINTS * 3), dtype=np.float32)
+        ints = np.empty((num, 4), dtype=np.int64)  # id, image_id, iscrowd, num_keypoints
+        has_num_keypoints = np.ones(num, dtype=bool)
+        floats = np.empty((num, 5), dtype=np.float64)  # bbox, area
+        part_valid = np.empty((num, len(PART_VALID_NAMES)), dtype=np.int8)
+        slices, start = [], 0
+        for _, count in ANNOTATION_KEYPOINT_FIELDS:
+            slices.append(slice(start, start + 3 * count))
+            start += 3 * count
+        fields = [name for name, _ in ANNOTATION_KEYPOINT_FIELDS]
+        valid_fields = [f"{name}_valid" for name in PART_VALID_NAMES]
+        decoder = msgspec.json.Decoder(annotation_type)
+        for n, raw in enumerate(top.annotations):
+            entry = decoder.decode(raw)
+            count = entry.num_keypoints
+            if count is unset:
+                has_num_keypoints[n] = False
+                count = 0
+            ints[n] = (entry.id, entry.image_id, entry.iscrowd, count)
+            floats[n, :4] = entry.bbox
+            floats[n, 4] = entry.area
+            row = keypoints[n]
+            for name, part in zip(fields, slices, strict=True):
+                row[part] = getattr(entry, name)
+            part_valid[n] = [
+                -1 if value is unset else int(bool(value))
+                for value in (getattr(entry, name) for name in valid_fields)
+            ]
+        images = top.images
+        del top
+    except (msgspec.DecodeError, ValueError, TypeError, OverflowError) as error:
+        raise _FastPathRejected(str(error)) from None
+    image_ids = np.asarray([image.id for image in images], dtype=np.int64)
+    file_names = [image.file_name for image in images]
+    if (
+        len(np.unique(image_ids)) != len(image_ids)
+        or not all(file_names)
+        or len(np.unique(ints[:, 0])) != num
+        or not np.isin(ints[:, 1], image_ids).all()
+        or not (np.isfinite(floats).all() and np.isfinite(keypoints).all())
+    ):
+        raise _FastPathRejected("duplicate or unknown id, empty file name or non-finite value")
+    keypoints = keypoints.reshape(num, NUM_KEYPOINTS, 3)
+    ints[~has_num_keypoints, 3] = (keypoints[~has_num_keypoints, :17, 2] > 0).sum(axis=1)
+    image_columns = {
+        "id": image_ids,
+        "file_name": file_names,
+        "width": [image.width for image in images],
+        "height": [image.height for image in images],
+    }
+    rows = {
+        "id": ints[:, 0],
+        "image_id": ints[:, 1],
+        "bbox": floats[:, :4],
+        "area": floats[:, 4],
+        "iscrowd": ints[:, 2],
+        "num_keypoints": ints[:, 3],
+        "part_valid": part_valid,
+        "keypoints": keypoints,
+    }
+    return _annotation_arrays(image_columns, rows)
+
+
+def _convert_annotation_file(path: Path) -> dict[str, np.ndarray]:
+    """The cache's conversion: the fast parser where it accepts the file, else the strict one."""
+    try:
+        return _parse_fast(path)
+    except _FastPathRejected:
+        return _parse_strict(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+
+
+def load_wholebody_annotations(
+    ann_file: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> WholeBodyAnnotations:
+    """Parse and validate a COCO-WholeBody v1.0 annotation file, through the per-node annotation cache.
+
+    Returns every image and every annotation (crowd and unlabelled ones included; the dataset filters) with
+    its keypoints concatenated to ``[133, 3]``. The first call for a version of a file converts it into
+    ``cache_dir`` (None: ``trainer.annotation_cache.default_cache_dir()``); later calls, in any process,
+    memory-map that copy (``trainer.annotation_cache``). Raises ``DatasetError`` on malformed JSON, a
+    missing field, a keypoint array of the wrong length, a non-numeric value, a duplicate id or an unknown
+    ``image_id``, naming the file, the annotation id, the field and the value, before anything is cached.
+    """
+    path = Path(ann_file)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    arrays = cached_arrays(path, "wholebody", _convert_annotation_file, cache_dir=cache_dir)
+    return WholeBodyAnnotations(ann_file=str(path), arrays=arrays)
 
 
 def load_detections(det_file: str | os.PathLike, score_thr: float = 0.0) -> list[DetectionRecord]:
@@ -326,16 +580,18 @@ def load_detections(det_file: str | os.PathLike, score_thr: float = 0.0) -> list
     return detections
 
 
-def _clip_box_to_image(bbox, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """Clip an (x, y, w, h) box to the image (MMPose's GT-box sanitation); None when it becomes empty."""
-    x, y, w, h = bbox
-    x1 = min(max(x, 0.0), width - 1.0)
-    y1 = min(max(y, 0.0), height - 1.0)
-    x2 = min(max(x + w, 0.0), width - 1.0)
-    y2 = min(max(y + h, 0.0), height - 1.0)
-    if x2 <= x1 or y2 <= y1:
-        return None
-    return (x1, y1, x2 - x1, y2 - y1)
+def _regular_files(directory: str) -> set[str]:
+    """Names of the files in ``directory`` (symlinks followed, as ``os.path.isfile``); empty if absent."""
+    try:
+        with os.scandir(directory) as entries:
+            return {
+                entry.name
+                for entry in entries
+                # d_type answers for plain entries; only symlinks cost a stat.
+                if (entry.is_file() if entry.is_symlink() else entry.is_file(follow_symlinks=False))
+            }
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def _truncated_normal(rng: np.random.Generator) -> float:
@@ -445,9 +701,12 @@ def _encode_targets(keypoints_input: np.ndarray, visible: np.ndarray, config: Pi
 class WholeBodyTopDownDataset(torch.utils.data.Dataset):
     """Top-down COCO-WholeBody samples: one person box -> one normalised crop and its 133 heatmaps.
 
-    ``train=True``: samples from GT boxes of labelled, non-crowd instances, with augmentation.
-    ``train=False``: no augmentation; samples from GT boxes (same filter) or, with ``det_file``, from person
-    detections with ``score >= det_score_thr`` (then ``ann_id`` is -1 and the targets are all zero).
+    ``train=True``: samples from GT boxes of non-crowd instances with a labelled keypoint (``gt_instances``:
+    ``"body"``, MMPose's rule, needs a labelled *body* keypoint, i.e. ``num_keypoints > 0``; ``"any"`` accepts
+    any of the 133), with augmentation. ``train=False``: no augmentation; samples from GT boxes (same filter)
+    or, with ``det_file``, from person detections with ``score >= det_score_thr`` (then ``ann_id`` is -1 and
+    the targets are all zero). Annotations come through the per-node cache in ``cache_dir``
+    (``load_wholebody_annotations``); keypoints stay in its memory map and are read per sample.
     """
 
     def __init__(
@@ -459,9 +718,13 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
         det_file: str | os.PathLike | None = None,
         det_score_thr: float = 0.0,
         missing_images: str = "error",
+        cache_dir: str | os.PathLike | None = None,
+        gt_instances: str = DEFAULT_GT_INSTANCES,
     ) -> None:
         if missing_images not in ("error", "skip"):
             raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+        if gt_instances not in GT_INSTANCE_RULES:
+            raise ValueError(f"gt_instances must be one of {GT_INSTANCE_RULES}, got {gt_instances!r}")
         if train and det_file is not None:
             raise ValueError("det_file is for evaluation: pass train=False with it")
         self.config = config if config is not None else PipelineConfig()
@@ -469,75 +732,100 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
         self.ann_file = str(ann_file)
         self.image_root = str(image_root)
         self.det_file = None if det_file is None else str(det_file)
-        annotations = load_wholebody_annotations(ann_file)
-        self.images = annotations.images
+        self.gt_instances = gt_instances
+        annotations = load_wholebody_annotations(ann_file, cache_dir=cache_dir)
+        self._annotations = annotations
+        image_ids_all = np.asarray(annotations.image_ids)
+        by_id = np.argsort(image_ids_all, kind="stable")
 
-        image_ids, ann_ids, boxes, scores, keypoints = [], [], [], [], []
+        def image_rows(ids: np.ndarray) -> np.ndarray:
+            return by_id[np.searchsorted(image_ids_all, ids, sorter=by_id)]
+
         self.num_skipped_boxes = 0
         if det_file is None:
-            for inst in annotations.instances:
-                if inst.iscrowd or not bool((inst.keypoints[:, 2] > 0).any()):
-                    continue
-                image = annotations.images[inst.image_id]
-                box = _clip_box_to_image(inst.bbox, image.width, image.height)
-                if box is None or inst.area <= 0:
-                    self.num_skipped_boxes += 1
-                    continue
-                image_ids.append(inst.image_id)
-                ann_ids.append(inst.ann_id)
-                boxes.append(box)
-                scores.append(1.0)
-                keypoints.append(inst.keypoints)
+            labelled = annotations.labelled_body if gt_instances == "body" else annotations.labelled_total
+            rows = np.nonzero((np.asarray(annotations.iscrowd) == 0) & (np.asarray(labelled) > 0))[0]
+            image_ids = np.asarray(annotations.ann_image_ids)[rows]
+            sample_images = image_rows(image_ids)
+            # Clip to the image (MMPose's GT-box sanitation); empty boxes and non-positive areas are skipped.
+            x, y, w, h = np.asarray(annotations.bboxes)[rows].T
+            widths = np.asarray(annotations.image_widths)[sample_images] - 1.0
+            heights = np.asarray(annotations.image_heights)[sample_images] - 1.0
+            x1, y1 = np.minimum(np.maximum(x, 0.0), widths), np.minimum(np.maximum(y, 0.0), heights)
+            x2 = np.minimum(np.maximum(x + w, 0.0), widths)
+            y2 = np.minimum(np.maximum(y + h, 0.0), heights)
+            keep = (x2 > x1) & (y2 > y1) & (np.asarray(annotations.areas)[rows] > 0)
+            self.num_skipped_boxes = int((~keep).sum())
+            self._rows = rows[keep]
+            self._image_ids = image_ids[keep]
+            self._image_rows = sample_images[keep]
+            self._ann_ids = np.asarray(annotations.ann_ids)[self._rows]
+            boxes = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)[keep]
+            self._scores = np.ones(len(self._rows), dtype=np.float32)
         else:
-            for position, det in enumerate(load_detections(det_file, score_thr=det_score_thr)):
-                if det.image_id not in annotations.images:
-                    raise DatasetError(
-                        f"{det_file}: detection [{position}]: image_id={det.image_id} is not in {ann_file}"
-                    )
-                if det.bbox[2] <= 0 or det.bbox[3] <= 0:
-                    self.num_skipped_boxes += 1
-                    continue
-                image_ids.append(det.image_id)
-                ann_ids.append(-1)
-                boxes.append(det.bbox)
-                scores.append(det.score)
+            detections = load_detections(det_file, score_thr=det_score_thr)
+            image_ids = np.asarray([det.image_id for det in detections], dtype=np.int64)
+            boxes = np.asarray([det.bbox for det in detections], dtype=np.float64).reshape(-1, 4)
+            known = np.isin(image_ids, image_ids_all)
+            if not known.all():
+                position = int(np.argmin(known))
+                raise DatasetError(
+                    f"{det_file}: detection [{position}]: image_id={image_ids[position]} is not in {ann_file}"
+                )
+            keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+            self.num_skipped_boxes = int((~keep).sum())
+            self._image_ids = image_ids[keep]
+            self._image_rows = image_rows(self._image_ids)
+            self._rows = np.full(len(self._image_ids), -1, dtype=np.int64)
+            self._ann_ids = np.full(len(self._image_ids), -1, dtype=np.int64)
+            boxes = boxes[keep]
+            self._scores = np.asarray([det.score for det in detections], dtype=np.float32)[keep]
         if self.num_skipped_boxes:
             logger.warning("%s: skipped %d empty boxes", det_file or ann_file, self.num_skipped_boxes)
 
         # Flat NumPy arrays, not lists of objects: cheap to pickle to workers and copy-on-write friendly.
-        self._image_ids = np.asarray(image_ids, dtype=np.int64)
-        self._ann_ids = np.asarray(ann_ids, dtype=np.int64)
-        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        self._scores = np.asarray(scores, dtype=np.float32)
-        self._keypoints = (
-            np.stack(keypoints).astype(np.float32)
-            if keypoints
-            else np.zeros((0, NUM_KEYPOINTS, 3), dtype=np.float32)
-        )
+        self._boxes = boxes.astype(np.float32).reshape(-1, 4)
         self._has_keypoints = det_file is None
         self._check_images(missing_images)
 
+        # box_to_center_scale (trainer.geometry), vectorised: same float64 arithmetic on the float32 boxes.
         aspect = self.config.input_size[0] / self.config.input_size[1]
-        centers, scales = [], []
-        for box in self._boxes:
-            center, scale = box_to_center_scale(box, aspect, padding=self.config.padding)
-            centers.append(center)
-            scales.append(scale)
-        self._centers = np.asarray(centers, dtype=np.float32).reshape(-1, 2)
-        self._scales = np.asarray(scales, dtype=np.float32).reshape(-1, 2)
+        x, y, w, h = self._boxes.astype(np.float64).T
+        self._centers = np.stack([x + w * 0.5, y + h * 0.5], axis=1).astype(np.float32).reshape(-1, 2)
+        wider = w > aspect * h
+        w, h = np.where(wider, w, h * aspect), np.where(wider, w / aspect, h)
+        padding = self.config.padding
+        self._scales = np.stack([w * padding, h * padding], axis=1).astype(np.float32).reshape(-1, 2)
         self._flip_index = np.asarray(flip_index(), dtype=np.int64)
         self._mean = np.asarray(self.config.mean, dtype=np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(self.config.std, dtype=np.float32) * 255.0)
         self._rng: np.random.Generator | None = None
         self._rng_key: object = None
 
-    def _image_path(self, image_id: int) -> str:
-        return os.path.join(self.image_root, self.images[int(image_id)].file_name)
+    @property
+    def images(self) -> dict[int, ImageRecord]:
+        """Images of the annotation file by id (built on first use)."""
+        return self._annotations.images
+
+    def _image_path(self, index: int) -> str:
+        """Path of the image of sample ``index``."""
+        return os.path.join(self.image_root, str(self._annotations.file_names[self._image_rows[index]]))
 
     def _check_images(self, missing_images: str) -> None:
-        missing = sorted(
-            {int(i) for i in np.unique(self._image_ids) if not os.path.isfile(self._image_path(int(i)))}
-        )
+        # One directory listing per image directory (not one stat per image: cheap on NFS too).
+        first_sample = {}
+        for index, image_id in enumerate(self._image_ids.tolist()):
+            first_sample.setdefault(image_id, index)
+        listings: dict[str, set[str]] = {}
+        missing = []
+        for image_id, index in first_sample.items():
+            path = self._image_path(index)
+            directory, name = os.path.split(path)
+            if directory not in listings:
+                listings[directory] = _regular_files(directory)
+            if name not in listings[directory]:
+                missing.append(image_id)
+        missing.sort()
         self.num_skipped_missing_images = 0
         if not missing:
             return
@@ -547,7 +835,8 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
                 return self._ann_ids[self._image_ids == image_id].tolist()
 
             first = ", ".join(
-                f"{self._image_path(i)} (image_id={i}, ann_ids={_ids_of(i)})" for i in missing[:5]
+                f"{self._image_path(first_sample[i])} (image_id={i}, ann_ids={_ids_of(i)})"
+                for i in missing[:5]
             )
             raise DatasetError(
                 f"{self.ann_file}: {len(missing)} image file(s) missing under {self.image_root}: {first}"
@@ -564,9 +853,8 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
             int((~keep).sum()),
         )
         self._image_ids, self._ann_ids = self._image_ids[keep], self._ann_ids[keep]
+        self._image_rows, self._rows = self._image_rows[keep], self._rows[keep]
         self._boxes, self._scores = self._boxes[keep], self._scores[keep]
-        if self._has_keypoints:
-            self._keypoints = self._keypoints[keep]
 
     def __len__(self) -> int:
         return len(self._image_ids)
@@ -593,7 +881,7 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
     def read_image(self, index: int) -> np.ndarray:
         """BGR uint8 image of sample ``index``; ``DatasetError`` naming the file and ids if unreadable."""
         image_id = int(self._image_ids[index])
-        path = self._image_path(image_id)
+        path = self._image_path(index)
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
@@ -608,7 +896,9 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
         center = self._centers[index].copy()
         scale = self._scales[index].copy()
         keypoints = (
-            self._keypoints[index] if self._has_keypoints else np.zeros((NUM_KEYPOINTS, 3), dtype=np.float32)
+            np.array(self._annotations.keypoints[self._rows[index]], dtype=np.float32)
+            if self._has_keypoints
+            else np.zeros((NUM_KEYPOINTS, 3), dtype=np.float32)
         )
         rotation, flipped = 0.0, False
         if self.train:
