@@ -29,9 +29,9 @@ def test_encode_matches_pixelwise_gaussian_and_weight_rules():
     keypoints = rng.uniform([-3.0, -3.0], [HEATMAP_W + 2.0, HEATMAP_H + 2.0], size=(2, 6, 2))
     visible = np.ones((2, 6))
     visible[0, 1] = 0  # invisible -> weight 0
-    keypoints[1, 2] = [-6.5, 30.0]  # 3 sigma = 6 px: reaches no pixel centre (x + 6 < 0)
-    keypoints[1, 3] = [-5.5, 30.0]  # reaches column 0 (x + 6 >= 0) -> still weight 1
-    keypoints[1, 4] = [20.0, HEATMAP_H - 1 + 6.2]  # below the map beyond 3 sigma
+    keypoints[1, 2] = [-7.5, 30.0]  # MMPose's bound: x + 3 sigma + 1 < 0 -> weight 0
+    keypoints[1, 3] = [-6.5, 30.0]  # x + 3 sigma + 1 >= 0 -> weight 1, the faint tail as target
+    keypoints[1, 4] = [20.0, HEATMAP_H + 6.0]  # y - 3 sigma = H, not < H -> weight 0
     keypoints[1, 5] = [np.nan, 10.0]
     heatmaps, weights = encode_unbiased(keypoints, visible, heatmap_size=(HEATMAP_W, HEATMAP_H), sigma=sigma)
 
@@ -47,6 +47,29 @@ def test_encode_matches_pixelwise_gaussian_and_weight_rules():
             else:
                 expected = np.zeros((HEATMAP_H, HEATMAP_W))
             np.testing.assert_allclose(heatmaps[n, k], expected, atol=1e-6)
+
+
+def test_encode_weights_follow_mmpose_bound_at_every_border():
+    """MMPose's generate_unbiased_gaussian_heatmaps keeps weight 1 while mu - 3 sigma < size and
+    mu + 3 sigma + 1 >= 0 on both axes (mu in [-7, size + 6) for sigma 2); a direct port of that test."""
+    sigma, radius = 2.0, 6.0
+    offsets = np.array([-9.0, -7.5, -7.0, -6.99, -6.0, -0.5, 10.0])
+    positions = np.concatenate([offsets, HEATMAP_W - 1 - offsets + 1.0, [HEATMAP_W + 5.99, HEATMAP_W + 6.0]])
+    keypoints = np.stack(np.meshgrid(positions, positions - HEATMAP_W + HEATMAP_H), axis=-1).reshape(1, -1, 2)
+    _, weights = encode_unbiased(keypoints, np.ones(keypoints.shape[:2]), (HEATMAP_W, HEATMAP_H), sigma)
+    for (x, y), weight in zip(keypoints[0], weights[0], strict=True):
+        left, top = x - radius, y - radius
+        right, bottom = x + radius + 1, y + radius + 1
+        expected = not (left >= HEATMAP_W or top >= HEATMAP_H or right < 0 or bottom < 0)
+        assert weight == float(expected), (x, y)
+    assert 0 < weights.mean() < 1
+    # A kept keypoint outside the map gets the Gaussian's tail on the map, peak at the nearest border.
+    heatmaps, weights = encode_unbiased([[[-6.5, 30.0]]], [[1]], (HEATMAP_W, HEATMAP_H), sigma)
+    assert weights[0, 0] == 1
+    np.testing.assert_allclose(
+        heatmaps[0, 0], reference_gaussian(-6.5, 30.0, HEATMAP_W, HEATMAP_H, sigma), atol=1e-7
+    )
+    assert heatmaps[0, 0].max() == pytest.approx(np.exp(-(6.5**2) / 8), rel=1e-5)
 
 
 def test_encode_other_sigma_and_size_and_bad_input():

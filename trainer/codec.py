@@ -21,7 +21,7 @@ import torch
 
 from trainer.keypoints import flip_index as coco_wholebody_flip_index
 
-# Keypoints whose Gaussian support (3 sigma, as MMPose) misses every heatmap pixel centre get weight 0.
+# Half-width of the Gaussian support, in sigmas, for the keypoint weight rule of encode_unbiased.
 _GAUSSIAN_SUPPORT_SIGMAS = 3.0
 # Floor before the log in DARK modulation (the DARK reference implementation uses 1e-10).
 _LOG_FLOOR = 1e-10
@@ -57,7 +57,9 @@ def encode_unbiased(
         ``(heatmaps [N, K, H, W] float32, weights [N, K] float32)``. ``heatmaps[n, k, y, x] =
         exp(-((x - kx)^2 + (y - ky)^2) / (2 sigma^2))`` over the whole map (peak 1 when the keypoint is on a
         pixel centre; values below 1e-19 are flushed to 0). Weight and heatmap are 0 for invisible
-        keypoints, non-finite coordinates and keypoints whose 3-sigma square contains no pixel centre.
+        keypoints, non-finite coordinates and keypoints outside MMPose's bound: a keypoint keeps weight 1
+        while ``k - 3 sigma < size`` and ``k + 3 sigma + 1 >= 0`` on each axis (``k`` in ``[-7, size + 6)``
+        heatmap px for sigma 2), its target then being the Gaussian's faint tail on the map.
     """
     width, height = _check_heatmap_size(heatmap_size)
     if not sigma > 0:
@@ -72,8 +74,11 @@ def encode_unbiased(
     kx, ky = keypoints[..., 0], keypoints[..., 1]
     radius = _GAUSSIAN_SUPPORT_SIGMAS * sigma
     with np.errstate(invalid="ignore"):
+        # MMPose's bound (generate_unbiased_gaussian_heatmaps): weight 1 while mu - 3 sigma < size and
+        # mu + 3 sigma + 1 >= 0, i.e. mu in [-7, size + 6) px for sigma 2, with the Gaussian's faint tail
+        # on the map as the target.
         inside = (
-            (kx + radius >= 0) & (kx - radius <= width - 1) & (ky + radius >= 0) & (ky - radius <= height - 1)
+            (kx - radius < width) & (kx + radius + 1 >= 0) & (ky - radius < height) & (ky + radius + 1 >= 0)
         )
     weights = ((visible > 0) & np.isfinite(kx) & np.isfinite(ky) & inside).astype(np.float32)
 
