@@ -39,6 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"fowkal train: {err}", file=sys.stderr)
         return 2
     from orchestrator.train import TrainingInterrupted, run_training
+    from trainer.preflight import InputFileError
 
     try:
         run_training(
@@ -49,6 +50,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             experiment_name=args.experiment,
         )
+    except InputFileError as err:
+        print(f"fowkal train: {err}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as err:
         print(f"fowkal train: {err}", file=sys.stderr)
         return 130
@@ -97,13 +101,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     config = _load_sweep_config(args.command, args)
     if config is None:
         return 2
-    from orchestrator.sweep import SweepInterrupted, run_sweep
+    from orchestrator.sweep import SweepFailed, SweepInterrupted, run_sweep
+    from trainer.preflight import InputFileError
 
     try:
         run_sweep(args.command, config, sweep_settings_from_args(args))
-    except (SweepError, SearchSpaceError, ConfigError) as err:
+    except (SweepError, SearchSpaceError, ConfigError, InputFileError) as err:
         print(f"fowkal {args.command}: {err}", file=sys.stderr)
         return 2
+    except SweepFailed as err:
+        print(f"fowkal {args.command}: {err}", file=sys.stderr)
+        return 1
     except SweepInterrupted as err:
         print(f"fowkal {args.command}: {err}", file=sys.stderr)
         return 130

@@ -58,6 +58,7 @@ from trainer.config import (
     config_to_dict,
     flatten_config,
 )
+from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def run_sweep(
         arms = load_ablation_arms(definition_path)
         metric, mode = ABLATION_METRIC, "max"
     config = resolve_paths(config)  # trial actors and Train workers may run in other directories
+    check_input_files(config)  # the data and weights files, before Ray and MLflow
     sweep_name = _check_name(settings.name) if settings.name else None
     sweep_name = sweep_name or sweep_name_for(kind, config, definition_text, settings.identity())
     storage_path, resume = settings.storage_path, settings.resume
@@ -270,12 +272,25 @@ def run_sweep(
         tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
         raise
     interrupted = any(s not in ("TERMINATED", "ERROR") for s in trial_statuses.values())
-    tracking.end_run(parent_run_id, "KILLED" if interrupted else "FINISHED", client=client)
-    if interrupted:
-        print_fn(f"sweep interrupted: continue it with the same command and --resume (sweep {sweep_name!r})")
+    failed = sum(s == "ERROR" for s in trial_statuses.values())
+    total = len(trial_statuses)
+    if failed:
+        client.set_tag(parent_run_id, tracking.TAG_FAILED_TRIALS, f"{failed} of {total}")
+        print_fn(f"{failed} of {total} trial(s) failed (their child runs hold the error and error.txt)")
+    all_failed = total > 0 and failed == total
+    if all_failed:
+        reason = f"all {total} trial(s) failed: {_first_trial_error(plan, client)}"
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=reason)
+    else:
+        tracking.end_run(parent_run_id, "KILLED" if interrupted else "FINISHED", client=client)
     print_fn(f"results in {sweep_dir}")
     print_fn(f"report: fowkal report {experiment_name} --tracking-uri {uri}")
     print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+    if all_failed:
+        raise SweepFailed(f"sweep {sweep_name!r}: {reason}", parent_run_id)
+    if interrupted:
+        print_fn(f"sweep interrupted: continue it with the same command and --resume (sweep {sweep_name!r})")
+        raise SweepInterrupted(f"sweep {sweep_name!r} interrupted; resume it with --resume", parent_run_id)
     return SweepOutcome(
         kind=kind,
         sweep_id=sweep_name,
@@ -300,6 +315,25 @@ class SweepInterrupted(RuntimeError):
     def __init__(self, message: str, parent_run_id: str | None = None):
         super().__init__(message)
         self.parent_run_id = parent_run_id
+
+
+class SweepFailed(RuntimeError):
+    """Every trial of the sweep failed; the parent run is FAILED with the first trial's error."""
+
+    def __init__(self, message: str, parent_run_id: str | None = None):
+        super().__init__(message)
+        self.parent_run_id = parent_run_id
+
+
+def _first_trial_error(plan: SweepPlan, client) -> str:
+    """The ``fowkal.error`` tag of the first failed child run (what went wrong, in one line)."""
+    from orchestrator import report
+
+    for run in report.child_runs(client, plan.experiment_id, plan.parent_run_id):
+        error = run.data.tags.get(tracking.TAG_ERROR)
+        if run.info.status == "FAILED" and error:
+            return f"{run.info.run_name}: {error}"
+    return "see the trials' error.txt"
 
 
 def _space_summary(space: SearchSpace) -> dict:
@@ -510,6 +544,7 @@ def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
 __all__ = [
     "ABLATION_METRIC",
     "SweepError",
+    "SweepFailed",
     "SweepInterrupted",
     "SweepOutcome",
     "SweepSettings",

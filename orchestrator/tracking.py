@@ -52,6 +52,7 @@ TAG_SAMPLED = "fowkal.sampled_params"  # JSON list of the sampled dotted keys (s
 TAG_END_REASON = "fowkal.end_reason"
 TAG_BEST_RUN = "fowkal.best_run"
 TAG_DEFINITION_FILE = "fowkal.definition_file"
+TAG_FAILED_TRIALS = "fowkal.failed_trials"  # "k of n" on a sweep's parent run
 # fowkal train.
 TAG_RAY_RUN_NAME = "fowkal.ray_run_name"
 TAG_STORAGE_PATH = "fowkal.storage_path"

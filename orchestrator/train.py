@@ -41,6 +41,7 @@ from orchestrator import tracking
 from orchestrator.launch import build_torch_trainer
 from trainer.config import config_digest
 from trainer.losses import LOSS_VARIANTS
+from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def run_training(
     from orchestrator.ray_utils import init_ray
     from trainer.config import config_to_dict, flatten_config
 
+    check_input_files(config)  # the data and weights files, before MLflow and Ray start
     config_dict = config_to_dict(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, config.output_dir)
     storage = str(Path(storage_path).expanduser().resolve()) if storage_path else default_storage_path(config)

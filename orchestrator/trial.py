@@ -158,11 +158,6 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             ],
         )
         result = trainer_.fit()
-        if _tune_iterations() == 0 and result.metrics:
-            # The Train run had already finished before a --resume (the driver died between the trial's
-            # last epoch and Tune's next state snapshot): nothing new was reported, so hand Tune the final
-            # metrics the run recorded.
-            ray.tune.report(dict(result.metrics))
     except BaseException as err:
         if was_aborted(plan, trial_id):
             # The scheduler stopped the trial and the driver aborted its Train run (ending the child run as
@@ -170,7 +165,13 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             return
         tracking.end_run(run_id, "FAILED", client=client, error=err)
         raise
+    # The Train run trained every epoch: the child run is FINISHED whatever Tune does next.
     tracking.end_run(run_id, "FINISHED", client=client)
+    if _tune_iterations() == 0 and result.metrics:
+        # The Train run had already finished before a --resume (the driver died between the trial's last
+        # epoch and Tune's next state snapshot): nothing new was reported, so hand Tune the final metrics
+        # the run recorded. Tune may end the function right there (SystemExit(0) out of report).
+        ray.tune.report(dict(result.metrics))
 
 
 def _tune_iterations() -> int | None:

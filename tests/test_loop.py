@@ -267,6 +267,14 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, synth_dir, mon
     assert not (Path(cfg.output_dir) / "checkpoints" / "latest.pt").exists()
 
 
+def test_diverging_kal_run_reports_the_non_finite_loss(tmp_path, synth_dir):
+    # lr 1e30 makes the KAF head's output NaN within the first iterations: the error must be the loop's
+    # non-finite-loss message, not the loss's input check on the KAF range.
+    cfg = _tiny_config(tmp_path, synth_dir, epochs=1, optim={"lr": 1e30, "warmup_iters": 0})
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at epoch 1, iteration \d+/"):
+        train_loop_per_worker(cfg)
+
+
 def test_too_small_training_set_is_a_clear_error(tmp_path, synth_dir):
     cfg = _tiny_config(tmp_path, synth_dir, batch_size=64)
     with pytest.raises(ValueError, match=r"fewer than batch_size \(64\)"):

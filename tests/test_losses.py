@@ -513,3 +513,19 @@ def test_loss_config_is_the_one_set_of_settings():
     defaults = LossConfig()
     assert inspect.signature(awing).parameters["omega"].default == defaults.omega
     assert inspect.signature(fwahr_weight).parameters["tau"].default == defaults.tau
+
+
+@pytest.mark.parametrize("variant", ["kal", "fowkal"])
+def test_non_finite_kaf_gives_a_non_finite_total_not_an_input_error(variant):
+    # A diverging model's NaN KAF must reach the training loop's non-finite-loss guard (epoch, lr, hint).
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 133, 8, 6, generator=gen)
+    target = torch.rand(2, 133, 8, 6, generator=gen)
+    weight = torch.ones(2, 133)
+    kaf = torch.full((2, 133), 0.5)
+    kaf[0, 3] = float("nan")
+    total = HeatmapLoss(variant)(pred, target, weight, kaf)
+    assert not torch.isfinite(total)
+    kaf[0, 3] = 1.5  # a finite value outside [0, 1] is still the caller's error
+    with pytest.raises(ValueError, match=r"kaf must lie in \[0, 1\]"):
+        HeatmapLoss(variant)(pred, target, weight, kaf)

@@ -595,3 +595,56 @@ def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_
         assert cell in text, text
     assert "data:image/png;base64," in html_path.read_text()
     json.loads(json.dumps(outcome.run_statuses))  # plain data
+
+
+def test_a_finished_trial_stays_finished_when_tune_ends_it_on_resume(tmp_path, synth_dir, monkeypatch):
+    """Resume after a driver kill: a trial whose Train run had finished reports its final metrics, and Tune
+    may end the trial function right there with SystemExit(0); that is no failure of the trial."""
+    import ray.tune
+
+    from orchestrator import trial
+    from orchestrator.ablation_arms import load_ablation_arms
+    from trainer.config import config_to_dict
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.make_client(uri)
+    experiment_id = tracking.get_or_create_experiment(client, "resume-exit")
+    plan = trial.SweepPlan(
+        kind="ablate",
+        sweep_id="abl",
+        sweep_dir=str(tmp_path / "sweep"),
+        base_config=config_to_dict(_config(tmp_path / "out", synth_dir)),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id="",
+        metric="val/wholebody_AP",
+        mode="max",
+        arms={arm.key: arm for arm in load_ablation_arms(ABLATION_ARMS)},
+    )
+
+    class Context:
+        def get_trial_id(self):
+            return "t0001"
+
+        def get_trial_name(self):
+            return "mse-s0"
+
+    class FinishedTrainer:
+        def fit(self):
+            return type("Result", (), {"metrics": {"epoch": EPOCHS, "val/wholebody_AP": 0.1}})()
+
+    def tune_ends_the_function(metrics):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: Context())
+    monkeypatch.setattr(ray.tune, "report", tune_ends_the_function)
+    monkeypatch.setattr(trial, "build_torch_trainer", lambda *a, **k: FinishedTrainer())
+    monkeypatch.setattr(trial, "_tune_iterations", lambda: 0)
+    import ray.tune.integration.ray_train as tune_train
+
+    monkeypatch.setattr(tune_train, "TuneReportCallback", lambda: None)  # needs a live Tune session
+    with pytest.raises(SystemExit):
+        trial.run_trial({"arm": "a", "seed": 0}, plan)
+    run_id = tracking.find_run_by_resume_key(client, experiment_id, trial.trial_resume_key("abl", "t0001"))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED", run.data.tags.get(tracking.TAG_ERROR)

@@ -522,9 +522,11 @@ class HeatmapLoss(nn.Module):
             raise ValueError(
                 f"HeatmapLoss: kaf must be [B, K] = [{batch}, {keypoints}], got shape {tuple(kaf.shape)}"
             )
-        inside = (kaf >= 0) & (kaf <= 1)  # also False for NaN
-        if not bool(inside.all()):
-            bad = kaf.detach()[~inside]
+        # NaN/inf come from a diverging model, not from a caller's mistake: they pass, so the total is
+        # non-finite and the training loop's guard reports the epoch, iteration and lr.
+        outside = ((kaf < 0) | (kaf > 1)) & torch.isfinite(kaf)
+        if bool(outside.any()):
+            bad = kaf.detach()[outside]
             raise ValueError(f"HeatmapLoss: kaf must lie in [0, 1], got values such as {bad[:5].tolist()}")
 
 
