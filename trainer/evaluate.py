@@ -13,8 +13,9 @@ import contextlib
 import copy
 import io
 import json
+import multiprocessing
+import os
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,12 +77,124 @@ def _load_results(results) -> list[dict]:
                     f"{3 * length} values (x, y, score for {length} keypoints), got {len(result[field])}"
                 )
         # Keep only the result-format fields: xtcocotools' loadRes treats a 'bbox' key as a box result.
-        checked.append({field: copy.deepcopy(result[field]) for field in _RESULT_FIELDS})
+        # A copy (flat lists of numbers: a list copy is a deep one), so xtcocotools' additions stay off them.
+        checked.append(
+            {
+                field: list(result[field]) if type(result[field]) is list else copy.deepcopy(result[field])
+                for field in _RESULT_FIELDS
+            }
+        )
     return checked
 
 
-def evaluate_wholebody(ann_file, results) -> dict[str, float]:
+class WholeBodyEvaluator:
+    """COCO-WholeBody evaluation against one annotation file, parsed once (e.g. once per training run).
+
+    ``evaluate(results)`` runs the six xtcocotools passes (five parts and whole-body); they are independent,
+    so with ``processes > 1`` they run in forked worker processes that inherit the parsed ground truth and
+    results (nothing is pickled but the ten statistics of each pass). Same numbers as one process: each
+    pass recomputes every flag it reads (``ignore``, the score key) from the annotations.
+    """
+
+    def __init__(self, ann_file, processes: int | None = None) -> None:
+        from xtcocotools.coco import COCO
+
+        self.ann_file = Path(ann_file)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"annotation file {self.ann_file} does not exist")
+        # One process per pass, at most one per core; 1 runs the passes here.
+        self.processes = (
+            min(len(_PART_IOU_TYPES), os.cpu_count() or 1) if processes is None else int(processes)
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # xtcocotools prints progress to stdout
+            self.coco_gt = COCO(str(self.ann_file))
+        self._known_ids = set(self.coco_gt.getImgIds())
+
+    @classmethod
+    def for_file(cls, ann_file) -> WholeBodyEvaluator:
+        """This process's evaluator for ``ann_file``, parsed at the first call and reused while the file's
+        path, size and mtime stay the same (the validation epochs of one training run)."""
+        path = Path(ann_file)
+        stat = path.stat() if path.is_file() else None
+        key = (str(path.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns)
+        cached = _EVALUATORS.get("last")
+        if cached is None or cached[0] != key:
+            _EVALUATORS["last"] = cached = (key, cls(path))
+        return cached[1]
+
+    def evaluate(self, results) -> dict[str, float]:
+        """Metrics of ``results``; arguments, return value and errors as ``evaluate_wholebody``."""
+        return self._evaluate_checked(_load_results(results))
+
+    def _evaluate_checked(self, checked: list[dict]) -> dict[str, float]:
+        unknown_ids = sorted({result["image_id"] for result in checked} - self._known_ids, key=str)
+        if unknown_ids:
+            shown = ", ".join(repr(i) for i in unknown_ids[:20]) + (" ..." if len(unknown_ids) > 20 else "")
+            raise ValueError(
+                f"results refer to {len(unknown_ids)} image id(s) not in {self.ann_file}: {shown}"
+            )
+        metrics: dict[str, float] = {}
+        if not checked:
+            all_stats = {part: np.full(len(_STAT_NAMES), -1.0) for part in _PART_IOU_TYPES}
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
+                coco_dt = self.coco_gt.loadRes(checked)
+            all_stats = self._run_passes(coco_dt)
+        for part in _PART_IOU_TYPES:
+            for name, value in zip(_STAT_NAMES, all_stats[part], strict=True):
+                metrics[f"{part}/{name}"] = float(value)
+        for name in ("AP", "AP50", "AP75", "AR"):
+            metrics[f"hand/{name}"] = 0.5 * (metrics[f"lefthand/{name}"] + metrics[f"righthand/{name}"])
+        return metrics
+
+    def _run_passes(self, coco_dt) -> dict[str, np.ndarray]:
+        parts = list(_PART_IOU_TYPES)
+        if self.processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            return {part: _evaluate_pass(self.coco_gt, coco_dt, part) for part in parts}
+        global _FORKED_STATE
+        _FORKED_STATE = (self.coco_gt, coco_dt)
+        try:
+            # Heaviest passes first (133 and 68 keypoints), so the short ones fill in behind them.
+            order = ["wholebody", "face", "body", "lefthand", "righthand", "foot"]
+            with multiprocessing.get_context("fork").Pool(min(self.processes, len(parts))) as pool:
+                stats = dict(zip(order, pool.map(_evaluate_forked_pass, order, chunksize=1), strict=True))
+        finally:
+            _FORKED_STATE = None
+        return {part: stats[part] for part in parts}
+
+
+# The last evaluator WholeBodyEvaluator.for_file built in this process: {"last": (file key, evaluator)}.
+_EVALUATORS: dict = {}
+# (coco_gt, coco_dt) for the forked pass workers, set only while a pool runs.
+_FORKED_STATE = None
+
+
+def _evaluate_forked_pass(part: str) -> np.ndarray:
+    coco_gt, coco_dt = _FORKED_STATE
+    return _evaluate_pass(coco_gt, coco_dt, part)
+
+
+def _evaluate_pass(coco_gt, coco_dt, part: str) -> np.ndarray:
+    """One xtcocotools pass: the part's sigmas, OKS over the GT area, the ten keypoint statistics."""
+    from xtcocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # Results carry one 'score' per instance; xtcocotools warns that it uses it for every part.
+        warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
+        coco_eval = COCOeval(coco_gt, coco_dt, _PART_IOU_TYPES[part], _part_sigmas(part), use_area=True)
+        coco_eval.params.useSegm = None
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return np.asarray(coco_eval.stats, dtype=np.float64)
+
+
+def evaluate_wholebody(ann_file, results, processes: int | None = None) -> dict[str, float]:
     """COCO-WholeBody keypoint AP/AR of ``results`` against the annotation file ``ann_file``.
+
+    Parses ``ann_file`` at every call: a caller that scores many result sets against one file (a training
+    run's validation epochs) builds one ``WholeBodyEvaluator`` instead.
 
     Args:
         ann_file: COCO-WholeBody v1.0 annotation JSON (path).
@@ -89,6 +202,7 @@ def evaluate_wholebody(ann_file, results) -> dict[str, float]:
             ``face_kpts`` 68x3, ``lefthand_kpts`` 21x3, ``righthand_kpts`` 21x3, flattened, with a keypoint
             score as third value, and ``score``), or the path of a JSON file holding that list. Other keys
             are ignored. The inputs are not modified.
+        processes: worker processes for the six passes (None: one per core, at most 6; 1: this process).
 
     Returns:
         ``{part}/{stat}`` for part in body, foot, face, lefthand, righthand, wholebody and stat in AP, AP50,
@@ -99,43 +213,11 @@ def evaluate_wholebody(ann_file, results) -> dict[str, float]:
     Raises:
         ValueError: a result is malformed, or refers to image ids absent from ``ann_file`` (named).
     """
-    from xtcocotools.coco import COCO
-    from xtcocotools.cocoeval import COCOeval
-
     ann_path = Path(ann_file)
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file {ann_path} does not exist")
-    checked = _load_results(results)
-
-    quiet = io.StringIO()  # xtcocotools prints progress and summaries to stdout
-    with contextlib.redirect_stdout(quiet):
-        coco_gt = COCO(str(ann_path))
-    known_ids = set(coco_gt.getImgIds())
-    unknown_ids = sorted({result["image_id"] for result in checked} - known_ids, key=str)
-    if unknown_ids:
-        shown = ", ".join(repr(i) for i in unknown_ids[:20]) + (" ..." if len(unknown_ids) > 20 else "")
-        raise ValueError(f"results refer to {len(unknown_ids)} image id(s) not in {ann_path}: {shown}")
-
-    metrics: dict[str, float] = {}
-    with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
-        # Results carry one 'score' per instance; xtcocotools warns that it uses it for every part.
-        warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
-        coco_dt = coco_gt.loadRes(checked) if checked else None
-        for part, iou_type in _PART_IOU_TYPES.items():
-            if coco_dt is None:
-                stats = np.full(len(_STAT_NAMES), -1.0)
-            else:
-                coco_eval = COCOeval(coco_gt, coco_dt, iou_type, _part_sigmas(part), use_area=True)
-                coco_eval.params.useSegm = None
-                coco_eval.evaluate()
-                coco_eval.accumulate()
-                coco_eval.summarize()
-                stats = coco_eval.stats
-            for name, value in zip(_STAT_NAMES, stats, strict=True):
-                metrics[f"{part}/{name}"] = float(value)
-    for name in ("AP", "AP50", "AP75", "AR"):
-        metrics[f"hand/{name}"] = 0.5 * (metrics[f"lefthand/{name}"] + metrics[f"righthand/{name}"])
-    return metrics
+    checked = _load_results(results)  # malformed results are reported before the file is parsed
+    return WholeBodyEvaluator(ann_path, processes=processes)._evaluate_checked(checked)
 
 
 def keypoints_to_results(image_ids, keypoints_133x3, scores, category_id: int = 1) -> list[dict]:
@@ -166,10 +248,15 @@ def keypoints_to_results(image_ids, keypoints_133x3, scores, category_id: int = 
     for field, length in ANNOTATION_KEYPOINT_FIELDS:
         field_slices.append((field, slice(start, start + length)))
         start += length
-    for image_id, instance, score in zip(image_ids, keypoints, scores, strict=True):
-        result = {"image_id": image_id, "category_id": int(category_id), "score": float(score)}
-        for field, part_slice in field_slices:
-            result[field] = instance[part_slice].reshape(-1).tolist()
+    # One tolist per field for all instances (the same Python floats as per instance, far fewer calls).
+    columns = [
+        (field, keypoints[:, part_slice].reshape(len(keypoints), -1).tolist())
+        for field, part_slice in field_slices
+    ]
+    for n, (image_id, score) in enumerate(zip(image_ids, scores.tolist(), strict=True)):
+        result = {"image_id": image_id, "category_id": int(category_id), "score": score}
+        for field, values in columns:
+            result[field] = values[n]
         results.append(result)
     return results
 
@@ -200,12 +287,26 @@ def rescore_instances(box_scores, keypoint_scores, keypoint_score_thr: float = 0
     return box_scores * mean
 
 
-def _oks_one_to_many(keypoints, others, area, other_areas, variances) -> np.ndarray:
-    # OKS between one instance and many, normalised by the mean of the two areas (MMPose's oks_iou).
-    squared_distance = ((others - keypoints[None]) ** 2).sum(axis=-1)  # [M, K]
-    mean_area = (area + other_areas) / 2 + np.spacing(1)
-    exponent = squared_distance / variances[None] / mean_area[:, None] / 2
-    return np.exp(-exponent).mean(axis=1)
+def _oks_matrix(keypoints: np.ndarray, areas: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """``[M, M]`` OKS between the instances of one image, normalised by the mean of the two areas (MMPose's
+    oks_iou); entry ``[i, j]`` takes exactly the operations of ``oks_iou(keypoints[i], keypoints[j])``."""
+    squared_distance = ((keypoints[None, :] - keypoints[:, None]) ** 2).sum(axis=-1)  # [M, M, K]
+    mean_area = (areas[:, None] + areas[None, :]) / 2 + np.spacing(1)
+    exponent = squared_distance / variances / mean_area[..., None] / 2
+    return np.exp(-exponent).mean(axis=-1)
+
+
+def _greedy_keep(oks: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
+    """Greedy NMS on a precomputed OKS matrix: highest score first, drop later ones with OKS > ``thr``."""
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep: list[int] = []
+    for index in order.tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        suppressed |= oks[index] > thr
+    return keep
 
 
 def oks_nms(instances: Sequence[dict], thr: float = 0.9, sigmas=SIGMAS) -> list[int]:
@@ -236,16 +337,7 @@ def oks_nms(instances: Sequence[dict], thr: float = 0.9, sigmas=SIGMAS) -> list[
         raise ValueError(
             f"oks_nms: instances have {keypoints.shape[1]} keypoints but sigmas has {sigmas.shape[0]}"
         )
-    variances = (2 * sigmas) ** 2
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size > 0:
-        best = int(order[0])
-        keep.append(best)
-        rest = order[1:]
-        oks = _oks_one_to_many(keypoints[best], keypoints[rest], areas[best], areas[rest], variances)
-        order = rest[oks <= thr]
-    return keep
+    return _greedy_keep(_oks_matrix(keypoints, areas, (2 * sigmas) ** 2), scores, thr)
 
 
 def detections_to_results(
@@ -285,13 +377,19 @@ def detections_to_results(
             f"({keypoints.shape[0]}) must have the same length"
         )
     scores = rescore_instances(box_scores, keypoint_scores, keypoint_score_thr)
-    by_image: dict = defaultdict(list)
-    for index, image_id in enumerate(image_ids.tolist()):
-        by_image[image_id].append(index)
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if keypoints.shape[1] != sigmas.shape[0]:
+        raise ValueError(f"keypoints have {keypoints.shape[1]} keypoints but sigmas has {sigmas.shape[0]}")
+    variances = (2 * sigmas) ** 2
+    # Per image (grouped by one stable sort), one OKS matrix and a greedy pass over it.
+    by_image = np.argsort(image_ids, kind="stable")
+    sorted_ids = image_ids[by_image]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(by_image) else []
     kept: list[int] = []
-    for indices in by_image.values():
-        instances = [{"keypoints": keypoints[i], "score": scores[i], "area": areas[i]} for i in indices]
-        kept.extend(indices[j] for j in oks_nms(instances, nms_thr, sigmas))
+    for start, stop in zip(starts, [*starts[1:], len(by_image)], strict=True):
+        indices = by_image[start:stop]
+        oks = _oks_matrix(keypoints[indices], areas[indices], variances)
+        kept.extend(indices[_greedy_keep(oks, scores[indices], nms_thr)].tolist())
     kept.sort()
     keypoints_133x3 = np.concatenate([keypoints[kept], keypoint_scores[kept][..., None]], axis=-1)
     return keypoints_to_results(image_ids[kept], keypoints_133x3, scores[kept], category_id)

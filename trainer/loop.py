@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from trainer.checkpoint import CHECKPOINT_FILE, load_training_checkpoint, save_atomic
 from trainer.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict
 from trainer.data import WholeBodyTopDownDataset
-from trainer.evaluate import evaluate_wholebody
+from trainer.evaluate import WholeBodyEvaluator
 from trainer.inference import autocast_dtype, predict_keypoints, results_from_predictions
 from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.losses import HeatmapLoss
@@ -402,7 +402,9 @@ def train_loop_per_worker(
                 predictions = {key: np.concatenate([part[key] for part in gathered]) for key in predictions}
             val_metrics = [None]
             if is_main:
-                scores = evaluate_wholebody(paths["val_ann"], results_from_predictions(predictions))
+                # The val annotation file is parsed at the first evaluation of the run, then reused.
+                evaluator = WholeBodyEvaluator.for_file(paths["val_ann"])
+                scores = evaluator.evaluate(results_from_predictions(predictions))
                 val_metrics = [{name: scores[key] for key, name in VAL_METRICS.items()}]
             if distributed:  # every worker reports the same numbers and tracks the same best AP
                 torch.distributed.broadcast_object_list(val_metrics, src=0)
