@@ -9,6 +9,21 @@ import os
 # local Ray advertises at least this many logical CPUs; the workers then share the real cores, which is what
 # a user on a small machine wants (slower, but it runs).
 MIN_LOCAL_LOGICAL_CPUS = 4
+# Ray's single-node mode (its default on macOS and Windows): the node's address is the loopback address, so
+# every server it starts (GCS, raylet, object manager, workers, agents) listens on loopback only. Without it
+# a local Ray on Linux listens on every interface of the machine.
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _single_node_mode() -> None:
+    """Put Ray in single-node (loopback-only) mode for a local instance started by this process."""
+    os.environ[_SINGLE_NODE_ENV] = "0"  # the processes Ray starts read it at their import
+    try:  # this process may have imported Ray already: its constant was read then
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # pragma: no cover - a Ray without the switch
+        pass
 
 
 def local_logical_cpus(num_cpus: int | None = None) -> int:
@@ -25,8 +40,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
 
     - ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit`` for the entrypoint) given: connect to that
       cluster; ``num_cpus`` is then ignored because a cluster's size is its own.
-    - Neither: start a local Ray with ``local_logical_cpus(num_cpus)`` logical CPUs and its dashboard bound to
-      127.0.0.1 only (never exposed on the network).
+    - Neither: start a local Ray with ``local_logical_cpus(num_cpus)`` logical CPUs in single-node mode:
+      every server it starts listens on loopback only, the dashboard on 127.0.0.1 (never exposed on the
+      network).
 
     Calling it again in a process where Ray is already up is a no-op.
     """
@@ -40,6 +56,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
     else:
         # address="local": always a new instance; a bare ray.init() would join any `ray start` cluster
         # already running on this machine.
+        _single_node_mode()
         ray.init(
             address="local",
             num_cpus=local_logical_cpus(num_cpus),

@@ -279,3 +279,16 @@ def test_too_small_training_set_is_a_clear_error(tmp_path, synth_dir):
     cfg = _tiny_config(tmp_path, synth_dir, batch_size=64)
     with pytest.raises(ValueError, match=r"fewer than batch_size \(64\)"):
         train_loop_per_worker(cfg)
+
+
+def test_progress_lines_do_not_go_through_print(monkeypatch, capsys):
+    # Ray Train replaces builtins.print in its workers with one that logs and echoes: a line printed there
+    # reached the driver twice. The loop's lines bypass print.
+    import builtins
+
+    def patched_print(*args, **kwargs):
+        raise AssertionError("progress went through print")
+
+    monkeypatch.setattr(builtins, "print", patched_print)
+    loop.say("[fowkal] epoch=1")
+    assert capsys.readouterr().out == "[fowkal] epoch=1\n"

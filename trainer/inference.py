@@ -159,6 +159,8 @@ def build_eval_dataset(config, ann_file, image_dir, det_file=None, det_score_thr
         train=False,
         det_file=det_file,
         det_score_thr=det_score_thr,
+        cache_dir=config.data.cache_dir,
+        gt_instances=config.data.gt_instances,
     )
 
 

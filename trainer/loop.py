@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -133,6 +134,13 @@ def _synthetic_dataset(directory: Path, num_images: int, seed: int) -> tuple[str
     return str(ann_file), str(directory / _SYNTH_IMAGE_DIR)
 
 
+def say(line: str) -> None:
+    """One progress line on stdout. Not ``print``: Ray Train patches ``print`` in its workers to log and also
+    echo each line, so every printed line reached the driver's console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _ray_train_context() -> Any | None:
     """The Ray Train context inside a Ray Train worker, else None (plain run)."""
     try:
@@ -223,8 +231,9 @@ def train_loop_per_worker(
     # ---- data
     paths = resolve_datasets(cfg.data)
     pipeline = cfg.data.pipeline
+    annotations = {"cache_dir": cfg.data.cache_dir, "gt_instances": cfg.data.gt_instances}
     train_set = WholeBodyTopDownDataset(
-        paths["train_ann"], paths["train_images"], config=pipeline, train=True
+        paths["train_ann"], paths["train_images"], config=pipeline, train=True, **annotations
     )
     val_set = WholeBodyTopDownDataset(
         paths["val_ann"],
@@ -233,6 +242,7 @@ def train_loop_per_worker(
         train=False,
         det_file=paths["val_det"],
         det_score_thr=cfg.data.det_score_thr,
+        **annotations,
     )
     if len(train_set) < cfg.batch_size * world_size:
         raise ValueError(
@@ -310,7 +320,7 @@ def train_loop_per_worker(
         else:  # only rank 0's generators are saved; the others restart from a seed that depends on the epoch
             _seed_everything(cfg.seed + rank + 1000 * start_epoch)
         if is_main:
-            print(f"[fowkal] resuming at epoch {start_epoch + 1}/{cfg.epochs}")
+            say(f"[fowkal] resuming at epoch {start_epoch + 1}/{cfg.epochs}")
     model = raw_model
     if ray_context is not None:
         model = ray.train.torch.prepare_model(raw_model)  # DDP when world_size > 1
@@ -434,7 +444,7 @@ def train_loop_per_worker(
                 stream.write(json.dumps(metrics) + "\n")
             if kaf_history:
                 np.save(output_dir / "kaf_history.npy", np.asarray(kaf_history, dtype=np.float32))
-            print("[fowkal] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            say("[fowkal] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if ray_context is not None:
             with tempfile.TemporaryDirectory() as directory:
                 ray_checkpoint = None

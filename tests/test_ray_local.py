@@ -1,0 +1,61 @@
+"""The local Ray that fowkal starts listens on loopback only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@pytest.mark.slow
+def test_local_ray_servers_listen_on_loopback_only():
+    code = textwrap.dedent(
+        """
+        import json, os, time
+        import psutil
+        import ray.train  # imported first, as fowkal's modules do, before the local Ray starts
+        from orchestrator.ray_utils import init_ray, shutdown_ray
+
+        init_ray(num_cpus=2)
+
+        @ray.remote
+        class Echo:
+            def pid(self):
+                return os.getpid()
+
+        actor = Echo.remote()
+        ray.get(actor.pid.remote())
+        ray.get(ray.remote(lambda: os.getpid()).remote())
+        time.sleep(2)
+        me = psutil.Process()
+        listening = []
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        listening.append([proc.name(), conn.laddr.ip, conn.laddr.port])
+            except psutil.Error:
+                pass
+        shutdown_ray()
+        print(json.dumps(listening))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listening = json.loads(result.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # the check saw Ray's own servers
+    exposed = [entry for entry in listening if entry[1] not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback: {exposed}"
