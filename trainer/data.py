@@ -878,6 +878,24 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
             self._rng_key = key
         return self._rng
 
+    def generator_state(self) -> str | None:
+        """The main-process augmentation generator's state as JSON text (a checkpoint keeps it so a resumed
+        ``loader_workers=0`` run draws the augmentations an uninterrupted one would), or None when this
+        process has not drawn from it (loader workers reseed per epoch from torch's generator instead)."""
+        if self._rng is None or self._rng_key != ("main", os.getpid()):
+            return None
+        return json.dumps(self._rng.bit_generator.state)
+
+    def restore_generator_state(self, state: str) -> None:
+        """Continue the main-process generator from :meth:`generator_state`'s text."""
+        try:
+            values = json.loads(state)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = values
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{self.ann_file}: unreadable augmentation generator state: {err}") from err
+        self._rng, self._rng_key = rng, ("main", os.getpid())
+
     def read_image(self, index: int) -> np.ndarray:
         """BGR uint8 image of sample ``index``; ``DatasetError`` naming the file and ids if unreadable."""
         image_id = int(self._image_ids[index])

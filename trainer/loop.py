@@ -317,6 +317,8 @@ def train_loop_per_worker(
         kaf_history = [row.numpy() for row in state["kaf_history"]]
         if is_main:
             _set_rng_state(state["rng"])
+            if state.get("data_rng"):  # the main-process augmentation generator (loader_workers=0)
+                train_set.restore_generator_state(state["data_rng"])
         else:  # only rank 0's generators are saved; the others restart from a seed that depends on the epoch
             _seed_everything(cfg.seed + rank + 1000 * start_epoch)
         if is_main:
@@ -436,6 +438,7 @@ def train_loop_per_worker(
                 np.asarray(kaf_history, dtype=np.float32).reshape(-1, NUM_KEYPOINTS)
             ),
             "rng": _rng_state(),
+            "data_rng": train_set.generator_state() or "",
             "config": config_to_dict(cfg),
             "metrics": metrics,
         }
