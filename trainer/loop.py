@@ -76,13 +76,9 @@ def lr_factor(iteration: int, iters_per_epoch: int, epochs: int, optim: OptimCon
     return factor * optim.lr_decay_factor**decays
 
 
-def resolve_datasets(data: DataConfig) -> dict[str, str | None]:
-    """Annotation files and image roots of the run; synthetic data sets are generated here on first use.
-
-    Returns ``{"train_ann", "train_images", "val_ann", "val_images", "val_det"}``. Generation is safe when
-    several workers (or nodes) start at once: each writes into a private temporary directory that is renamed
-    into place; a worker that loses the race discards its copy (same seed, same data).
-    """
+def dataset_paths(data: DataConfig) -> dict[str, str | None]:
+    """``{"train_ann", "train_images", "val_ann", "val_images", "val_det"}`` of the run, without generating
+    anything (synthetic sets: where :func:`resolve_datasets` puts them)."""
     if data.kind == "coco_wholebody":
         return {
             "train_ann": data.train_ann_file,
@@ -91,24 +87,34 @@ def resolve_datasets(data: DataConfig) -> dict[str, str | None]:
             "val_images": data.val_image_root,
             "val_det": data.val_det_file,
         }
-    root = Path(data.synthetic_dir)
-    train_ann, train_images = _synthetic_dataset(
-        root / f"train_n{data.synthetic_train_images}_s{data.synthetic_train_seed}",
-        data.synthetic_train_images,
-        data.synthetic_train_seed,
-    )
-    val_ann, val_images = _synthetic_dataset(
-        root / f"val_n{data.synthetic_val_images}_s{data.synthetic_val_seed}",
-        data.synthetic_val_images,
-        data.synthetic_val_seed,
-    )
-    return {
-        "train_ann": train_ann,
-        "train_images": train_images,
-        "val_ann": val_ann,
-        "val_images": val_images,
-        "val_det": None,
-    }
+    paths: dict[str, str | None] = {"val_det": None}
+    for split in ("train", "val"):
+        directory = _synthetic_dir(data, split)
+        paths[f"{split}_ann"] = str(directory / _SYNTH_ANN_FILE)
+        paths[f"{split}_images"] = str(directory / _SYNTH_IMAGE_DIR)
+    return paths
+
+
+def _synthetic_dir(data: DataConfig, split: str) -> Path:
+    images = data.synthetic_train_images if split == "train" else data.synthetic_val_images
+    seed = data.synthetic_train_seed if split == "train" else data.synthetic_val_seed
+    return Path(data.synthetic_dir) / f"{split}_n{images}_s{seed}"
+
+
+def resolve_datasets(data: DataConfig) -> dict[str, str | None]:
+    """Annotation files and image roots of the run; synthetic data sets are generated here on first use.
+
+    Returns :func:`dataset_paths`. Generation is safe when several workers (or nodes) start at once: each
+    writes into a private temporary directory that is renamed into place; a worker that loses the race
+    discards its copy (same seed, same data).
+    """
+    if data.kind == "synthetic":
+        for split, images, seed in (
+            ("train", data.synthetic_train_images, data.synthetic_train_seed),
+            ("val", data.synthetic_val_images, data.synthetic_val_seed),
+        ):
+            _synthetic_dataset(_synthetic_dir(data, split), images, seed)
+    return dataset_paths(data)
 
 
 _SYNTH_ANN_FILE = "annotations.json"
