@@ -24,6 +24,7 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,6 +40,14 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator import tracking
 from orchestrator.launch import build_torch_trainer
+from orchestrator.metric_spool import (
+    MetricSender,
+    MetricSpool,
+    deliver_pending,
+    spool_path,
+    tracking_server_reachable,
+    wait_for_tracking_server,
+)
 from trainer.config import config_digest
 from trainer.losses import LOSS_VARIANTS
 from trainer.preflight import check_input_files
@@ -50,6 +59,20 @@ BEST_METRIC = "val/wholebody_AP"
 # trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
 KAF_HISTORY_FILE = "kaf_history.npy"
 DEFAULT_EXPERIMENT = "fowkal-train"
+# How long a sweep trial's last report waits for its metrics to reach MLflow (values left stay spooled).
+FINAL_FLUSH_S = 30.0
+# How long the end of `fowkal train` waits for an unreachable tracking server before keeping the record's
+# rest (metrics, outputs, status) for a re-run of the same command.
+FINISH_WAIT_S = 30.0
+
+
+class TrackingIncomplete(RuntimeError):
+    """Training finished but the tracking server was unreachable: the record's rest is kept locally, and
+    re-running the same command completes it without training again."""
+
+    def __init__(self, message: str, run_id: str):
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class TrainingInterrupted(RuntimeError):
@@ -91,24 +114,47 @@ def default_storage_path(config) -> str:
 class MlflowReportCallback(UserCallback):
     """Logs rank 0's metrics of every ``ray.train.report`` to an MLflow run, at step = the reported epoch.
 
-    Runs on the Ray Train controller (pickled there; the MLflow client is created lazily in that process).
+    Runs on the Ray Train controller (pickled there). Nothing here waits on the tracking server: the values
+    go to the run's spool under ``spool_dir`` and a sender thread delivers them with retries
+    (``orchestrator.metric_spool``), so an outage neither stalls training nor loses values. With
+    ``final_epoch`` (sweep trials, whose driver does not replay the spool afterwards) the report of that
+    epoch waits up to ``final_flush_s`` for the spool to drain.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        spool_dir: str,
+        final_epoch: int | None = None,
+        final_flush_s: float = FINAL_FLUSH_S,
+    ):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.spool_dir = str(Path(spool_dir).expanduser().resolve())
+        self.final_epoch = final_epoch
+        self.final_flush_s = final_flush_s
         self._client = None
+        self._sender = None
         self._reports = 0
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_client"] = None  # a client holds connections; make a fresh one where it is unpickled
+        # A client holds connections and the sender a thread; make fresh ones where it is unpickled.
+        state["_client"] = None
+        state["_sender"] = None
         return state
 
     def _get_client(self):
         if self._client is None:
             self._client = tracking.make_client(self.tracking_uri)
         return self._client
+
+    def _get_sender(self) -> MetricSender:
+        if self._sender is None:
+            self._sender = MetricSender(self.tracking_uri, self.run_id, self.spool_dir)
+        return self._sender
 
     def after_report(self, run_context, metrics, checkpoint):
         self._reports += 1
@@ -119,7 +165,18 @@ class MlflowReportCallback(UserCallback):
             epoch = rank0.get("epoch", self._reports)
             finite = isinstance(epoch, int | float) and not isinstance(epoch, bool) and math.isfinite(epoch)
             step = int(epoch) if finite else self._reports
-            tracking.log_epoch_metrics(self.run_id, rank0, step, client=self._get_client())
+            sender = self._get_sender()
+            sender.submit(tracking.numeric_metrics(rank0), step)
+            if self.final_epoch is not None and step >= self.final_epoch:
+                left = sender.flush(self.final_flush_s)
+                if left:
+                    logger.warning(
+                        "%d metric value(s) of run %s not yet in MLflow at %s; they stay in %s",
+                        left,
+                        self.run_id,
+                        self.tracking_uri,
+                        sender.spool.path,
+                    )
         except Exception as err:  # never let tracking break training
             logger.warning("MLflow logging of report %d failed: %s", self._reports, err)
 
@@ -261,6 +318,15 @@ def run_training(
         resume_key=f"{storage}/{name}",
     )
     print_fn(f"MLflow run {run_id} ({name}) in {uri}")
+    spool = MetricSpool(spool_path(config.output_dir, run_id))
+    if resume and finish_marker(spool).is_file():
+        outcome = _complete_pending_record(config, client, run_id, uri, name, storage, spool, print_fn)
+        if outcome is not None:
+            print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+            return outcome
+    replayed = _replay_spool(spool, run_id, client)  # values an earlier process could not deliver
+    if replayed:
+        print_fn(f"replayed {replayed} metric value(s) that had not reached MLflow ({spool.path})")
 
     interrupt_log: list[str] = []
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -281,7 +347,7 @@ def run_training(
             config,
             name=name,
             storage_path=storage,
-            callbacks=[MlflowReportCallback(uri, run_id), *(callbacks or [])],
+            callbacks=[MlflowReportCallback(uri, run_id, spool_dir=config.output_dir), *(callbacks or [])],
             score_metric=BEST_METRIC,
             trainer_cls=InterruptAwareTorchTrainer,
         )
@@ -292,12 +358,14 @@ def run_training(
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as err:
         _restore_handlers(previous_handlers)
+        _replay_spool(spool, run_id, client)  # the epochs that were reported reach the run
         reason = ", ".join(interrupt_log) or type(err).__name__
         tracking.end_run(run_id, "KILLED", client=client, error=f"interrupted by {reason}")
         print_fn(f"training interrupted ({reason}); MLflow run {run_id} ended as KILLED")
         raise TrainingInterrupted(f"training {name!r} interrupted by {reason}", run_id) from err
     except Exception as err:
         _restore_handlers(previous_handlers)
+        _replay_spool(spool, run_id, client)
         if interrupt_log and (_is_ray_actor_error(err) or _is_training_failed_error(err)):
             reason = ", ".join(interrupt_log)
             tracking.end_run(run_id, "KILLED", client=client, error=f"interrupted by {reason}")
@@ -308,12 +376,7 @@ def run_training(
         raise
     _restore_handlers(previous_handlers)
 
-    try:
-        outcome = _finish(config, result, client, run_id, uri, name, storage, print_fn)
-    except BaseException as err:
-        tracking.end_run(run_id, "FAILED", client=client, error=err)
-        raise
-    tracking.end_run(run_id, "FINISHED", client=client)
+    outcome = _record_finished(config, result, client, run_id, uri, name, storage, spool, print_fn)
     print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
     return outcome
 
@@ -358,6 +421,82 @@ def _finish(config, result, client, run_id, uri, name, storage, print_fn) -> Tra
         latest_checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
         artifacts=artifacts,
     )
+
+
+def finish_marker(spool: MetricSpool) -> Path:
+    """The file that says a run trained to the end but its record is incomplete (beside its spool)."""
+    return spool.path.with_suffix(".finish.json")
+
+
+def _replay_spool(spool: MetricSpool, run_id: str, client) -> int:
+    """Deliver what the run's spool holds; returns the values sent (0 when that failed: they stay)."""
+    if not spool.pending() or not tracking_server_reachable(client.tracking_uri):
+        return 0
+    try:
+        return deliver_pending(spool, run_id, client)
+    except Exception as err:  # kept for the next contact
+        logger.warning("delivering the spooled metrics of run %s failed: %s", run_id, err)
+        return 0
+
+
+def _record_finished(config, result, client, run_id, uri, name, storage, spool, print_fn) -> TrainingOutcome:
+    """Deliver the spooled metrics, log the outputs, end the run FINISHED. With the tracking server
+    unreachable, keep a finish marker and raise :class:`TrackingIncomplete` naming the server and what is
+    pending (the run stays RUNNING in MLflow until the same command is run again)."""
+    error: BaseException | None = None
+    if wait_for_tracking_server(uri, FINISH_WAIT_S):
+        try:
+            deliver_pending(spool, run_id, client)
+            outcome = _finish(config, result, client, run_id, uri, name, storage, print_fn)
+            tracking.end_run(run_id, "FINISHED", client=client)
+        except Exception as err:
+            if tracking_server_reachable(uri):  # not an outage: the record itself is at fault
+                tracking.end_run(run_id, "FAILED", client=client, error=err)
+                raise
+            error = err
+        else:
+            marker = finish_marker(spool)
+            if marker.is_file():
+                marker.unlink()
+            return outcome
+    marker = finish_marker(spool)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "tracking_uri": uri,
+                "ray_run_name": name,
+                "storage_path": storage,
+                "status": "FINISHED",
+            }
+        )
+    )
+    message = (
+        f"the MLflow tracking server {uri} is unreachable at the end of training; pending: "
+        f"{spool.pending_values()} metric value(s) (kept in {spool.path}), the run's outputs (checkpoints, "
+        f"KAF history) and its status FINISHED; MLflow run {run_id} stays RUNNING. Run the same command "
+        "again when the server is back: it completes the record without training again"
+    )
+    print_fn(message)
+    raise TrackingIncomplete(message, run_id) from error
+
+
+def _complete_pending_record(config, client, run_id, uri, name, storage, spool, print_fn):
+    """Complete the record of a run that trained to the end (its finish marker exists) from the Ray Train
+    run in storage, without Ray or training; None when that run is not in storage (then it trains)."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(f"{storage.rstrip('/')}/{name}")
+    except Exception as err:
+        logger.warning(
+            "the finished Ray Train run %s is not readable in %s (%s); training again", name, storage, err
+        )
+        finish_marker(spool).unlink(missing_ok=True)
+        return None
+    print_fn(f"Ray Train run {name!r} trained to the end earlier; completing MLflow run {run_id}")
+    return _record_finished(config, result, client, run_id, uri, name, storage, spool, print_fn)
 
 
 def _restore_handlers(previous: dict) -> None:

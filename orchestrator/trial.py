@@ -154,7 +154,9 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             callbacks=[
                 ControllerRegistrar(plan.ledger_name, trial_id),
                 TuneReportCallback(),
-                MlflowReportCallback(plan.tracking_uri, run_id),
+                MlflowReportCallback(
+                    plan.tracking_uri, run_id, spool_dir=cfg.output_dir, final_epoch=cfg.epochs
+                ),
             ],
         )
         result = trainer_.fit()
