@@ -18,11 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The paper's ablation (Tables 2-3: 8 arms x 1 seed) on the embedded default: synthetic data, local Ray,
-# SQLite MLflow under runs/smoke/. A second `make demo` resumes (or just re-reports) the same sweep.
-DEMO_SWEEP := runs/smoke/sweeps/smoke-ablate-demo
+# SQLite MLflow under runs/smoke/. A second `make demo` continues (or just re-reports) the same sweep.
 demo: $(STAMP)
 	$(BIN)/fowkal ablate --config configs/smoke.yaml --arms search_spaces/ablation_paper.yaml --seeds 1 \
-		--name smoke-ablate-demo $$(test -f $(DEMO_SWEEP)/tune/tuner.pkl && echo --resume)
+		--name smoke-ablate-demo
 	$(BIN)/fowkal report fowkal-ablate --out runs/smoke/report
 
 # What CI runs (.ci/run): lint, format check, every test (the slow end-to-end ones included).

@@ -1,4 +1,9 @@
-"""The ``fowkal`` command line. Each subcommand imports its heavy dependencies lazily."""
+"""fowkal: whole-body pose estimation (COCO-WholeBody, 133 keypoints) with the FoWKAL loss, trained,
+swept and ablated on a Ray cluster, tracked in MLflow.
+
+Re-running the same train, tune or ablate command continues it where it stopped; --fresh starts over.
+APs and ARs are fractions in [0, 1] in MLflow and in the console; the reports show percent, as the paper.
+"""
 
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
         reduction_factor=getattr(args, "reduction_factor", SweepSettings.reduction_factor),
         search_seed=getattr(args, "seed", SweepSettings.search_seed),
         resume=args.resume,
+        fresh=args.fresh,
         restart_errored=args.restart_errored,
         tracking_uri=args.tracking_uri,
         experiment_name=args.experiment,
@@ -154,7 +160,17 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
         help="GPUs per trial, spread over the config's num_workers (default: num_workers if use_gpu, else 0)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the interrupted sweep of the same name"
+        "--resume",
+        action="store_true",
+        help="insist on continuing the sweep of the same name (re-running the same command continues it "
+        "anyway; an error if there is none)",
+    )
+    parser.add_argument(
+        "--fresh",
+        "--no-resume",
+        dest="fresh",
+        action="store_true",
+        help="start a new sweep (its name gets a time stamp) instead of continuing the one of the same name",
     )
     parser.add_argument(
         "--restart-errored", action="store_true", help="with --resume: run errored trials again"
@@ -179,7 +195,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no live progress table")
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no live progress table")
     parser.set_defaults(func=_cmd_sweep)
 
 
@@ -203,6 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             out=args.out,
             tracking_uri=args.tracking_uri,
             progress=not args.no_progress,
+            experiment=args.experiment,
         )
     except (EvalError, DatasetError) as err:
         print(f"fowkal eval: {err}", file=sys.stderr)
@@ -229,6 +246,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
             kpt_thr=args.kpt_thr,
             top_k=args.top_k,
             flip_test=not args.no_flip,
+            experiment=args.experiment,
         )
     except (EvalError, DatasetError) as err:
         print(f"fowkal show: {err}", file=sys.stderr)
@@ -248,7 +266,11 @@ def _add_eval_and_show(sub) -> None:
     evaluate.add_argument(
         "--checkpoint", default=None, help="checkpoint .pt file or Ray checkpoint directory"
     )
-    evaluate.add_argument("--run", default=None, metavar="RUN_ID", help="MLflow run: its best checkpoint")
+    run_help = "MLflow run: its best checkpoint; a run id, a run name (a-mse-s0) or SWEEP/NAME"
+    evaluate.add_argument("--run", default=None, metavar="RUN", help=run_help)
+    evaluate.add_argument(
+        "--experiment", default=None, help="look a --run name up in this MLflow experiment only"
+    )
     evaluate.add_argument(
         "--results", default=None, metavar="FILE", help="score this results file instead of running a model"
     )
@@ -283,8 +305,11 @@ def _add_eval_and_show(sub) -> None:
         dest="models",
         action="append",
         type=lambda value: ("run", value),
-        metavar="RUN_ID",
-        help="MLflow run (give two --run/--checkpoint to compare; left to right in this order)",
+        metavar="RUN",
+        help="MLflow run id, run name or SWEEP/NAME (give two --run/--checkpoint to compare; left to right)",
+    )
+    show.add_argument(
+        "--experiment", default=None, help="look a --run name up in this MLflow experiment only"
     )
     show.add_argument(
         "--checkpoint",
@@ -315,10 +340,31 @@ def _add_eval_and_show(sub) -> None:
     show.set_defaults(func=_cmd_show, models=None)
 
 
+EXAMPLES = """examples:
+  fowkal train  --config configs/smoke.yaml --set loss.variant=mse --set epochs=2
+  fowkal ablate --config configs/smoke.yaml --arms search_spaces/ablation_paper.yaml --seeds 3
+  fowkal tune   --config configs/smoke.yaml --space search_spaces/fowkal_loss.yaml --samples 16
+  fowkal report fowkal-ablate --out runs/smoke/report
+  fowkal eval   --run a-mse-s0 --ann ANN.json --images DIR [--det-file DETS.json]
+  fowkal show   --run a-mse-s0 --run f-fowkal-s0 --ann ANN.json --images DIR --out figs/
+on a cluster: ray job submit --address http://HEAD:8265 --working-dir . -- fowkal train ... (see README)
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fowkal")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fowkal", description=__doc__, formatter_class=DefaultsHelpFormatter
+        prog="fowkal", description=__doc__, epilog=EXAMPLES, formatter_class=DefaultsHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"fowkal {_version()}")
     subparser_class = functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=subparser_class)
 
@@ -350,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--experiment", default="fowkal-train", help="MLflow experiment name")
     train.add_argument(
-        "--no-resume", action="store_true", help="start a new run instead of resuming the same config's run"
+        "--no-resume",
+        "--fresh",
+        dest="no_resume",
+        action="store_true",
+        help="start a new run (a time-stamped name) instead of continuing the same config's run",
     )
     train.set_defaults(func=_cmd_train)
 

@@ -61,27 +61,62 @@ def store_of_run(cli_value: str | None) -> str:
         raise EvalError(f"--run: {err}") from err
 
 
-def get_run(client, run_id: str, tracking_uri: str):
-    """The MLflow run ``run_id``; ``EvalError`` naming the id and the store when it does not exist."""
+def get_run(client, run_ref: str, tracking_uri: str, experiment: str | None = None):
+    """The MLflow run named by ``run_ref``: a run id, a run name (``a-mse-s0``; within ``experiment`` when
+    given) or ``SWEEP/NAME`` (a trial of the sweep of that name). ``EvalError`` names the store when no run
+    matches, and lists the candidates when a name is ambiguous."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(run_id)
+        return client.get_run(run_ref)
     except MlflowException as err:
-        raise EvalError(f"MLflow run {run_id!r} not found in {tracking_uri}: {err.message}") from err
+        by_id_error = err.message
+    sweep, _, name = run_ref.rpartition("/")
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise EvalError(f"--experiment {experiment!r}: no such MLflow experiment in {tracking_uri}")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    quoted = name.replace("'", "\\'")
+    runs = client.search_runs(
+        experiment_ids, filter_string=f"attributes.run_name = '{quoted}'", max_results=100
+    )
+    if sweep:
+        runs = [r for r in runs if r.data.tags.get(tracking.TAG_SWEEP_ID) == sweep]
+    if len(runs) == 1:
+        return runs[0]
+    where = f"experiment {experiment!r}" if experiment is not None else "any experiment"
+    if not runs:
+        raise EvalError(
+            f"MLflow run {run_ref!r} not found in {tracking_uri}: neither a run id ({by_id_error}) nor a run "
+            f"name in {where}"
+        )
+    candidates = "\n".join(
+        f"  {r.info.run_id}  experiment {r.info.experiment_id}, sweep "
+        f"{r.data.tags.get(tracking.TAG_SWEEP_ID, '-')}, status {r.info.status}"
+        for r in runs[:20]
+    )
+    raise EvalError(
+        f"run name {run_ref!r} matches {len(runs)} runs in {where} of {tracking_uri}; pass the run id, "
+        f"--experiment NAME or SWEEP/{name}:\n{candidates}"
+    )
 
 
 def download_run_checkpoint(
-    client, run_id: str, tracking_uri: str, dest: str | os.PathLike
+    client, run_ref: str, tracking_uri: str, dest: str | os.PathLike, experiment: str | None = None
 ) -> LoadedCheckpoint:
-    """Download a run's ``best_checkpoint`` (and ``config.yaml``) artifacts to ``dest`` and load the model."""
-    run = get_run(client, run_id, tracking_uri)
+    """Download a run's ``best_checkpoint`` (and ``config.yaml``) artifacts to ``dest`` and load the model;
+    ``run_ref`` as for :func:`get_run`."""
+    run = get_run(client, run_ref, tracking_uri, experiment)
+    run_id = run.info.run_id
     names = [info.path for info in client.list_artifacts(run_id)]
     if BEST_CHECKPOINT_ARTIFACT not in names:
         raise EvalError(
             f"MLflow run {run_id!r} ({run.info.run_name}, status {run.info.status}) has no "
             f"{BEST_CHECKPOINT_ARTIFACT!r} artifact (artifacts: {names or 'none'}); fowkal train logs it "
-            "once an evaluation epoch has produced a best checkpoint"
+            "(and every sweep trial) once an evaluation epoch has produced a best checkpoint"
         )
     checkpoint_dir = client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, str(dest))
     config_file = None
@@ -149,6 +184,7 @@ def run_eval(
     out: str | None = None,
     tracking_uri: str | None = None,
     progress: bool = True,
+    experiment: str | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """What ``fowkal eval`` does (see the module docstring); returns the ``evaluate_wholebody`` metrics.
@@ -171,7 +207,7 @@ def run_eval(
     if run_id is not None:
         uri = store_of_run(tracking_uri)
         client = tracking.make_client(uri)
-        get_run(client, run_id, uri)  # fail before any work on an unknown id
+        run_id = get_run(client, run_id, uri, experiment).info.run_id  # fail early on an unknown run
 
     epoch = None
     with tempfile.TemporaryDirectory(prefix="fowkal_eval_") as scratch:
@@ -181,7 +217,7 @@ def run_eval(
             boxes = f"results file {results_file}"
         else:
             if run_id is not None:
-                loaded = download_run_checkpoint(client, run_id, uri, scratch)
+                loaded = download_run_checkpoint(client, run_id, uri, scratch, experiment)
                 print_fn(f"MLflow run {run_id}: checkpoint {loaded.checkpoint_path.name}")
             else:
                 loaded = load_checkpoint_model(checkpoint)

@@ -59,10 +59,13 @@ class ChildRecord:
     trial_id: str
     arm_key: str | None
     seed: int | None
-    metrics: dict[str, float]  # latest value of each metric
+    metrics: dict[str, float]  # the val/ metrics of the best epoch where the run logged them, else the last
     params: dict[str, str]
     sampled: dict[str, Any] = field(default_factory=dict)  # sweeps: sampled dotted key -> typed value
     score: float | None = None  # best value of the sweep's metric over the run's epochs
+    epochs: int | None = None  # the last epoch the run reported
+    best_epoch: int | None = None  # the epoch of the best val/wholebody_AP (best/epoch)
+    last_metrics: dict[str, float] = field(default_factory=dict)  # latest value of each metric
 
 
 @dataclass
@@ -173,12 +176,15 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
         run_tags, params = run.data.tags, run.data.params
         seed = run_tags.get(tracking.TAG_SEED)
         sampled = {name: _typed(params[name], infos.get(name)) for name in sampled_names if name in params}
-        score = None
-        if kind == "tune":
-            history = client.get_metric_history(run.info.run_id, metric)
-            score = _best([m.value for m in history], mode)
-        else:
-            score = run.data.metrics.get(metric)
+        last = dict(run.data.metrics)
+        # Compare arms at their best epoch (what the run logged as best/<metric>), not at the last one.
+        at_best = {**last, **{k[5:]: v for k, v in last.items() if k.startswith("best/val/")}}
+        at_best.pop("best/epoch", None)
+        history = client.get_metric_history(run.info.run_id, metric)
+        score = _best([m.value for m in history], mode)
+        if score is None:
+            score = at_best.get(metric)
+        best_epoch = last.get("best/epoch")
         children.append(
             ChildRecord(
                 run_id=run.info.run_id,
@@ -187,10 +193,13 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
                 trial_id=run_tags.get(tracking.TAG_TRIAL_ID, ""),
                 arm_key=run_tags.get(tracking.TAG_ARM_KEY),
                 seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
-                metrics=dict(run.data.metrics),
+                metrics=at_best,
                 params=dict(params),
                 sampled=sampled,
                 score=score,
+                epochs=tracking.last_epoch(client, run.info.run_id),
+                best_epoch=int(best_epoch) if best_epoch is not None else None,
+                last_metrics=last,
             )
         )
     children.sort(key=lambda c: c.name)
@@ -371,7 +380,7 @@ def sweep_markdown(record: SweepRecord, top: int = 10) -> str:
     header = ["Rank", "Run", "Status", "Epochs", f"best {record.metric}", *record.sampled_names]
     rows = []
     for i, child in enumerate(ranked, start=1):
-        epochs = child.metrics.get("epoch")
+        epochs = child.epochs
         rows.append(
             [
                 str(i),

@@ -96,7 +96,10 @@ def heatmap_tile_scale(input_width: int) -> int:
 
 
 def load_models(
-    sources: Sequence[tuple[str, str]], tracking_uri: str | None, scratch: str | os.PathLike
+    sources: Sequence[tuple[str, str]],
+    tracking_uri: str | None,
+    scratch: str | os.PathLike,
+    experiment: str | None = None,
 ) -> list[ShowModel]:
     """``[("run", RUN_ID) | ("checkpoint", PATH), ...]`` -> loaded models (runs downloaded to ``scratch``)."""
     from orchestrator import tracking
@@ -112,8 +115,9 @@ def load_models(
                 client = tracking.make_client(uri)
             destination = Path(scratch) / f"model{position}"
             destination.mkdir(parents=True, exist_ok=True)
-            loaded = download_run_checkpoint(client, value, uri, destination)
-            models.append(ShowModel(loaded, run_id=value, label=f"{loaded.label} run {value[:8]}"))
+            run_id = get_run(client, value, uri, experiment).info.run_id
+            loaded = download_run_checkpoint(client, run_id, uri, destination)
+            models.append(ShowModel(loaded, run_id=run_id, label=f"{loaded.label} run {run_id[:8]}"))
         elif kind == "checkpoint":
             loaded = load_checkpoint_model(value)
             models.append(ShowModel(loaded, label=f"{loaded.label} {loaded.checkpoint_path.name}"))
@@ -370,6 +374,7 @@ def run_show(
     kpt_thr: float = 0.3,
     top_k: int = 5,
     flip_test: bool = True,
+    experiment: str | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> ShowOutcome:
     """What ``fowkal show`` does (module docstring); ``sources`` as for ``load_models``."""
@@ -382,11 +387,11 @@ def run_show(
     if log:  # fail on an unknown run before any work
         uri = store_of_run(tracking_uri)
         client = tracking.make_client(uri)
-        for _, run_id in sources:
-            get_run(client, run_id, uri)
+        for _, run_ref in sources:
+            get_run(client, run_ref, uri, experiment)
     outcome = ShowOutcome()
     with tempfile.TemporaryDirectory(prefix="fowkal_show_") as scratch:
-        models = load_models(sources, tracking_uri, scratch)
+        models = load_models(sources, tracking_uri, scratch, experiment)
         if heatmaps is not None:
             for model in models:
                 outcome.files.append(

@@ -6,9 +6,10 @@ Sweeps (Optuna TPE + ASHA over a search space) and ablations (every arm x seed, 
   the paper point applied to the config, the resume state) is checked before Ray starts.
 - Each Tune trial is ``orchestrator.trial.run_trial``, which launches a Ray Train run; Tune never starts
   more trials than the cluster can also place the workers of (``orchestrator.resources``).
-- MLflow: one parent run per sweep, found again by its resume key on ``--resume``; one child run per
+- MLflow: one parent run per sweep, found again by its resume key when it continues; one child run per
   trial; every child ends with its real status (``orchestrator.trial_status``).
-- ``--resume`` restores the Tune experiment (``Tuner.restore(resume_unfinished=True)``): finished trials are
+- Re-running the same command (or ``--resume``) restores the Tune experiment
+  (``Tuner.restore(resume_unfinished=True)``); ``--fresh`` starts a new sweep beside it. Finished trials are
   kept, unfinished ones restart under the same trial id and their Ray Train run (stable name per trial)
   continues from its last checkpoint.
 
@@ -63,6 +64,18 @@ from trainer.preflight import check_input_files
 logger = logging.getLogger(__name__)
 
 ABLATION_METRIC = "val/wholebody_AP"
+# Base-config keys logged as the parent run's parameters (the whole config is its base_config.yaml).
+PARENT_PARAM_KEYS = (
+    "data.kind",
+    "model.backbone",
+    "data.pipeline.input_size",
+    "epochs",
+    "batch_size",
+    "num_workers",
+    "optim.lr",
+    "loss.variant",
+    "seed",
+)
 
 
 @dataclass
@@ -171,20 +184,31 @@ def run_sweep(
     check_input_files(config)  # the data and weights files, before Ray and MLflow
     sweep_name = _check_name(settings.name) if settings.name else None
     sweep_name = sweep_name or sweep_name_for(kind, config, definition_text, settings.identity())
-    storage_path, resume = settings.storage_path, settings.resume
+    storage_path = settings.storage_path
     base_storage = Path(storage_path).expanduser() if storage_path else Path(config.output_dir) / "sweeps"
+    if settings.fresh and not settings.name:  # a new sweep beside the old one: nothing is overwritten
+        sweep_name = f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (base_storage / sweep_name).resolve()
     tune_dir = sweep_dir / "tune"
-    if resume and not (tune_dir / "tuner.pkl").is_file():
+    # One rule for train, tune and ablate: re-running the same command continues it; --fresh starts over.
+    restorable = (tune_dir / "tuner.pkl").is_file()
+    if settings.resume and not restorable:
         raise SweepError(
             f"--resume: no interrupted sweep {sweep_name!r} in {sweep_dir} (no tune/tuner.pkl); "
             "run without --resume to start it, or pass the --name of the sweep to resume"
         )
-    if not resume and tune_dir.exists():
+    if settings.fresh and tune_dir.exists():
         raise SweepError(
-            f"sweep {sweep_name!r} already exists in {sweep_dir}: pass --resume to continue it, "
-            "or --name NEW_NAME to start another"
+            f"--fresh: sweep {sweep_name!r} already exists in {sweep_dir}: pass another --name, or leave out "
+            "--fresh to continue it"
         )
+    if not restorable and tune_dir.exists():
+        raise SweepError(
+            f"sweep {sweep_name!r} in {sweep_dir} has a tune/ directory but no saved Tune state "
+            "(tune/tuner.pkl) to continue from: pass --fresh to start a new sweep beside it"
+        )
+    resume = restorable
+    settings = settings.replace(resume=resume)
     uri = tracking.resolve_tracking_uri(settings.tracking_uri, config.output_dir)
     experiment_name = settings.experiment
     plan = SweepPlan(
@@ -221,7 +245,10 @@ def run_sweep(
             **({tracking.TAG_SAMPLED: json.dumps(list(space.sampled_names))} if space is not None else {}),
         },
     )
-    sweep_params = {f"base.{k}": v for k, v in flatten_config(config).items()}
+    # A handful of the base config's keys (the whole config is the base_config.yaml artifact): the runs
+    # table then shows the children's parameters, not copies of the parent's.
+    flat = flatten_config(config)
+    sweep_params = {f"base.{k}": flat[k] for k in PARENT_PARAM_KEYS if k in flat}
     if kind == "tune":
         sweep_params.update({"sweep.samples": settings.samples, "sweep.search_seed": settings.search_seed})
     else:
@@ -235,6 +262,7 @@ def run_sweep(
         resume_key=f"sweep:{sweep_name}",
     )
     plan.experiment_id, plan.parent_run_id = experiment_id, parent_run_id
+    client.set_tag(parent_run_id, tracking.TAG_DESCRIPTION, sweep_description(kind, config, settings, plan))
     print_fn(f"MLflow parent run {parent_run_id} ({sweep_name}) in {uri}, experiment {experiment_name!r}")
     try:
         tracking.log_config_yaml(
@@ -256,8 +284,8 @@ def run_sweep(
     try:
         outcome = _fit(plan, settings, status_callback, seed_values, callbacks, print_fn)
     except KeyboardInterrupt as err:
-        tracking.end_run(parent_run_id, "KILLED", client=client, error="interrupted (resume with --resume)")
-        print_fn(f"sweep interrupted; resume it with --resume (sweep {sweep_name!r})")
+        tracking.end_run(parent_run_id, "KILLED", client=client, error="interrupted (re-run to continue)")
+        print_fn(f"sweep {sweep_name!r} interrupted; run the same command again to continue it")
         raise SweepInterrupted(f"sweep {sweep_name!r} interrupted", parent_run_id) from err
     except BaseException as err:
         tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
@@ -286,11 +314,15 @@ def run_sweep(
     print_fn(f"results in {sweep_dir}")
     print_fn(f"report: fowkal report {experiment_name} --tracking-uri {uri}")
     print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+    print_fn(f"runs table: {tracking.runs_table_url(uri, experiment_id)}")
     if all_failed:
         raise SweepFailed(f"sweep {sweep_name!r}: {reason}", parent_run_id)
     if interrupted:
-        print_fn(f"sweep interrupted: continue it with the same command and --resume (sweep {sweep_name!r})")
-        raise SweepInterrupted(f"sweep {sweep_name!r} interrupted; resume it with --resume", parent_run_id)
+        print_fn(f"sweep {sweep_name!r} interrupted; run the same command again to continue it")
+        raise SweepInterrupted(
+            f"sweep {sweep_name!r} interrupted; run the same command again (or with --resume) to continue it",
+            parent_run_id,
+        )
     return SweepOutcome(
         kind=kind,
         sweep_id=sweep_name,
@@ -323,6 +355,28 @@ class SweepFailed(RuntimeError):
     def __init__(self, message: str, parent_run_id: str | None = None):
         super().__init__(message)
         self.parent_run_id = parent_run_id
+
+
+def sweep_description(kind: str, config: TrainConfig, settings: SweepSettings, plan: SweepPlan) -> str:
+    """The parent run's description (the MLflow UI's note): what was run, on what, for how long."""
+    data = config.data
+    if data.kind == "synthetic":
+        where = f"synthetic COCO-WholeBody-format data ({data.synthetic_train_images} training images, "
+        where += f"{data.synthetic_val_images} validation images)"
+    else:
+        where = f"COCO-WholeBody ({data.train_ann_file}; validation {data.val_ann_file})"
+    width, height = config.data.pipeline.input_size
+    what = (
+        f"{len(plan.arms)} arms x {settings.seeds} seed(s), arms from {settings.arms_path}"
+        if kind == "ablate"
+        else f"{settings.samples} trials of Optuna TPE + ASHA over {settings.space_path}"
+    )
+    return (
+        f"{'Ablation' if kind == 'ablate' else 'Sweep'}: {what}. Data: {where}. Model: "
+        f"{config.model.backbone} at {height}x{width} (h x w), {config.epochs} epochs, batch "
+        f"{config.batch_size} x {config.num_workers} worker(s), lr {config.optim.lr:g}. Metrics are "
+        "fractions in [0, 1]; best/ metrics are the best epoch's."
+    )
 
 
 def _first_trial_error(plan: SweepPlan, client) -> str:
@@ -514,7 +568,16 @@ def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
     result["artifacts"] = [p.name for p in artifacts]
     result["summary_path"] = str(out_dir / "summary.md")
     if plan.kind == "ablate":
-        table = report.ablation_markdown(report.ablation_rows(record))
+        rows = report.ablation_rows(record)
+        table = report.ablation_markdown(rows)
+        # Per arm, the mean over its finished seeds (fractions, as the children's val/ metrics).
+        summary = {
+            f"{row.key}-{row.name}/{metric}": value / 100.0
+            for row in rows
+            for metric, value in row.mean.items()
+        }
+        if summary:
+            tracking.log_epoch_metrics(plan.parent_run_id, summary, 0, client=client)
     else:
         table = report.sweep_markdown(record, top=10)
         best = report.best_child(record)
@@ -533,6 +596,10 @@ def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
             best_path.write_text(header + yaml.safe_dump(values, sort_keys=False))
             client.log_artifact(plan.parent_run_id, str(best_path))
             client.log_metric(plan.parent_run_id, f"best/{plan.metric}", float(best.score))
+            best_values = {f"best/{k}": v for k, v in best.metrics.items() if k.startswith("val/")}
+            best_values.pop(f"best/{plan.metric}", None)
+            if best_values:
+                tracking.log_epoch_metrics(plan.parent_run_id, best_values, 0, client=client)
             client.set_tag(plan.parent_run_id, tracking.TAG_BEST_RUN, f"{run_name} ({best.run_id})")
             result["best_config_path"] = str(best_path)
             result["artifacts"].append(best_path.name)

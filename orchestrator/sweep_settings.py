@@ -42,7 +42,8 @@ class SweepSettings:
     grace_period: int = 1  # --grace-period: ASHA, epochs before a trial can be stopped
     reduction_factor: int = 2  # --reduction-factor: ASHA keeps 1/this at each rung
     search_seed: int = 0  # --seed: seed of Optuna's TPE sampler
-    resume: bool = False  # --resume: continue the interrupted sweep of the same name
+    resume: bool = False  # --resume: insist on continuing (re-running the same command continues anyway)
+    fresh: bool = False  # --fresh / --no-resume: start a new sweep (a time-stamped name) instead
     restart_errored: bool = False  # --restart-errored: with --resume, run errored trials again
     tracking_uri: str | None = None  # --tracking-uri: default MLFLOW_TRACKING_URI, else output_dir/mlflow.db
     experiment_name: str | None = None  # --experiment: default fowkal-tune / fowkal-ablate

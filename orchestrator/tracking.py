@@ -10,11 +10,13 @@ MLflow lazily and never Ray, so ``fowkal report`` needs neither Ray nor a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +34,7 @@ _METRICS_PER_BATCH = 1000
 # Tag keys. ``mlflow.parentRunId`` and ``mlflow.source.git.commit`` are MLflow's own (the UI nests child runs
 # and shows the commit); the rest are ours and short so they read well in the UI's columns.
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_LOSS_VARIANT = "loss_variant"
 TAG_DATASET = "dataset"
@@ -58,10 +61,15 @@ TAG_RAY_RUN_NAME = "fowkal.ray_run_name"
 TAG_STORAGE_PATH = "fowkal.storage_path"
 TAG_LAST_WORKER_ERROR = "fowkal.last_worker_error"
 
+# Keys of a report that are its step, not metrics; and the metric whose steps say which epochs were reported.
+STEP_KEYS = ("epoch",)
+EPOCH_METRIC = "train/loss"
+
 # Artifact names. A run's config (trainer.checkpoint reads a config.yaml beside a checkpoint by that name).
 CONFIG_ARTIFACT = "config.yaml"
 BASE_CONFIG_ARTIFACT = "base_config.yaml"  # a sweep's parent run
 BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"  # the best Ray checkpoint directory
+LAST_CHECKPOINT_ARTIFACT = "last_checkpoint"  # the latest one
 KAF_PLOT_ARTIFACT = "kaf_history.png"
 ARMS_ARTIFACT = "arms.json"  # an ablation's parent run
 SPACE_ARTIFACT = "search_space.json"  # a sweep's parent run
@@ -129,11 +137,28 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
+UI_PORT = 5000
+# The experiment kind MLflow 3's UI reads to open an experiment on its runs table (model training), not on
+# the GenAI traces view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on this store (on 127.0.0.1)."""
+    """The full shell command that opens the MLflow UI on this store (on 127.0.0.1), or, for a tracking
+    server, where to point the browser."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    command = str(mlflow_bin) if mlflow_bin.is_file() else "mlflow"
+    return f"{command} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {UI_PORT}"
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
+    """Deep link to the experiment's runs table in the UI's model-training view."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
+    base = base or f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def make_client(tracking_uri: str):
@@ -154,11 +179,15 @@ def get_or_create_experiment(client, name: str, artifact_location: str | None = 
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     if artifact_location is None:
         artifact_location = default_artifact_location(client.tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except Exception:
         # Another process (a concurrent trial) created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)
@@ -288,7 +317,8 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def log_epoch_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, client) -> dict[str, float]:
-    """Log the numeric entries of ``metrics`` at ``step`` (the epoch); returns what was logged.
+    """Log the numeric entries of ``metrics`` at ``step`` (the epoch), ``epoch`` itself left out; returns
+    what was logged.
 
     Non-finite values are logged as they are (MLflow stores NaN/inf) so a diverging run is visible.
     """
@@ -296,12 +326,19 @@ def log_epoch_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, cli
 
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be a non-negative integer epoch, got {step!r}")
-    values = numeric_metrics(metrics)
+    # The epoch is every metric's step, not a metric of its own (a constant column in the compare views).
+    values = {k: v for k, v in numeric_metrics(metrics).items() if k not in STEP_KEYS}
     now_ms = int(time.time() * 1000)
     items = [Metric(key, value, now_ms, int(step)) for key, value in values.items()]
     for start in range(0, len(items), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[start : start + _METRICS_PER_BATCH])
     return values
+
+
+def last_epoch(client, run_id: str) -> int | None:
+    """The last epoch a run reported: the last step of ``EPOCH_METRIC`` (logged every epoch), or None."""
+    history = client.get_metric_history(run_id, EPOCH_METRIC)
+    return max(int(m.step) for m in history) if history else None
 
 
 def end_run(run_id: str, status: str, *, client, error: BaseException | str | None = None) -> None:
@@ -435,6 +472,30 @@ def plot_kaf_history(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, sampling_interval: float = 10.0):
+    """Log this machine's CPU, memory, disk, network (and GPU, with nvidia-ml-py) as ``system/*`` metrics of
+    the run while the block runs (MLflow's monitor; its failures never reach the caller)."""
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=sampling_interval, resume_logging=True, tracking_uri=tracking_uri
+        )
+        monitor.start()
+    except Exception:  # no psutil, an old MLflow, an unreachable server: training goes on
+        monitor = None
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception:
+                pass
 
 
 def _truncate(text: str, limit: int) -> str:

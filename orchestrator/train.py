@@ -48,16 +48,12 @@ from orchestrator.metric_spool import (
     tracking_server_reachable,
     wait_for_tracking_server,
 )
+from orchestrator.run_outputs import BEST_METRIC, log_run_outputs
 from trainer.config import config_digest
-from trainer.losses import LOSS_VARIANTS
 from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
 
-# Metric that ranks checkpoints (CheckpointConfig) and picks the one logged as the best-checkpoint artifact.
-BEST_METRIC = "val/wholebody_AP"
-# trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
-KAF_HISTORY_FILE = "kaf_history.npy"
 DEFAULT_EXPERIMENT = "fowkal-train"
 # How long a sweep trial's last report waits for its metrics to reach MLflow (values left stay spooled).
 FINAL_FLUSH_S = 30.0
@@ -215,31 +211,6 @@ class InterruptAwareTorchTrainer(TorchTrainer):
         signal.signal(signal.SIGTERM, handler)
 
 
-def _pick_best(best_checkpoints) -> tuple[Any, dict] | tuple[None, None]:
-    scored = [
-        (ckpt, metrics)
-        for ckpt, metrics in (best_checkpoints or [])
-        if tracking.is_finite_number((metrics or {}).get(BEST_METRIC))
-    ]
-    if not scored:
-        return None, None
-    return max(scored, key=lambda item: item[1][BEST_METRIC])
-
-
-def _kaf_history_from_checkpoint(checkpoint):
-    """The ``[epochs, K]`` KAF history that ``trainer.loop`` stores in a checkpoint, or None."""
-    import numpy as np
-
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as local_dir:
-        path = Path(local_dir) / KAF_HISTORY_FILE
-        if not path.is_file():
-            return None
-        history = np.load(path)
-    return history if history.ndim == 2 and history.shape[0] > 0 else None
-
-
 def _final_summary(metrics: dict[str, Any]) -> str:
     from trainer.loop import VAL_METRICS
 
@@ -355,7 +326,8 @@ def run_training(
         print_fn(
             f"Ray Train run {name!r} in {storage} ({config.num_workers} worker(s), use_gpu={config.use_gpu})"
         )
-        result = trainer.fit()
+        with tracking.system_metrics(run_id, uri):
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as err:
         _restore_handlers(previous_handlers)
         _replay_spool(spool, run_id, client)  # the epochs that were reported reach the run
@@ -378,48 +350,28 @@ def run_training(
 
     outcome = _record_finished(config, result, client, run_id, uri, name, storage, spool, print_fn)
     print_fn(f"MLflow UI: {tracking.ui_command(uri)}")
+    print_fn(f"runs table: {tracking.runs_table_url(uri, experiment_id)}")
     return outcome
 
 
 def _finish(config, result, client, run_id, uri, name, storage, print_fn) -> TrainingOutcome:
-    """Log the best checkpoint and the KAF plot, print the final metrics; returns the outcome."""
-    import tempfile
-
+    """Log the run's outputs (``orchestrator.run_outputs``), print the final metrics; returns the outcome."""
     metrics = dict(result.metrics or {})
-    best_ckpt, best_metrics = _pick_best(result.best_checkpoints)
-    artifacts = [tracking.CONFIG_ARTIFACT]
-    best_path = None
-    if best_ckpt is not None:
-        with best_ckpt.as_directory() as local_dir:
-            tracking.log_artifact_path(
-                run_id, local_dir, client=client, artifact_path=tracking.BEST_CHECKPOINT_ARTIFACT
-            )
-        best_path = best_ckpt.path
-        artifacts.append(tracking.BEST_CHECKPOINT_ARTIFACT)
-        client.log_metric(run_id, "best/" + BEST_METRIC, float(best_metrics[BEST_METRIC]))
-    if LOSS_VARIANTS[config.loss.variant].needs_kaf:
-        # The latest checkpoint holds the whole history, also across resumes (the loop restores it).
-        history = _kaf_history_from_checkpoint(result.checkpoint)
-        if history is not None:
-            with tempfile.TemporaryDirectory(prefix="fowkal_kaf_") as tmp:
-                png = tracking.plot_kaf_history(history, Path(tmp) / tracking.KAF_PLOT_ARTIFACT)
-                client.log_artifact(run_id, str(png))
-            artifacts.append(tracking.KAF_PLOT_ARTIFACT)
-        else:
-            print_fn("the checkpoint holds no KAF history; the KAF plot is skipped")
+    outputs = log_run_outputs(client, run_id, config, result, print_fn)
     print_fn(f"final metrics: {_final_summary(metrics)}")
-    if best_metrics is not None:
-        print_fn(f"best {BEST_METRIC} = {best_metrics[BEST_METRIC]:.4f} at epoch {best_metrics.get('epoch')}")
+    best = outputs.best_metrics
+    if best is not None:
+        print_fn(f"best {BEST_METRIC} = {best[BEST_METRIC]:.4f} at epoch {best.get('epoch')}")
     return TrainingOutcome(
         run_id=run_id,
         tracking_uri=uri,
         ray_run_name=name,
         storage_path=storage,
         metrics=metrics,
-        best_metrics=dict(best_metrics) if best_metrics is not None else None,
-        best_checkpoint_path=best_path,
-        latest_checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
-        artifacts=artifacts,
+        best_metrics=best,
+        best_checkpoint_path=outputs.best_checkpoint_path,
+        latest_checkpoint_path=outputs.latest_checkpoint_path,
+        artifacts=outputs.artifacts,
     )
 
 

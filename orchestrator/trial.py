@@ -26,6 +26,7 @@ from ray.train import UserCallback
 from orchestrator import tracking
 from orchestrator.ablation_arms import AblationArm
 from orchestrator.launch import build_torch_trainer
+from orchestrator.run_outputs import BEST_METRIC, log_run_outputs
 from orchestrator.sweep_space import SearchSpace
 from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, flatten_config
 
@@ -69,10 +70,10 @@ def trial_resume_key(sweep_id: str, trial_id: str) -> str:
 
 
 def trial_run_name(plan: SweepPlan, trial_config: dict, experiment_tag: str = "") -> str:
-    """Readable child-run name: ``tpe-017`` (the sweep's 17th trial) or ``<arm name>-s<seed>``."""
+    """Readable child-run name: ``tpe-017`` (the sweep's 17th trial) or ``<arm key>-<arm name>-s<seed>``."""
     if plan.kind == "ablate":
         arm = plan.arms[trial_config["arm"]]
-        return f"{arm.name}-s{int(trial_config['seed'])}"
+        return f"{arm.key}-{arm.name}-s{int(trial_config['seed'])}"  # sorts by the paper's letters
     head = str(experiment_tag).split("_", 1)[0]
     index = int(head) if head.isdigit() else 0
     return f"tpe-{index:03d}"
@@ -149,6 +150,7 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             name=trial_id,  # stable: a restored trial continues its Ray Train run from the checkpoint
             storage_path=plan.train_storage,
             gpus_per_trial=plan.gpus_per_trial,
+            score_metric=BEST_METRIC,  # keep the best checkpoint (and the latest) for the run's outputs
             # Order matters: the controller is registered before Tune sees the first result (and so before
             # the scheduler can stop the trial).
             callbacks=[
@@ -159,7 +161,8 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
                 ),
             ],
         )
-        result = trainer_.fit()
+        with tracking.system_metrics(run_id, plan.tracking_uri):
+            result = trainer_.fit()
     except BaseException as err:
         if was_aborted(plan, trial_id):
             # The scheduler stopped the trial and the driver aborted its Train run (ending the child run as
@@ -168,6 +171,10 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
         tracking.end_run(run_id, "FAILED", client=client, error=err)
         raise
     # The Train run trained every epoch: the child run is FINISHED whatever Tune does next.
+    try:
+        log_run_outputs(client, run_id, cfg, result)
+    except Exception as err:  # the run trained; its status must not depend on an artifact upload
+        logger.warning("could not log the outputs of trial %s: %s", trial_id, err)
     tracking.end_run(run_id, "FINISHED", client=client)
     if _tune_iterations() == 0 and result.metrics:
         # The Train run had already finished before a --resume (the driver died between the trial's last

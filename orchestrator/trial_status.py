@@ -151,7 +151,8 @@ def reconcile_child_runs(plan: SweepPlan, client, trial_statuses: dict[str, str]
             tracking.end_run(run.info.run_id, "FAILED", client=client, error="trial failed (reconciled)")
         elif tune_status == "TERMINATED":
             epochs = int(run.data.params.get("epochs", plan.base_config["epochs"]))
-            status = "FINISHED" if trained_all_epochs(run.data.metrics.get("epoch"), epochs) else "KILLED"
+            reached = tracking.last_epoch(client, run.info.run_id)
+            status = "FINISHED" if trained_all_epochs(reached, epochs) else "KILLED"
             client.set_tag(run.info.run_id, tracking.TAG_END_REASON, "reconciled at the end of the sweep")
             tracking.end_run(run.info.run_id, status, client=client)
         else:

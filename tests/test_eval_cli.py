@@ -302,3 +302,29 @@ def test_eval_run_errors_name_the_run(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--ann", str(ANN), "--images", str(MINI), "--run", run_id]) == 2
     err = capsys.readouterr().err
     assert "--tracking-uri" in err and "runs/smoke/mlflow.db" in err
+
+
+def test_runs_are_found_by_id_name_experiment_or_sweep(tmp_path):
+    from orchestrator import tracking
+    from orchestrator.eval_command import get_run
+
+    uri = f"sqlite:///{tmp_path / 'names.db'}"
+    client = tracking.make_client(uri)
+    ids = {}
+    for experiment, sweep in (("fowkal-ablate", "demo-1"), ("fowkal-ablate", "demo-2"), ("other", "x")):
+        experiment_id = tracking.get_or_create_experiment(client, experiment)
+        tags = tracking.build_run_tags(sweep_id=sweep)
+        ids[sweep] = tracking.start_run(client, experiment_id, "a-mse-s0", tags=tags)
+    tracking.start_run(client, tracking.get_or_create_experiment(client, "other"), "f-fowkal-s0")
+
+    assert get_run(client, ids["demo-1"], uri).info.run_id == ids["demo-1"]
+    assert get_run(client, "f-fowkal-s0", uri).info.run_name == "f-fowkal-s0"
+    assert get_run(client, "a-mse-s0", uri, experiment="other").info.run_id == ids["x"]
+    assert get_run(client, "demo-2/a-mse-s0", uri).info.run_id == ids["demo-2"]
+    with pytest.raises(EvalError, match="matches 3 runs") as info:
+        get_run(client, "a-mse-s0", uri)
+    assert all(run_id in str(info.value) for run_id in ids.values())
+    with pytest.raises(EvalError, match="neither a run id"):
+        get_run(client, "z-none-s0", uri)
+    with pytest.raises(EvalError, match="no such MLflow experiment"):
+        get_run(client, "a-mse-s0", uri, experiment="nope")

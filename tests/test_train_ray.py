@@ -219,7 +219,7 @@ def test_ray_job_submit_runs_fowkal_train(tmp_path):
         assert len(runs) == 1
         run = runs[0]
         assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, tracking.EPOCH_METRIC)) == [1, 2]
         assert run.data.params["model.backbone"] == "hrnet_w18_small"
     finally:
         _stop_process_session(cluster, temp_dir)
@@ -368,7 +368,7 @@ def test_interrupted_run_is_killed_and_resumes_at_the_next_epoch(local_ray, tmp_
     # The handler is restored: SIGINT is Python's default again, not Ray's abort of a finished run.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    last_epoch = int(max(m.step for m in client.get_metric_history(run_id, "epoch")))
+    last_epoch = int(max(m.step for m in client.get_metric_history(run_id, tracking.EPOCH_METRIC)))
     assert 1 <= last_epoch < epochs, "the run finished before the interrupt took effect: nothing to resume"
     (run_dir,) = [p for p in storage.iterdir() if p.is_dir()]
     stopped = _load_checkpoints(run_dir)
@@ -405,7 +405,7 @@ def test_interrupted_run_is_killed_and_resumes_at_the_next_epoch(local_ray, tmp_
     assert outcome.run_id == run_id  # the same MLflow run continues
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    epoch_steps = sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+    epoch_steps = sorted(m.step for m in client.get_metric_history(run_id, tracking.EPOCH_METRIC))
     assert epoch_steps == list(range(1, epochs + 1))  # 1..k before the interrupt, k+1.. after; no repeats
     resumed = torch.load(_load_checkpoints(run_dir)[epochs], map_location="cpu", weights_only=True)
     assert resumed["epoch"] == epochs

@@ -188,7 +188,7 @@ def test_trial_configs_names_statuses_and_concurrency(tmp_path, synth_dir):
     )
     arms = {arm.key: arm for arm in load_ablation_arms(ABLATION_ARMS)}
     ablate = SweepPlan(kind="ablate", sweep_id="abl", arms=arms, **common)
-    assert trial_run_name(ablate, {"arm": "f", "seed": 2}) == "fowkal-s2"
+    assert trial_run_name(ablate, {"arm": "f", "seed": 2}) == "f-fowkal-s2"
     cfg = trial_train_config(ablate, {"arm": "b", "seed": 3}, "awing-s3")
     assert (cfg.loss.variant, cfg.seed) == ("awing", 3)
     assert cfg.output_dir == str(tmp_path / "sweep" / "trials" / "awing-s3")
@@ -355,7 +355,7 @@ def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir,
     expected_stops = _asha_stop_epochs(losses, grace=1, factor=2, max_t=EPOCHS)
     assert any(stop is not None for stop in expected_stops), expected_stops
     for run, stop in zip(children, expected_stops, strict=True):
-        epochs_logged = [step for step, _ in _history(client, run.info.run_id, "epoch")]
+        epochs_logged = [step for step, _ in _history(client, run.info.run_id, tracking.EPOCH_METRIC)]
         if stop is None:
             assert run.info.status == "FINISHED", run.info.run_name
             assert epochs_logged == list(range(1, EPOCHS + 1))
@@ -491,7 +491,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, sy
         run = by_id[trial_id]
         assert run.info.run_id == before[trial_id].info.run_id
         assert run.info.status == before[trial_id].info.status
-        steps = [step for step, _ in _history(client, run.info.run_id, "epoch")]
+        steps = [step for step, _ in _history(client, run.info.run_id, tracking.EPOCH_METRIC)]
         assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1))
     _assert_no_live_placement_groups()
 
@@ -572,16 +572,39 @@ def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_
     )
     client = tracking.make_client(mlflow_server)
     children = {r.info.run_name: r for r in _children(client, outcome.parent_run_id)}
-    assert sorted(children) == ["fowkal-s0", "fowkal-s1", "mse-s0", "mse-s1"]
+    assert sorted(children) == ["a-mse-s0", "a-mse-s1", "f-fowkal-s0", "f-fowkal-s1"]
     for name, run in children.items():
-        arm, seed = name.split("-s")
+        arm, seed = name.split("-", 1)[1].split("-s")
         assert run.info.status == "FINISHED"
         assert run.data.tags[tracking.TAG_ARM] == arm
         assert run.data.tags[tracking.TAG_SEED] == seed
         assert run.data.tags[tracking.TAG_SWEEP_ID] == outcome.sweep_id
         assert run.data.params["loss.variant"] == arm and run.data.params["seed"] == seed
-        assert run.data.metrics["epoch"] == 2
-    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+        # Every trial is a complete run: epochs as steps, the best epoch's metrics, both checkpoints, the
+        # config, and the KAF history and figure of the KAL family.
+        assert "epoch" not in run.data.metrics and tracking.last_epoch(client, run.info.run_id) == 2
+        assert {"best/val/wholebody_AP", "best/val/hand_AP", "best/epoch"} <= set(run.data.metrics)
+        best_ap = max(m.value for m in client.get_metric_history(run.info.run_id, "val/wholebody_AP"))
+        assert run.data.metrics["best/val/wholebody_AP"] == pytest.approx(best_ap)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "best_checkpoint", "last_checkpoint"} <= artifacts, artifacts
+        assert ({"kaf_history.npy", "kaf_history.png"} <= artifacts) == (arm == "fowkal"), artifacts
+        contexts = {
+            tag.value
+            for dataset_input in run.inputs.dataset_inputs
+            for tag in dataset_input.tags
+            if tag.key == "mlflow.data.context"
+        }
+        assert contexts == {"training", "validation"}
+        assert all(len(d.dataset.digest) == 16 for d in run.inputs.dataset_inputs)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    # The parent summarises: per-arm means at a glance, a few key parameters, and a description.
+    assert {"a-mse/wholebody_AP", "f-fowkal/wholebody_AP", "f-fowkal/hand_AP"} <= set(parent.data.metrics)
+    assert len([k for k in parent.data.params if k.startswith("base.")]) <= 10
+    assert "hrnet_w18_small" in parent.data.tags[tracking.TAG_DESCRIPTION]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"ablation.md", "ablation.png", "summary.md", "arms.json", "base_config.yaml"} <= artifacts
 
@@ -590,7 +613,8 @@ def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_
     )
     text = md_path.read_text()
     for arm, paper_ap in (("mse", 58.2), ("fowkal", 61.6)):
-        values = [100 * children[f"{arm}-s{s}"].data.metrics["val/wholebody_AP"] for s in (0, 1)]
+        key = {"mse": "a", "fowkal": "f"}[arm]
+        values = [100 * children[f"{key}-{arm}-s{s}"].data.metrics["best/val/wholebody_AP"] for s in (0, 1)]
         cell = f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} ({paper_ap})"
         assert cell in text, text
     assert "data:image/png;base64," in html_path.read_text()
@@ -627,7 +651,7 @@ def test_a_finished_trial_stays_finished_when_tune_ends_it_on_resume(tmp_path, s
             return "t0001"
 
         def get_trial_name(self):
-            return "mse-s0"
+            return "a-mse-s0"
 
     class FinishedTrainer:
         def fit(self):

@@ -1,0 +1,169 @@
+"""What every finished training run leaves in its MLflow run, ``fowkal train`` and sweep trials alike.
+
+- ``best_checkpoint/`` (the Ray checkpoint scoring highest on ``val/wholebody_AP``) and ``last_checkpoint/``
+  (the latest one: what a resume continues from);
+- ``best/val/wholebody_AP``, the per-part APs and AR of that same epoch (``best/val/<part>_AP``) and
+  ``best/epoch``, so the runs table compares arms at their best epoch, not their last;
+- for the KAL family, ``kaf_history.npy`` (``[epochs, K]`` mean lambda per keypoint) and
+  ``kaf_history.png`` (absolute lambda per keypoint and per part, and the paper's Fig. 5 view, min-max
+  normalised per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from trainer.losses import LOSS_VARIANTS
+
+BEST_METRIC = "val/wholebody_AP"
+# trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
+KAF_HISTORY_FILE = "kaf_history.npy"
+
+
+@dataclass
+class RunOutputs:
+    """What :func:`log_run_outputs` logged."""
+
+    best_metrics: dict[str, Any] | None = None
+    best_checkpoint_path: str | None = None
+    latest_checkpoint_path: str | None = None
+    artifacts: list[str] = field(default_factory=list)
+
+
+def pick_best(best_checkpoints) -> tuple[Any, dict] | tuple[None, None]:
+    """The (checkpoint, metrics) pair of ``Result.best_checkpoints`` with the highest ``BEST_METRIC``."""
+    scored = [
+        (ckpt, metrics)
+        for ckpt, metrics in (best_checkpoints or [])
+        if tracking.is_finite_number((metrics or {}).get(BEST_METRIC))
+    ]
+    if not scored:
+        return None, None
+    return max(scored, key=lambda item: item[1][BEST_METRIC])
+
+
+def best_epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``best/<metric>`` for the validation metrics of the best epoch, and ``best/epoch``."""
+    best = {f"best/{k}": float(v) for k, v in metrics.items() if k.startswith("val/") and _finite(v)}
+    if _finite(metrics.get("epoch")):
+        best["best/epoch"] = float(metrics["epoch"])
+    return best
+
+
+def kaf_history_from_checkpoint(checkpoint):
+    """The ``[epochs, K]`` KAF history that ``trainer.loop`` stores in a checkpoint, or None."""
+    import numpy as np
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as local_dir:
+        path = Path(local_dir) / KAF_HISTORY_FILE
+        if not path.is_file():
+            return None
+        history = np.load(path)
+    return history if history.ndim == 2 and history.shape[0] > 0 else None
+
+
+def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunOutputs:
+    """Log the best and last checkpoints, the best epoch's metrics, the KAF history and the data set inputs
+    of a Train ``Result`` of ``config`` (a ``TrainConfig``)."""
+    import numpy as np
+
+    loss_variant = config.loss.variant
+    outputs = RunOutputs(artifacts=[tracking.CONFIG_ARTIFACT])
+    try:
+        log_dataset_inputs(client, run_id, config.data)
+    except Exception as err:  # a digest of an unreadable file must not cost the run its checkpoints
+        print_fn(f"could not log the data set inputs: {err}")
+    best_ckpt, best_metrics = pick_best(result.best_checkpoints)
+    if best_ckpt is not None:
+        with best_ckpt.as_directory() as local_dir:
+            tracking.log_artifact_path(
+                run_id, local_dir, client=client, artifact_path=tracking.BEST_CHECKPOINT_ARTIFACT
+            )
+        outputs.best_checkpoint_path = best_ckpt.path
+        outputs.best_metrics = dict(best_metrics)
+        outputs.artifacts.append(tracking.BEST_CHECKPOINT_ARTIFACT)
+        step = int(best_metrics["epoch"]) if _finite(best_metrics.get("epoch")) else 0
+        tracking.log_epoch_metrics(run_id, best_epoch_metrics(best_metrics), step, client=client)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as local_dir:
+            tracking.log_artifact_path(
+                run_id, local_dir, client=client, artifact_path=tracking.LAST_CHECKPOINT_ARTIFACT
+            )
+        outputs.latest_checkpoint_path = result.checkpoint.path
+        outputs.artifacts.append(tracking.LAST_CHECKPOINT_ARTIFACT)
+    if LOSS_VARIANTS[loss_variant].needs_kaf:
+        # The latest checkpoint holds the whole history, also across resumes (the loop restores it).
+        history = kaf_history_from_checkpoint(result.checkpoint)
+        if history is None:
+            print_fn("the checkpoint holds no KAF history; the KAF figure is skipped")
+        else:
+            with tempfile.TemporaryDirectory(prefix="fowkal_kaf_") as tmp:
+                np.save(Path(tmp) / KAF_HISTORY_FILE, history)
+                client.log_artifact(run_id, str(Path(tmp) / KAF_HISTORY_FILE))
+                png = tracking.plot_kaf_history(history, Path(tmp) / tracking.KAF_PLOT_ARTIFACT)
+                client.log_artifact(run_id, str(png))
+            outputs.artifacts += [KAF_HISTORY_FILE, tracking.KAF_PLOT_ARTIFACT]
+    return outputs
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (first 16 hex digits) of a file's content: the identity of a data set version."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def log_dataset_inputs(client, run_id: str, data_config) -> list[str]:
+    """Log the run's annotation files as MLflow dataset inputs (``training`` / ``validation``), each with its
+    content digest, the image root and the file as source. Files this process cannot read are left out."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from trainer.loop import dataset_paths
+
+    paths = dataset_paths(data_config)
+    inputs, logged = [], []
+    for split, context in (("train", "training"), ("val", "validation")):
+        ann_file = paths[f"{split}_ann"]
+        if not ann_file or not Path(ann_file).is_file():
+            continue
+        profile = {"kind": data_config.kind, "image_root": paths[f"{split}_images"]}
+        dataset = Dataset(
+            name=f"{data_config.kind}-{split}",
+            digest=file_digest(ann_file),
+            source_type="local",
+            source=json.dumps({"uri": str(Path(ann_file).resolve())}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        logged.append(dataset.name)
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return logged
+
+
+def _finite(value) -> bool:
+    return tracking.is_finite_number(value)
+
+
+__all__ = [
+    "BEST_METRIC",
+    "KAF_HISTORY_FILE",
+    "RunOutputs",
+    "best_epoch_metrics",
+    "file_digest",
+    "kaf_history_from_checkpoint",
+    "log_dataset_inputs",
+    "log_run_outputs",
+    "pick_best",
+]
