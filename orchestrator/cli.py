@@ -220,6 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             progress=not args.no_progress,
             experiment=args.experiment,
+            flip_mode=args.flip_mode,
         )
     except (EvalError, DatasetError) as err:
         print(f"fowkal eval: {err}", file=sys.stderr)
@@ -279,6 +280,13 @@ def _add_eval_and_show(sub) -> None:
     evaluate.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
     evaluate.add_argument("--det-score-thr", type=float, default=0.0, help="keep detections scoring >= this")
     evaluate.add_argument("--no-flip", action="store_true", help="disable the flip test")
+    evaluate.add_argument(
+        "--flip-mode",
+        choices=("shift", "none", "exact"),
+        default=None,
+        help="how the mirrored heatmaps are put back: MMPose's one-pixel shift, none, or exact (about the "
+        "input's pixel grid) (default: the run config's eval.flip_mode)",
+    )
     evaluate.add_argument("--batch", type=int, default=None, help="batch size (default: data.val_batch_size)")
     evaluate.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers (default: data.loader_workers)"

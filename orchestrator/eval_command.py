@@ -33,6 +33,7 @@ from pathlib import Path
 from orchestrator import tracking
 from orchestrator.tracking import BEST_CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT
 from trainer.checkpoint import CheckpointMismatchError, EvalError, LoadedCheckpoint, load_checkpoint_model
+from trainer.codec import FLIP_MODES
 from trainer.inference import EvalOutcome, evaluate_model, score_results_file
 
 EVAL_PREFIX = "eval/"
@@ -185,6 +186,7 @@ def run_eval(
     tracking_uri: str | None = None,
     progress: bool = True,
     experiment: str | None = None,
+    flip_mode: str | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """What ``fowkal eval`` does (see the module docstring); returns the ``evaluate_wholebody`` metrics.
@@ -202,6 +204,8 @@ def run_eval(
         raise EvalError("--images DIR is required to run a model")
     if det_score_thr < 0:
         raise EvalError(f"--det-score-thr must be >= 0, got {det_score_thr}")
+    if flip_mode is not None and flip_mode not in FLIP_MODES:
+        raise EvalError(f"--flip-mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
 
     client, uri = None, None
     if run_id is not None:
@@ -242,6 +246,7 @@ def run_eval(
                 det_file=det_file,
                 det_score_thr=det_score_thr,
                 flip_test=flip_test,
+                flip_mode=flip_mode,
                 batch_size=batch_size,
                 workers=workers,
                 gpus=gpus,
@@ -264,6 +269,7 @@ def run_eval(
                 "eval.ann_file": str(ann_file),
                 "eval.boxes": boxes,
                 "eval.flip_test": str(bool(flip_test)) if results_file is None else "n/a",
+                "eval.flip_mode": (flip_mode or config.eval.flip_mode) if results_file is None else "n/a",
             }
             log_eval_to_run(client, run_id, outcome.metrics, out_path, tags, step=epoch or 0)
             print_fn(f"logged {EVAL_PREFIX}* metrics and {EVAL_PREFIX}{out_path.name} to MLflow run {run_id}")

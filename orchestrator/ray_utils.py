@@ -35,7 +35,7 @@ def local_logical_cpus(num_cpus: int | None = None) -> int:
     return max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> dict:
     """Connect to Ray, or start a local one, and return ``ray.cluster_resources()``.
 
     - ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit`` for the entrypoint) given: connect to that
@@ -44,7 +44,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
       every server it starts listens on loopback only, the dashboard on 127.0.0.1 (never exposed on the
       network).
 
-    Calling it again in a process where Ray is already up is a no-op.
+    ``log_to_driver=False`` keeps the workers' output off this process's console (a sweep's trials log
+    to their own ``train.log``). Calling it again in a process where Ray is already up is a no-op.
     """
     import ray
 
@@ -52,7 +53,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
         return ray.cluster_resources()
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=log_to_driver)
     else:
         # address="local": always a new instance; a bare ray.init() would join any `ray start` cluster
         # already running on this machine.
@@ -62,7 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
             num_cpus=local_logical_cpus(num_cpus),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     return ray.cluster_resources()
 

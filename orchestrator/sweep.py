@@ -33,6 +33,7 @@ from typing import Any
 from orchestrator import tracking
 from orchestrator.ablation_arms import AblationArm, load_ablation_arms
 from orchestrator.definition_file import SearchSpaceError
+from orchestrator.progress import SweepProgress
 from orchestrator.resources import TRIAL_CPUS, derive_max_concurrent
 from orchestrator.sweep_settings import SweepError, SweepSettings
 from orchestrator.sweep_space import SearchSpace, load_search_space
@@ -421,11 +422,12 @@ def _fit(
     # Results of non-evaluation epochs lack the val/ metrics by design (ASHA skips them).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     from ray import tune
-    from ray.tune import CLIReporter, Tuner
+    from ray.tune import Tuner
 
     from orchestrator.ray_utils import init_ray
 
-    resources = init_ray(settings.address, num_cpus=settings.num_cpus)
+    # The workers' output stays in each trial's train.log: the console shows the sweep's table.
+    resources = init_ray(settings.address, num_cpus=settings.num_cpus, log_to_driver=False)
     base = config_from_dict(plan.base_config)
     concurrent = derive_max_concurrent(
         resources,
@@ -447,17 +449,8 @@ def _fit(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
 
-    if plan.kind == "tune":
-        parameter_columns = {name: name.split(".")[-1] for name in plan.space.sampled_names}
-    else:
-        parameter_columns = {"arm": "arm", "seed": "seed"}
-    metric_columns = {"epoch": "epoch", "train/loss": "loss", plan.metric: plan.metric.split("/")[-1]}
-    reporter = CLIReporter(
-        metric_columns=metric_columns,
-        parameter_columns=parameter_columns,
-        max_report_frequency=30,
-        sort_by_metric=False,
-    )
+    reporter = SweepProgress(plan, epochs=base.epochs, concurrency=concurrent, print_fn=print_fn)
+    print_fn(f"each trial's worker output: {Path(plan.sweep_dir) / 'trials' / '<trial>' / 'train.log'}")
     run_config = tune.RunConfig(
         name="tune",
         storage_path=plan.sweep_dir,

@@ -149,6 +149,7 @@ def test_override_without_equals_and_bad_value_type(tmp_path):
         ({"loss": {"kaf_mode": "free"}}, "loss.kaf_mode"),
         ({"model": {"backbone": "resnet50"}}, "model.backbone"),
         ({"amp": "fp8"}, "amp"),
+        ({"eval": {"flip_mode": "diagonal"}}, "eval.flip_mode"),
         ({"epochs": 0}, "epochs"),
         ({"data": {"kind": "mpii"}}, "data.kind"),
         (

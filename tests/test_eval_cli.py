@@ -64,7 +64,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", _tiny_model(), TINY_CONFIG)
 
 
-def _independent_results(checkpoint: Path, det_file, flip_test: bool) -> list[dict]:
+def _independent_results(checkpoint: Path, det_file, flip_test: bool, flip_mode: str = "shift") -> list[dict]:
     """The paper's protocol written out here with the trainer's pieces: model, dataset, flip+DARK, NMS."""
     from torch.utils.data import DataLoader
 
@@ -78,7 +78,7 @@ def _independent_results(checkpoint: Path, det_file, flip_test: bool) -> list[di
     cfg = config_from_dict(state["config"])
     dataset = WholeBodyTopDownDataset(ANN, MINI, config=cfg.data.pipeline, train=False, det_file=det_file)
     loader = DataLoader(dataset, batch_size=16)
-    pred = predict_keypoints(model, loader, torch.device("cpu"), flip_test=flip_test)
+    pred = predict_keypoints(model, loader, torch.device("cpu"), flip_test=flip_test, flip_mode=flip_mode)
     return detections_to_results(
         pred["image_ids"], pred["keypoints"], pred["keypoint_scores"], pred["box_scores"], pred["areas"]
     )
@@ -328,3 +328,22 @@ def test_runs_are_found_by_id_name_experiment_or_sweep(tmp_path):
         get_run(client, "z-none-s0", uri)
     with pytest.raises(EvalError, match="no such MLflow experiment"):
         get_run(client, "a-mse-s0", uri, experiment="nope")
+
+
+def test_eval_flip_mode_exact_is_the_codecs_exact_flip(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "exact.json"
+    argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--ann", str(ANN), "--images", str(MINI)]
+    argv += ["--out", str(out), "--workers", "0", "--no-progress", "--flip-mode", "exact"]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    _assert_same_results(written, _independent_results(tiny_checkpoint, None, True, flip_mode="exact"))
+    shifted = _independent_results(tiny_checkpoint, None, True, flip_mode="shift")
+    moved = [
+        abs(a - b)
+        for r, e in zip(written, shifted, strict=True)
+        for a, b in zip(r["keypoints"], e["keypoints"], strict=True)
+    ]
+    assert max(moved) > 1e-3  # the mode reached the decoder: not the default shift
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "diagonal"])  # argparse names the allowed choices
+    assert "invalid choice: 'diagonal'" in capsys.readouterr().err

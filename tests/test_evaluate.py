@@ -260,3 +260,16 @@ def test_detections_to_results_rescoring_and_nms_per_image():
     assert results[0]["score"] == pytest.approx(0.9 * 0.8)
     assert results[1]["score"] == pytest.approx(0.4 * 0.5)
     assert results[0]["keypoints"][:3] == pytest.approx([50.0, 50.0, 0.8])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_scoring_prints_nothing_even_through_a_patched_print(annotations, monkeypatch, capsys, processes):
+    # Ray Train's workers replace builtins.print with one that logs; xtcocotools' progress lines must not
+    # reach the console either way.
+    import builtins
+
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    metrics = evaluate_wholebody(MINI_ANN, ground_truth_results(annotations), processes=processes)
+    assert metrics["wholebody/AP"] == pytest.approx(1.0)
+    assert printed == [] and capsys.readouterr().out == ""

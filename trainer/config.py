@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from trainer.codec import FLIP_MODES
 from trainer.data import PipelineConfig
 from trainer.losses import LOSS_VARIANTS as HEATMAP_LOSS_VARIANTS
 from trainer.losses import LossConfig, LossSettingError
@@ -112,6 +113,15 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation and ``fowkal eval`` turn heatmaps into keypoints (beyond ``flip_test`` itself)."""
+
+    # Flip test: the mirrored heatmaps are put back with MMPose's one-pixel shift ("shift", the paper's
+    # recipe), unshifted ("none"), or about the input's pixel grid ("exact"; codec.flip_back_heatmaps).
+    flip_mode: str = "shift"
+
+
+@dataclass
 class TrainConfig:
     """One training run: what ``trainer.loop.train_loop_per_worker`` runs and ``fowkal train`` launches."""
 
@@ -120,6 +130,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     epochs: int = PAPER_EPOCHS
     batch_size: int = 32  # per training worker (per GPU)
     eval_interval: int = 10  # epochs between evaluations; the last epoch is always evaluated
@@ -240,6 +251,7 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     )
     check(cfg.loss.variant in LOSS_VARIANTS, "loss.variant", cfg.loss.variant, f"one of {LOSS_VARIANTS}")
     check(cfg.amp in AMP_MODES, "amp", cfg.amp, f"one of {AMP_MODES}")
+    check(cfg.eval.flip_mode in FLIP_MODES, "eval.flip_mode", cfg.eval.flip_mode, f"one of {FLIP_MODES}")
     for key in ("epochs", "batch_size", "eval_interval", "num_workers"):
         check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "an integer >= 1")
     check(cfg.max_failures >= -1, "max_failures", cfg.max_failures, "an integer >= -1 (-1 = retry forever)")
@@ -479,6 +491,7 @@ __all__ = [
     "ConfigError",
     "DATA_KINDS",
     "DataConfig",
+    "EvalConfig",
     "LOSS_VARIANTS",
     "LossConfig",
     "ModelConfig",

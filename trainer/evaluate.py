@@ -9,6 +9,7 @@ result's ``score``.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import io
@@ -37,6 +38,19 @@ _PART_IOU_TYPES: dict[str, str] = {
 _STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
 
 _RESULT_FIELDS = ("image_id", "category_id", "score") + tuple(name for name, _ in ANNOTATION_KEYPOINT_FIELDS)
+
+
+@contextlib.contextmanager
+def _silenced():
+    """xtcocotools prints its progress; keep it out of the console. Swapping ``builtins.print`` too, since
+    Ray Train replaces ``print`` in its workers with one that logs what a redirected stdout would swallow."""
+    saved = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = saved
 
 
 def _part_sigmas(part: str) -> np.ndarray:
@@ -106,7 +120,7 @@ class WholeBodyEvaluator:
         self.processes = (
             min(len(_PART_IOU_TYPES), os.cpu_count() or 1) if processes is None else int(processes)
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # xtcocotools prints progress to stdout
+        with _silenced():  # xtcocotools prints progress to stdout
             self.coco_gt = COCO(str(self.ann_file))
         self._known_ids = set(self.coco_gt.getImgIds())
 
@@ -137,7 +151,7 @@ class WholeBodyEvaluator:
         if not checked:
             all_stats = {part: np.full(len(_STAT_NAMES), -1.0) for part in _PART_IOU_TYPES}
         else:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            with _silenced(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
                 coco_dt = self.coco_gt.loadRes(checked)
             all_stats = self._run_passes(coco_dt)
@@ -179,7 +193,7 @@ def _evaluate_pass(coco_gt, coco_dt, part: str) -> np.ndarray:
     """One xtcocotools pass: the part's sigmas, OKS over the GT area, the ten keypoint statistics."""
     from xtcocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with _silenced(), warnings.catch_warnings():
         # Results carry one 'score' per instance; xtcocotools warns that it uses it for every part.
         warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
         coco_eval = COCOeval(coco_gt, coco_dt, _PART_IOU_TYPES[part], _part_sigmas(part), use_area=True)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from trainer.checkpoint import EvalError, LoadedCheckpoint
 from trainer.codec import decode_dark, flip_back_heatmaps, heatmap_to_image_coords
+from trainer.config import EvalConfig
 from trainer.data import WholeBodyTopDownDataset
 from trainer.evaluate import detections_to_results, evaluate_wholebody
 from trainer.keypoints import NUM_KEYPOINTS
@@ -37,8 +38,12 @@ def predict_keypoints(
     flip_test: bool = True,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    flip_mode: str = EvalConfig.flip_mode,
 ) -> dict[str, np.ndarray]:
     """Top-down inference over ``loader``: (flip-test averaged) heatmaps -> DARK -> image coordinates.
+
+    ``flip_mode`` is how the mirrored heatmaps are put back (``trainer.codec.flip_back_heatmaps``), for
+    the model's own stride (input width / heatmap width).
 
     Returns NumPy arrays ``image_ids [N]``, ``keypoints [N,K,2]`` (image pixels), ``keypoint_scores [N,K]``,
     ``box_scores [N]`` and ``areas [N]`` (crop scale w x h, the OKS-NMS area as MMPose), ready for
@@ -60,7 +65,8 @@ def predict_keypoints(
             heatmaps = model(images)[0].float()
             if flip_test:  # paper: average of the heatmaps of the image and of its mirror
                 flipped = model(images.flip(-1))[0].float()
-                heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(flipped))
+                stride = images.shape[-1] / heatmaps.shape[-1]
+                heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(flipped, mode=flip_mode, stride=stride))
         coords, scores = decode_dark(heatmaps)
         heatmap_size = (heatmaps.shape[-1], heatmaps.shape[-2])
         scale = batch["scale"].cpu().numpy()
@@ -176,12 +182,15 @@ def evaluate_model(
     workers: int | None = None,
     gpus: int | None = None,
     progress: bool = True,
+    flip_mode: str | None = None,
 ) -> EvalOutcome:
     """Top-down inference (flip test + DARK) -> rescoring + OKS-NMS -> COCO-WholeBody AP/AR.
 
-    ``batch_size`` / ``workers`` default to the run's ``data.val_batch_size`` / ``data.loader_workers``.
+    ``batch_size`` / ``workers`` / ``flip_mode`` default to the run's ``data.val_batch_size`` /
+    ``data.loader_workers`` / ``eval.flip_mode``.
     """
     config = loaded.config
+    flip_mode = config.eval.flip_mode if flip_mode is None else flip_mode
     dataset = build_eval_dataset(config, ann_file, image_dir, det_file, det_score_thr)
     batch_size = config.data.val_batch_size if batch_size is None else int(batch_size)
     workers = config.data.loader_workers if workers is None else int(workers)
@@ -202,7 +211,7 @@ def evaluate_model(
     )
     batches = with_progress(loader, len(loader), "eval", enabled=progress)
     predictions = predict_keypoints(
-        model, batches, device, flip_test, autocast_dtype(device, config.amp), False
+        model, batches, device, flip_test, autocast_dtype(device, config.amp), False, flip_mode
     )
     results = results_from_predictions(predictions)
     metrics = evaluate_wholebody(ann_file, results)

@@ -5,7 +5,8 @@ resume -> epochs (train, evaluate, report + checkpoint). Under Ray Train (detect
 ``ray.train.get_context()``) it wraps the model in DDP and the loader in a DistributedSampler through
 ``ray.train.torch.prepare_model`` / ``prepare_data_loader``, reports every epoch with a checkpoint from rank 0
 and resumes from ``ray.train.get_checkpoint()``. Alone, it writes ``output_dir/checkpoints/latest.pt`` (and
-``best.pt``) and ``output_dir/metrics.jsonl`` and resumes from ``latest.pt``.
+``best.pt``) and ``output_dir/metrics.jsonl`` and resumes from ``latest.pt``. Either way rank 0 appends its
+progress lines to ``output_dir/train.log``.
 
 The paper's recipe (Implementation Details): Adam, lr 5e-4, linear warm-up over 500 iterations from ratio
 0.001, lr x0.1 at epochs 170 and 200 of 210; flip test and DARK decoding at evaluation.
@@ -140,11 +141,17 @@ def _synthetic_dataset(directory: Path, num_images: int, seed: int) -> tuple[str
     return str(ann_file), str(directory / _SYNTH_IMAGE_DIR)
 
 
-def say(line: str) -> None:
-    """One progress line on stdout. Not ``print``: Ray Train patches ``print`` in its workers to log and also
-    echo each line, so every printed line reached the driver's console twice."""
+def say(line: str, log_file: Path | None = None) -> None:
+    """One progress line on stdout, and appended to ``log_file`` (the run's ``train.log``) when given.
+
+    Not ``print``: Ray Train patches ``print`` in its workers to log and also echo each line, so every
+    printed line reached the driver's console twice.
+    """
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    if log_file is not None:
+        with open(log_file, "a") as stream:
+            stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
 def _ray_train_context() -> Any | None:
@@ -233,6 +240,8 @@ def train_loop_per_worker(
     checkpoint_dir = output_dir / "checkpoints"
     if is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    # The run's own log of its progress lines (a sweep shows a table instead of every worker's output).
+    log_file = output_dir / "train.log" if is_main else None
 
     # ---- data
     paths = resolve_datasets(cfg.data)
@@ -328,7 +337,7 @@ def train_loop_per_worker(
         else:  # only rank 0's generators are saved; the others restart from a seed that depends on the epoch
             _seed_everything(cfg.seed + rank + 1000 * start_epoch)
         if is_main:
-            say(f"[fowkal] resuming at epoch {start_epoch + 1}/{cfg.epochs}")
+            say(f"[fowkal] resuming at epoch {start_epoch + 1}/{cfg.epochs}", log_file)
     model = raw_model
     if ray_context is not None:
         model = ray.train.torch.prepare_model(raw_model)  # DDP when world_size > 1
@@ -412,7 +421,7 @@ def train_loop_per_worker(
         # ---- evaluate: flip test + DARK on this worker's slice, scored on rank 0
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             predictions = predict_keypoints(
-                raw_model, val_loader, device, cfg.flip_test, amp_dtype, channels_last
+                raw_model, val_loader, device, cfg.flip_test, amp_dtype, channels_last, cfg.eval.flip_mode
             )
             if distributed:
                 gathered: list[Any] = [None] * world_size
@@ -453,7 +462,7 @@ def train_loop_per_worker(
                 stream.write(json.dumps(metrics) + "\n")
             if kaf_history:
                 np.save(output_dir / "kaf_history.npy", np.asarray(kaf_history, dtype=np.float32))
-            say("[fowkal] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            say("[fowkal] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), log_file)
         if ray_context is not None:
             with tempfile.TemporaryDirectory() as directory:
                 ray_checkpoint = None

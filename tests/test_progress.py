@@ -1,0 +1,66 @@
+"""The sweep's console: one table, one line per finished trial, no repeats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.ablation_arms import load_ablation_arms
+from orchestrator.progress import SweepProgress, format_duration
+from orchestrator.trial import SweepPlan
+
+ARMS = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation_paper.yaml"
+
+
+@dataclass
+class FakeTrial:
+    trial_id: str
+    config: dict
+    status: str = "RUNNING"
+    last_result: dict = field(default_factory=dict)
+    experiment_tag: str = ""
+
+
+def _plan() -> SweepPlan:
+    return SweepPlan(
+        kind="ablate",
+        sweep_id="s",
+        sweep_dir="/tmp/s",
+        base_config={},
+        tracking_uri="",
+        experiment_id="",
+        parent_run_id="",
+        metric="val/wholebody_AP",
+        mode="max",
+        arms={arm.key: arm for arm in load_ablation_arms(ARMS)},
+    )
+
+
+def test_table_and_one_line_per_finished_trial():
+    lines: list[str] = []
+    progress = SweepProgress(_plan(), epochs=4, concurrency=2, interval_s=3600, print_fn=lines.append)
+    a = FakeTrial("t1", {"arm": "a", "seed": 0})
+    f = FakeTrial("t2", {"arm": "f", "seed": 0}, status="PENDING")
+    a.last_result = {"epoch": 2, "val/wholebody_AP": 0.02, "time/epoch_s": 10.0}
+    progress.report([a, f], done=False)
+    assert len(lines) == 1
+    table = lines[0]
+    assert "(a) MSE (baseline) s0" in table and "(f) KAL + FWAHR = FoWKAL s0" in table
+    assert "2/4" in table and "0.0200 (2)" in table and "20s" in table  # 2 epochs x 10 s left
+    # Epoch 3 without evaluation: the last and best AP stay those of epoch 2; throttled, no new table.
+    a.last_result = {"epoch": 3, "time/epoch_s": 10.0}
+    progress.report([a, f], done=False)
+    assert len(lines) == 1
+    a.status, a.last_result = "TERMINATED", {"epoch": 4, "val/wholebody_AP": 0.015, "time/epoch_s": 10.0}
+    progress.report([a, f], done=False)
+    progress.report([a, f], done=False)
+    ended = [line for line in lines if line.startswith("(a)")]
+    assert ended == ["(a) MSE (baseline) s0: finished after epoch 4, best val/wholebody_AP 0.0200 at epoch 2"]
+    f.status, f.last_result = "ERROR", {"epoch": 1}
+    progress.report([a, f], done=True)
+    assert any("FoWKAL s0: failed" in line for line in lines)
+    assert "2/2 trials done" in lines[-1]
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (5, 125, 3720, None)] == ["5s", "2m05s", "1h02m", "?"]
