@@ -234,11 +234,24 @@ def render_comparison(
         ]
         marks_first.append((a.keypoints[moved], a.keypoints[moved], colours))
         marks_second.append((a.keypoints[moved], b.keypoints[moved], colours))
-    return visualize.side_by_side(
+    panels = visualize.side_by_side(
         [
             render_panel(image, first, labels[0], kpt_thr, marks_first, arrows=False),
             render_panel(image, second, labels[1], kpt_thr, marks_second, arrows=True),
         ]
+    )
+    return visualize.add_legend_band(
+        panels,
+        [
+            (
+                visualize.BETTER_COLOUR,
+                f"right run closer to the ground truth ({top_k} keypoints that moved most)",
+            ),
+            (
+                visualize.WORSE_COLOUR,
+                "right run farther from the ground truth; arrows: left -> right position",
+            ),
+        ],
     )
 
 

@@ -119,11 +119,15 @@ def test_comparison_marks_the_keypoint_that_moved_in_the_better_or_worse_colour(
         image, [[_instance(truth, first)], [_instance(truth, second)]], ["a", "b"], kpt_thr=2.0
     )
     lines = 1 + 1  # label + one instance
+    legend = visualize.caption_band_height(2)  # what the green and red circles mean
     assert picture.shape == (
-        200 + visualize.LINE_HEIGHT * lines + visualize.LINE_HEIGHT // 3,
+        200 + visualize.LINE_HEIGHT * lines + visualize.LINE_HEIGHT // 3 + legend,
         2 * 160 + visualize.PANEL_GAP,
         3,
     )
+    legend_band = picture[-legend:]
+    assert _colour_mask(legend_band, visualize.BETTER_COLOUR).any()
+    assert _colour_mask(legend_band, visualize.WORSE_COLOUR).any()
     left, right = picture[:200, :160], picture[:200, 160 + visualize.PANEL_GAP :]
     better = _colour_mask(left, visualize.BETTER_COLOUR)
     ys, xs = np.nonzero(better)
@@ -201,7 +205,8 @@ def test_show_two_runs_side_by_side_and_logged(tmp_path, capsys):
         picture = cv2.imread(str(out / f"compare_{image_id}.png"))
         height, width = sizes[image_id]
         band = visualize.LINE_HEIGHT * (1 + counts[image_id]) + visualize.LINE_HEIGHT // 3
-        assert picture.shape == (height + band, 2 * width + visualize.PANEL_GAP, 3)
+        legend = visualize.caption_band_height(2)
+        assert picture.shape == (height + band + legend, 2 * width + visualize.PANEL_GAP, 3)
     for run_id in run_ids:
         logged = sorted(a.path for a in client.list_artifacts(run_id, "show"))
         assert logged == [f"show/{name}" for name in names]
@@ -228,7 +233,7 @@ def test_heatmap_view_size(tmp_path):
     assert png.name.endswith(f"_ann{ann_id}_foot.png")
     # 32 px crops enlarged x5 (the smallest factor reaching 160 px); crop + max + 6 foot keypoints = 8 tiles,
     # one row of HEATMAP_COLUMNS = 8.
-    assert cv2.imread(str(png)).shape == (160, 8 * 160, 3)
+    assert cv2.imread(str(png)).shape == (160 + visualize.LINE_HEIGHT, 8 * 160, 3)  # a title band per row
 
 
 @needs_mini
@@ -244,3 +249,17 @@ def test_show_errors_name_the_problem(tmp_path, capsys):
     assert "424242" in capsys.readouterr().err
     assert main(base + ["--images", str(MINI), "--heatmaps", "tail"]) == 2
     assert "'tail'" in capsys.readouterr().err
+
+
+def test_heatmap_tile_titles_fit_their_tiles():
+    tiles = [np.full((40, 60, 3), 90, dtype=np.uint8) for _ in range(3)]
+    labels = ["left_hand_thumb_tip_long_name 0.512", "nose 0.9", "x"]
+    grid = visualize.tile_grid(tiles, labels, columns=3)
+    assert grid.shape == (40 + visualize.LINE_HEIGHT, 180, 3)
+    title_row = grid[: visualize.LINE_HEIGHT]
+    for column in range(3):  # each title's ink stays inside its own tile's columns
+        ink = np.nonzero((title_row[:, column * 60 : (column + 1) * 60] < 128).any(axis=(0, 2)))[0]
+        assert ink.size and ink.max() < 60 - 2
+    text, scale = visualize.fit_text(labels[0], 54)
+    assert text.endswith("...") or scale < visualize.FONT_SCALE
+    assert (grid[visualize.LINE_HEIGHT :, :60] == 90).all()  # tiles are not drawn over

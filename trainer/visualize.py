@@ -267,6 +267,36 @@ def add_caption_band(image: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.concatenate([np.ascontiguousarray(image), band], axis=0)
 
 
+def add_legend_band(image: np.ndarray, entries: Sequence[tuple[tuple[int, int, int], str]]) -> np.ndarray:
+    """``image`` with a white band below it: per entry a circle in the entry's colour and its meaning."""
+    height, width = image.shape[:2]
+    band = np.full((caption_band_height(len(entries)), width, 3), BAND_COLOUR, dtype=np.uint8)
+    for row, (colour, text) in enumerate(entries):
+        baseline = LINE_HEIGHT * (row + 1) - 4
+        cv2.circle(band, (10, baseline - 5), 6, colour, 2, cv2.LINE_AA)
+        cv2.putText(
+            band, text, (24, baseline), cv2.FONT_HERSHEY_SIMPLEX, FONT_SCALE, TEXT_COLOUR, 1, cv2.LINE_AA
+        )
+    return np.concatenate([np.ascontiguousarray(image), band], axis=0)
+
+
+def fit_text(
+    text: str, width: int, font_scale: float = FONT_SCALE, min_scale: float = 0.3
+) -> tuple[str, float]:
+    """``(text, scale)`` that fits ``width`` pixels: the font shrunk down to ``min_scale``, then the text
+    shortened with "..." (so tile titles never run into their neighbours)."""
+
+    def size(candidate: str, scale: float) -> int:
+        return cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+    scale = font_scale
+    while size(text, scale) > width and scale > min_scale:
+        scale = max(min_scale, scale - 0.05)
+    while len(text) > 1 and size(text, scale) > width:
+        text = text[:-4] + "..." if len(text) > 4 else text[:-1]
+    return text, scale
+
+
 def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
     """Panels left to right, ``PANEL_GAP`` white pixels apart, padded with white to the tallest one."""
     if not panels:
@@ -311,11 +341,18 @@ def tile_grid(tiles: Sequence[np.ndarray], labels: Sequence[str], columns: int) 
         raise ValueError("tile_grid: all tiles must have the same size")
     columns = max(1, min(int(columns), len(tiles)))
     rows = -(-len(tiles) // columns)
-    grid = np.full((rows * height, columns * width, 3), BAND_COLOUR, dtype=np.uint8)
+    # Each title in a band of its own above its tile, fitted to the tile's width.
+    cell_height = height + LINE_HEIGHT
+    grid = np.full((rows * cell_height, columns * width, 3), BAND_COLOUR, dtype=np.uint8)
     for index, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
         row, column = divmod(index, columns)
-        labelled = put_label(tile, label, (3, 14))
-        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = labelled
+        top, left = row * cell_height, column * width
+        text, scale = fit_text(label, width - 6)
+        title = grid[top : top + LINE_HEIGHT, left : left + width]
+        cv2.putText(
+            title, text, (3, LINE_HEIGHT - 5), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOUR, 1, cv2.LINE_AA
+        )
+        grid[top + LINE_HEIGHT : top + cell_height, left : left + width] = tile
     return grid
 
 
@@ -329,8 +366,10 @@ __all__ = [
     "WORSE_COLOUR",
     "WRIST_TO_HAND",
     "add_caption_band",
+    "add_legend_band",
     "caption_band_height",
     "draw_wholebody",
+    "fit_text",
     "format_oks",
     "heatmap_overlay",
     "mark_moved",
