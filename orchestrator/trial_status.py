@@ -123,8 +123,8 @@ def trial_id_from_path(path: str | None) -> str:
 def trial_statuses_from_state(tune_dir: str) -> dict[str, str]:
     """Trial id -> status from the newest ``experiment_state-*.json`` of a Tune experiment directory."""
     # Newest by the session start time in the name (experiment_state-YYYY-MM-DD_HH-MM-SS.json), not by mtime:
-    # at the end of a resumed sweep Tune may rewrite the older session's file after the newer one (seen here:
-    # the stale file, with a trial still RUNNING, came out 0.5 ms newer).
+    # at the end of a resumed sweep Tune may rewrite the older session's file after the newer one, so the
+    # stale file (with a trial still RUNNING) can be the newer by mtime.
     files = sorted(Path(tune_dir).glob("experiment_state-*.json"), key=lambda p: (p.name, p.stat().st_mtime))
     if not files:
         return {}

@@ -110,8 +110,8 @@ def _gaussian_profile(grid: np.ndarray, centres: np.ndarray, inv_two_var: float)
     ``_TAIL_FLOOR`` (1.1e-19).
 
     Zeroing the far tails keeps every product of two profiles out of the subnormal range (subnormal arithmetic
-    is ~10x slower on x86; the change is far below float32 resolution at the peak). Clamping the exponent
-    before ``exp`` keeps ``exp`` itself off its slow underflow path (4-20x faster on the far tails). In place:
+    is much slower on x86; the change is far below float32 resolution at the peak). Clamping the exponent
+    before ``exp`` keeps ``exp`` itself off its slow underflow path (figures: bench/RESULTS.md). In place:
     one buffer, no temporaries (NumPy: fewer per-call costs than torch for the dataset's one instance).
     """
     profile = np.subtract(grid, centres, dtype=np.float32)
@@ -176,7 +176,7 @@ def _peaks_and_patches(flat: torch.Tensor, height: int, width: int, reach: int):
     starts = (torch.arange(batch, device=flat.device) * (padded_height * padded_width))[:, None] + (
         (row0[:, None] + offsets) * padded_width + col0[:, None]
     )
-    patches = runs.index_select(0, starts.reshape(-1)).reshape(batch, size, size)  # 6x faster than runs[...]
+    patches = runs.index_select(0, starts.reshape(-1)).reshape(batch, size, size)  # faster than runs[...] (RESULTS)
     return argmax, scores, patches, row0 - (py - reach), col0 - (px - reach)
 
 
