@@ -176,7 +176,8 @@ def _peaks_and_patches(flat: torch.Tensor, height: int, width: int, reach: int):
     starts = (torch.arange(batch, device=flat.device) * (padded_height * padded_width))[:, None] + (
         (row0[:, None] + offsets) * padded_width + col0[:, None]
     )
-    patches = runs.index_select(0, starts.reshape(-1)).reshape(batch, size, size)  # faster than runs[...] (RESULTS)
+    # index_select is faster than runs[...] here.
+    patches = runs.index_select(0, starts.reshape(-1)).reshape(batch, size, size)
     return argmax, scores, patches, row0 - (py - reach), col0 - (px - reach)
 
 
