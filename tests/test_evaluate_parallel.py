@@ -225,3 +225,36 @@ def test_for_file_reuses_one_evaluator_until_the_file_changes(tmp_path):
     stat = ann.stat()
     os.utime(ann, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert WholeBodyEvaluator.for_file(ann) is not first
+
+
+def test_passes_fork_only_from_a_single_threaded_process(tmp_path, monkeypatch):
+    import multiprocessing
+    import threading
+
+    from trainer import evaluate
+
+    ann_file, predictions = synthetic_val_set(tmp_path)
+    results = _results(predictions)
+    serial = WholeBodyEvaluator(ann_file, processes=1).evaluate(results)
+    forks = []
+    real_get_context = multiprocessing.get_context
+
+    def spy(method=None):
+        forks.append(method)
+        return real_get_context(method)
+
+    monkeypatch.setattr(evaluate.multiprocessing, "get_context", spy)
+    # Another thread alive (as in a Ray Train worker): the passes run in this process, no fork.
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, daemon=True)
+    worker.start()
+    try:
+        _assert_same(WholeBodyEvaluator(ann_file, processes=3).evaluate(results), serial)
+    finally:
+        stop.set()
+        worker.join()
+    assert forks == []
+    # A single-threaded process forks its pass workers.
+    monkeypatch.setattr(evaluate.threading, "active_count", lambda: 1)
+    _assert_same(WholeBodyEvaluator(ann_file, processes=3).evaluate(results), serial)
+    assert forks == ["fork"]

@@ -16,6 +16,7 @@ import io
 import json
 import multiprocessing
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,8 +107,10 @@ class WholeBodyEvaluator:
 
     ``evaluate(results)`` runs the six xtcocotools passes (five parts and whole-body); they are independent,
     so with ``processes > 1`` they run in forked worker processes that inherit the parsed ground truth and
-    results (nothing is pickled but the ten statistics of each pass). Same numbers as one process: each
-    pass recomputes every flag it reads (``ignore``, the score key) from the annotations.
+    results (nothing is pickled but the ten statistics of each pass), when the calling process runs no
+    other thread (forking a threaded process can deadlock the child); otherwise in this process. Same
+    numbers as one process: each pass recomputes every flag it reads (``ignore``, the score key) from the
+    annotations.
     """
 
     def __init__(self, ann_file, processes: int | None = None) -> None:
@@ -164,7 +167,10 @@ class WholeBodyEvaluator:
 
     def _run_passes(self, coco_dt) -> dict[str, np.ndarray]:
         parts = list(_PART_IOU_TYPES)
-        if self.processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        # Fork only a single-threaded process: a child forked while another thread holds a lock (a Ray
+        # Train worker has dozens of threads) inherits the lock held and can wait on it forever.
+        threaded = threading.active_count() > 1
+        if self.processes <= 1 or threaded or "fork" not in multiprocessing.get_all_start_methods():
             return {part: _evaluate_pass(self.coco_gt, coco_dt, part) for part in parts}
         global _FORKED_STATE
         _FORKED_STATE = (self.coco_gt, coco_dt)
