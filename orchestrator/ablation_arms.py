@@ -1,7 +1,8 @@
 """Ablation arms (``search_spaces/ablation_*.yaml``): the rows of an ablation and what the paper reports.
 
 An ablation file lists arms, each overriding dotted ``TrainConfig`` keys (at least ``loss.variant``) on top
-of the ``--config`` file, with the paper's numbers for the report::
+of the ``--config`` file. The paper's arms also carry its numbers (``paper``) and table (``table``) for the
+report; both are optional, so one's own arms need neither (the report then has no paper column)::
 
     description: FoWKAL paper, Table 2
     arms:
@@ -17,7 +18,7 @@ of the ``--config`` file, with the paper's numbers for the report::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ class AblationArm:
     name: str  # e.g. "mse", "fowkal": run names and MLflow tags
     label: str  # the paper's wording, e.g. "(f) KAL + FWAHR = FoWKAL"
     overrides: dict[str, Any]  # dotted TrainConfig keys, at least loss.variant
-    paper: dict[str, float]  # subset of PAPER_METRICS (percent)
-    table: str  # "2" or "3"
+    paper: dict[str, float] = field(default_factory=dict)  # subset of PAPER_METRICS (percent); {}: none
+    table: str | None = None  # "2" or "3"; None: not one of the paper's rows
 
 
 def load_ablation_arms(path: str | Path) -> list[AblationArm]:
@@ -76,9 +77,10 @@ def load_ablation_arms(path: str | Path) -> list[AblationArm]:
                 f"{where}.key: expected a short id of letters, digits, _ or -, got {arm_key!r}"
             )
         table = str(raw.get("table")) if isinstance(raw.get("table"), int | str) else raw.get("table")
-        if table not in PAPER_TABLES:
+        if "table" in raw and table not in PAPER_TABLES:
             raise SearchSpaceError(
-                f"{where}.table: expected one of {', '.join(PAPER_TABLES)}, got {raw.get('table')!r}"
+                f"{where}.table: expected one of {', '.join(PAPER_TABLES)} (or no table field), "
+                f"got {raw.get('table')!r}"
             )
 
         overrides = raw.get("overrides")
@@ -100,10 +102,12 @@ def load_ablation_arms(path: str | Path) -> list[AblationArm]:
         except ValueError as err:
             raise SearchSpaceError(f"{where}.overrides: {overrides!r} is not a valid config ({err})") from err
 
-        paper = raw.get("paper")
-        if not isinstance(paper, dict) or "wholebody_AP" not in paper:
+        # The paper's numbers are optional; given, they hold at least whole-body AP (the table's delta).
+        paper = raw.get("paper", {})
+        if not isinstance(paper, dict) or ("paper" in raw and "wholebody_AP" not in paper):
             raise SearchSpaceError(
-                f"{where}.paper: expected a mapping with at least wholebody_AP, got {paper!r}"
+                f"{where}.paper: expected a mapping with at least wholebody_AP (or no paper field), "
+                f"got {paper!r}"
             )
         for metric, value in paper.items():
             if metric not in PAPER_METRICS:

@@ -1,562 +1,449 @@
 """``fowkal report``: sweeps and ablations read back from MLflow, as Markdown and a self-contained HTML page.
 
-A sweep or ablation is one MLflow parent run with one child run per trial (``orchestrator.tune``). This
-module only reads MLflow (no Ray): :func:`load_sweep` gathers the parent, its children (status, final
-metrics, the sampled parameters, the best value of the sweep's metric) and what the parent stored about the
-search space or the ablation arms (with the paper's numbers). From that:
+A sweep or ablation is one MLflow parent run with one child run per trial (``orchestrator.sweep``). The
+work is split by job: ``report_records`` reads MLflow (no Ray), ``report_tables`` computes the numbers,
+``report_figures`` draws; this module lays them out as one report per sweep, in this order:
 
-- ablations: :func:`ablation_rows` / :func:`ablation_markdown`, the paper's Table 2 layout: whole-body AP and
-  AR, body, foot, face and hand AP as mean ± std over seeds (in percent, like the paper), the delta of
-  whole-body AP to arm (a), and the paper's numbers beside ours;
-- sweeps: the top configurations (:func:`sweep_markdown`) and Optuna's fANOVA parameter importances
-  (:func:`param_importances`), rebuilt from the children as a fresh Optuna study;
-- plots (matplotlib PNGs): importances, parallel coordinates, the ablation bars; the HTML page embeds them
-  as base64, so it is a single file.
+- where it lives (the parent run, the store's absolute URI, links into the MLflow UI and how to start it)
+  and the setup it measured (the parent's description; data, model, input size, epochs, seeds);
+- ablations: the paper's Table 2 layout at each run's best epoch, saying which epoch; with >= 2 seeds,
+  each arm's paired difference to arm (a) with a 95% interval, else a plain statement that the deltas are
+  single runs; the bar chart, the learning curves per arm, the KAF figure of every KAL-family arm;
+- sweeps: the top configurations, the parameter importances and their figures, the learning curves;
+- the runs: name, status, best epoch and the run id linking to its MLflow page.
 
-Statuses: only FINISHED children enter the ablation means; sweeps rank FINISHED and KILLED (stopped early by
-ASHA) children by their best value of the metric, as Tune does.
+The report is built once as a list of blocks and written out twice: Markdown (figures as PNG files beside
+it) and HTML (figures embedded as base64, code spans as ``<code>``, links as links).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 import os
-import statistics
+import re
+import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator import tracking
-
-# Ablation columns: (MLflow metric, header, paper key).
-ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("val/wholebody_AP", "Whole-body AP", "wholebody_AP"),
-    ("val/wholebody_AR", "Whole-body AR", "wholebody_AR"),
-    ("val/body_AP", "Body AP", "body_AP"),
-    ("val/foot_AP", "Foot AP", "foot_AP"),
-    ("val/face_AP", "Face AP", "face_AP"),
-    ("val/hand_AP", "Hand AP", "hand_AP"),
+from orchestrator.report_figures import (
+    ablation_figure,
+    plot_ablation,
+    plot_importances,
+    plot_learning_curves,
+    plot_parallel_coordinates,
 )
-BASELINE_ARM_KEY = "a"
+from orchestrator.report_records import (
+    ChildRecord,
+    KafFigure,
+    ReportError,
+    SweepRecord,
+    child_runs,
+    kaf_figures,
+    load_sweep,
+    resolve_parent_runs,
+)
+from orchestrator.report_tables import (
+    ABLATION_COLUMNS,
+    BASELINE_ARM_KEY,
+    IMPORTANCES_NONE,
+    IMPORTANCES_NOTE,
+    AblationRow,
+    ablation_header,
+    ablation_markdown,
+    ablation_note,
+    ablation_rows,
+    ablation_table_cells,
+    arm_curves,
+    baseline_row,
+    best_child,
+    has_paper,
+    importances_markdown,
+    importances_rows,
+    markdown_table,
+    paired_differences,
+    paired_table,
+    param_importances,
+    ranked_children,
+    sweep_markdown,
+    sweep_status_line,
+    sweep_table,
+    trial_curves,
+)
 
-
-class ReportError(ValueError):
-    """Nothing to report (unknown experiment or run, no sweep in it); names what was asked for."""
-
-
-@dataclass
-class ChildRecord:
-    """One trial's MLflow child run."""
-
-    run_id: str
-    name: str
-    status: str
-    trial_id: str
-    arm_key: str | None
-    seed: int | None
-    metrics: dict[str, float]  # the val/ metrics of the best epoch where the run logged them, else the last
-    params: dict[str, str]
-    sampled: dict[str, Any] = field(default_factory=dict)  # sweeps: sampled dotted key -> typed value
-    score: float | None = None  # best value of the sweep's metric over the run's epochs
-    epochs: int | None = None  # the last epoch the run reported
-    best_epoch: int | None = None  # the epoch of the best val/wholebody_AP (best/epoch)
-    last_metrics: dict[str, float] = field(default_factory=dict)  # latest value of each metric
-
-
-@dataclass
-class SweepRecord:
-    """A sweep or ablation as stored in MLflow."""
-
-    parent_run_id: str
-    name: str
-    kind: str  # "tune" or "ablate"
-    status: str
-    metric: str
-    mode: str
-    children: list[ChildRecord]
-    arms: list[dict] = field(default_factory=list)  # ablations: AblationArm fields, in file order
-    space: dict = field(default_factory=dict)  # sweeps: {"parameters": {name: distribution info}}
-    sampled_names: list[str] = field(default_factory=list)
+FIGURES_DIR = "figures"  # beside report.md: the PNGs its Markdown shows
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reading MLflow
+# Blocks: what a report says, independent of Markdown or HTML
 
 
-def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
-    """All MLflow runs of the experiment whose ``mlflow.parentRunId`` is ``parent_run_id``."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids=[experiment_id],
-            filter_string=f"tags.`{tracking.TAG_PARENT_RUN_ID}` = '{parent_run_id}'",
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return runs
+@dataclass
+class Block:
+    """One piece of a report. ``text`` and table cells may hold inline Markdown: `code` and [text](url)."""
+
+    kind: str  # "h2", "p", "table", "figure"
+    text: str = ""
+    header: list[str] | None = None
+    rows: list[list[str]] | None = None
+    path: Path | None = None  # figures: the PNG
 
 
-def _read_json_artifact(client, run_id: str, name: str) -> Any | None:
-    # MLflow draws a progress bar per download unless told not to (noise in a printed report).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="fowkal_report_") as tmp:
-        try:
-            local = client.download_artifacts(run_id, name, tmp)
-        except Exception:
+def _code(text: str) -> str:
+    return f"`{text}`"
+
+
+def _link(text: str, url: str) -> str:
+    return f"[{text}]({url})"
+
+
+_INLINE = re.compile(r"`([^`]+)`|\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def inline_html(text: str) -> str:
+    """Inline Markdown to HTML: `code` -> ``<code>``, [text](url) -> ``<a href>``, the rest escaped."""
+    out, pos = [], 0
+    for match in _INLINE.finditer(text):
+        out.append(html.escape(text[pos : match.start()]))
+        if match.group(1) is not None:
+            out.append(f"<code>{html.escape(match.group(1))}</code>")
+        else:
+            out.append(f'<a href="{html.escape(match.group(3))}">{inline_html(match.group(2))}</a>')
+        pos = match.end()
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+def blocks_markdown(title: str, blocks: list[Block], figure_links: dict[Path, str]) -> str:
+    """The report as Markdown; a figure is an image link (``figure_links``) or, without one, named."""
+    parts = [f"# {title}"]
+    for block in blocks:
+        if block.kind == "h2":
+            parts.append(f"## {block.text}")
+        elif block.kind == "p":
+            parts.append(block.text)
+        elif block.kind == "table":
+            parts.append(markdown_table(block.header or [], block.rows or []))
+        elif block.kind == "figure":
+            link = figure_links.get(block.path) if block.path is not None else None
+            stem = block.path.stem if block.path is not None else "figure"
+            parts.append(
+                f"![{stem}]({link})\n\n*{block.text}*" if link else f"*Figure (in report.html): {block.text}*"
+            )
+    return "\n\n".join(parts) + "\n"
+
+
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:90em;} table{border-collapse:collapse;margin:1em 0;}"
+    "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right;} th{background:#eee;}"
+    "td:first-child{text-align:left;} img{max-width:100%;} figure{margin:1em 0;}"
+    "code{background:#f3f3f3;padding:0 3px;border-radius:3px;}"
+    "td.contains-zero{color:#777;font-style:italic;}"
+)
+
+
+def _html_cell(cell: str) -> str:
+    css = ' class="contains-zero"' if cell.endswith("(contains 0)") else ""
+    return f"<td{css}>{inline_html(cell)}</td>"
+
+
+def blocks_html_body(title: str, blocks: list[Block]) -> str:
+    """The report's ``<body>`` content: figures embedded as base64 PNGs."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        if block.kind == "h2":
+            parts.append(f"<h2>{inline_html(block.text)}</h2>")
+        elif block.kind == "p":
+            parts.append(f"<p>{inline_html(block.text)}</p>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{inline_html(h)}</th>" for h in block.header or [])
+            body = "".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in block.rows or [])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block.kind == "figure" and block.path is not None:
+            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            parts.append(
+                f'<figure><img alt="{html.escape(block.path.stem)}" src="data:image/png;base64,{data}"/>'
+                f"<figcaption>{inline_html(block.text)}</figcaption></figure>"
+            )
+    return "".join(parts)
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _nested(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
             return None
-        try:
-            return json.loads(Path(local).read_text())
-        except (OSError, ValueError):
-            return None
-
-
-def _typed(value: str, info: dict | None) -> Any:
-    """An MLflow param string back as the sampled type (float / int / one of the categorical choices)."""
-    if info is None:
-        return value
-    distribution = info.get("distribution")
-    try:
-        if distribution in ("uniform", "loguniform"):
-            return float(value)
-        if distribution == "int":
-            return int(float(value))
-    except ValueError:
-        return value
-    if distribution == "categorical":
-        for choice in info.get("choices", []):
-            if str(choice) == value:
-                return choice
+        value = value[part]
     return value
 
 
-def _best(values: list[float], mode: str) -> float | None:
-    finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    if not finite:
-        return None
-    return max(finite) if mode == "max" else min(finite)
-
-
-def load_sweep(client, parent_run_id: str) -> SweepRecord:
-    """The sweep or ablation whose parent run is ``parent_run_id``, with all its children.
-
-    Raises:
-        ReportError: the run does not exist or is not a fowkal sweep/ablation parent run.
-    """
-    try:
-        parent = client.get_run(parent_run_id)
-    except Exception as err:
-        raise ReportError(f"no MLflow run with id {parent_run_id!r} ({err})") from err
-    tags = parent.data.tags
-    kind = tags.get(tracking.TAG_SWEEP_KIND)
-    if kind not in ("tune", "ablate") or tracking.TAG_PARENT_RUN_ID in tags:
-        raise ReportError(
-            f"MLflow run {parent_run_id!r} ({parent.info.run_name}) is not the parent run of a fowkal sweep "
-            f"or ablation (its tag {tracking.TAG_SWEEP_KIND!r} is {kind!r})"
-        )
-    metric = tags.get(tracking.TAG_METRIC, "val/wholebody_AP")
-    mode = tags.get(tracking.TAG_MODE, "max")
-    space = (
-        (_read_json_artifact(client, parent_run_id, tracking.SPACE_ARTIFACT) or {}) if kind == "tune" else {}
-    )
-    arms = (
-        (_read_json_artifact(client, parent_run_id, tracking.ARMS_ARTIFACT) or []) if kind == "ablate" else []
-    )
-    sampled_names = json.loads(tags.get(tracking.TAG_SAMPLED, "[]"))
-    infos = space.get("parameters", {})
-    children = []
-    for run in child_runs(client, parent.info.experiment_id, parent_run_id):
-        run_tags, params = run.data.tags, run.data.params
-        seed = run_tags.get(tracking.TAG_SEED)
-        sampled = {name: _typed(params[name], infos.get(name)) for name in sampled_names if name in params}
-        last = dict(run.data.metrics)
-        # Compare arms at their best epoch (what the run logged as best/<metric>), not at the last one.
-        at_best = {**last, **{k[5:]: v for k, v in last.items() if k.startswith("best/val/")}}
-        at_best.pop("best/epoch", None)
-        history = client.get_metric_history(run.info.run_id, metric)
-        score = _best([m.value for m in history], mode)
-        if score is None:
-            score = at_best.get(metric)
-        best_epoch = last.get("best/epoch")
-        children.append(
-            ChildRecord(
-                run_id=run.info.run_id,
-                name=run.info.run_name or run.info.run_id,
-                status=run.info.status,
-                trial_id=run_tags.get(tracking.TAG_TRIAL_ID, ""),
-                arm_key=run_tags.get(tracking.TAG_ARM_KEY),
-                seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
-                metrics=at_best,
-                params=dict(params),
-                sampled=sampled,
-                score=score,
-                epochs=tracking.last_epoch(client, run.info.run_id),
-                best_epoch=int(best_epoch) if best_epoch is not None else None,
-                last_metrics=last,
-            )
-        )
-    children.sort(key=lambda c: c.name)
-    return SweepRecord(
-        parent_run_id=parent_run_id,
-        name=parent.info.run_name or parent_run_id,
-        kind=kind,
-        status=parent.info.status,
-        metric=metric,
-        mode=mode,
-        children=children,
-        arms=arms,
-        space=space,
-        sampled_names=sampled_names,
-    )
-
-
-def resolve_parent_runs(client, target: str, *, newest_only: bool = True) -> list[str]:
-    """Parent run ids for ``target``: an MLflow experiment name (its newest sweep, or all) or a run id.
-
-    Raises:
-        ReportError: neither an experiment nor a run of that name/id, or an experiment with no sweep.
-    """
-    experiment = client.get_experiment_by_name(target)
-    if experiment is None:
+def _setting(record: SweepRecord, dotted: str):
+    """A base-config value: from the parent's base_config.yaml, else its ``base.<key>`` param."""
+    value = _nested(record.base_config, dotted)
+    if value is None and f"base.{dotted}" in record.params:
+        text = record.params[f"base.{dotted}"]
         try:
-            run = client.get_run(target)
-        except Exception as err:
-            names = ", ".join(e.name for e in client.search_experiments(max_results=50))
-            raise ReportError(
-                f"{target!r} is neither an MLflow experiment nor a run id in {client.tracking_uri} "
-                f"(experiments: {names or 'none'})"
-            ) from err
-        return [run.info.run_id]
-    runs = client.search_runs(
-        experiment_ids=[experiment.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_SWEEP_KIND}` != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )
-    parents = [r.info.run_id for r in runs if tracking.TAG_PARENT_RUN_ID not in r.data.tags]
-    if not parents:
-        raise ReportError(f"experiment {target!r} holds no fowkal sweep or ablation (no parent run)")
-    return parents[:1] if newest_only else parents
+            value = json.loads(text)
+        except ValueError:
+            value = text
+    return value
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Ablation table
+def _seeds(record: SweepRecord) -> list:
+    try:
+        seeds = json.loads(record.params.get("sweep.seeds", ""))
+    except ValueError:
+        seeds = None
+    if isinstance(seeds, list) and seeds:
+        return seeds
+    return sorted({c.seed for c in record.children if c.seed is not None})
 
 
-@dataclass
-class AblationRow:
-    """One arm: our mean ± std (percent) per column over its finished seeds, and the paper's numbers."""
-
-    key: str
-    name: str
-    label: str
-    finished: int
-    total: int
-    mean: dict[str, float]  # paper key (wholebody_AP, ...) -> percent
-    std: dict[str, float]  # sample std (n - 1); absent for n = 1
-    paper: dict[str, float]
-    delta: float | None = None  # our whole-body AP minus arm (a)'s
-    paper_delta: float | None = None
-
-
-def ablation_rows(record: SweepRecord) -> list[AblationRow]:
-    """Per arm (in the arms file's order) the statistics over its FINISHED seeds."""
+def setup_rows(record: SweepRecord) -> list[list[str]]:
+    """Setting | value rows: data, model, input size, epochs, seeds (or trials), batch, learning rate."""
     rows = []
-    for arm in record.arms:
-        runs = [c for c in record.children if c.arm_key == arm["key"]]
-        done = [c for c in runs if c.status == "FINISHED"]
-        mean, std = {}, {}
-        for metric, _, key in ABLATION_COLUMNS:
-            values = [100.0 * c.metrics[metric] for c in done if metric in c.metrics]
-            values = [v for v in values if math.isfinite(v)]
-            if values:
-                mean[key] = statistics.fmean(values)
-                if len(values) > 1:
-                    std[key] = statistics.stdev(values)
-        rows.append(
-            AblationRow(
-                key=arm["key"],
-                name=arm["name"],
-                label=arm["label"],
-                finished=len(done),
-                total=len(runs),
-                mean=mean,
-                std=std,
-                paper=dict(arm.get("paper", {})),
-            )
+    kind = _setting(record, "data.kind")
+    if kind == "synthetic":
+        train, val = (
+            _setting(record, "data.synthetic_train_images"),
+            _setting(record, "data.synthetic_val_images"),
         )
-    baseline = next((r for r in rows if r.key == BASELINE_ARM_KEY), rows[0] if rows else None)
-    if baseline is not None:
-        for row in rows:
-            if "wholebody_AP" in row.mean and "wholebody_AP" in baseline.mean:
-                row.delta = row.mean["wholebody_AP"] - baseline.mean["wholebody_AP"]
-            if "wholebody_AP" in row.paper and "wholebody_AP" in baseline.paper:
-                row.paper_delta = row.paper["wholebody_AP"] - baseline.paper["wholebody_AP"]
+        sizes = f" ({train} training / {val} validation images)" if train is not None else ""
+        rows.append(["Data", f"synthetic, COCO-WholeBody format{sizes}"])
+    elif kind is not None:
+        train_ann, val_ann = _setting(record, "data.train_ann_file"), _setting(record, "data.val_ann_file")
+        files = f": training {_code(train_ann)}, validation {_code(val_ann)}" if train_ann else ""
+        rows.append(["Data", f"{kind}{files}"])
+    backbone = _setting(record, "model.backbone")
+    if backbone is not None:
+        rows.append(["Model", _code(str(backbone))])
+    size = _setting(record, "data.pipeline.input_size")
+    if isinstance(size, list) and len(size) == 2:
+        rows.append(["Input size", f"{size[0]}×{size[1]} (w × h)"])
+    epochs = _setting(record, "epochs")
+    if epochs is not None:
+        rows.append(["Epochs", str(epochs)])
+    if record.kind == "ablate":
+        seeds = _seeds(record)
+        rows.append(["Seeds", f"{len(seeds)} ({', '.join(map(str, seeds))})" if seeds else "—"])
+        rows.append(["Arms", f"{len(record.arms)} ({', '.join(a['key'] for a in record.arms)})"])
+    else:
+        rows.append(["Trials", str(record.params.get("sweep.samples", len(record.children)))])
+    batch, workers = _setting(record, "batch_size"), _setting(record, "num_workers")
+    if batch is not None:
+        rows.append(["Batch", f"{batch} per worker × {workers or 1} worker(s)"])
+    lr = _setting(record, "optim.lr")
+    if lr is not None:
+        rows.append(["Learning rate", f"{float(lr):g}"])
     return rows
 
 
-def _cell(row: AblationRow, key: str) -> str:
-    ours = "—"
-    if key in row.mean:
-        ours = f"{row.mean[key]:.2f}"
-        if key in row.std:
-            ours += f" ± {row.std[key]:.2f}"
-    paper = f"{row.paper[key]:.1f}" if key in row.paper else "—"
-    return f"{ours} ({paper})"
-
-
-def _signed(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:+.{digits}f}"
-
-
-def ablation_header(baseline_key: str = BASELINE_ARM_KEY) -> list[str]:
-    return ["Arm", "n", *[h for _, h, _ in ABLATION_COLUMNS[:1]], f"Δ AP vs ({baseline_key})"] + [
-        h for _, h, _ in ABLATION_COLUMNS[1:]
-    ]
-
-
-def ablation_table_cells(rows: list[AblationRow]) -> list[list[str]]:
-    """The table's rows as strings: ``ours mean ± std (paper)`` per metric column."""
-    out = []
-    for row in rows:
-        n = f"{row.finished}" if row.finished == row.total else f"{row.finished}/{row.total}"
-        cells = [row.label, n, _cell(row, ABLATION_COLUMNS[0][2])]
-        cells.append(f"{_signed(row.delta, 2)} ({_signed(row.paper_delta, 1)})")
-        cells += [_cell(row, key) for _, _, key in ABLATION_COLUMNS[1:]]
-        out.append(cells)
-    return out
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def ablation_markdown(rows: list[AblationRow]) -> str:
-    """The ablation table in Markdown (the paper's Table 2 layout, paper numbers in parentheses)."""
-    note = (
-        "Ours: mean ± std over seeds (n finished runs), COCO-WholeBody metrics in percent; "
-        "(paper): the number the paper reports (HRNet-w32 + DARK, full COCO-WholeBody)."
+def _where(record: SweepRecord, tracking_uri: str) -> list[Block]:
+    store = tracking.absolute_tracking_uri(tracking_uri)
+    parent_url = tracking.run_url(store, record.experiment_id, record.parent_run_id)
+    table_url = tracking.runs_table_url(store, record.experiment_id)
+    text = (
+        f"MLflow parent run {_link(_code(record.parent_run_id), parent_url)} ({record.status}) in store "
+        f"{_code(store)}; {len(record.children)} child runs ({_link('runs table', table_url)})."
     )
-    return note + "\n\n" + _markdown_table(ablation_header(), ablation_table_cells(rows))
+    if not store.startswith(("http://", "https://")):
+        text += f" The links open in the MLflow UI, started with {_code(tracking.ui_command(store))}."
+    return [Block("p", text)]
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Sweep summary and importances
+def _setup(record: SweepRecord) -> list[Block]:
+    blocks = [Block("h2", "Setup")]
+    if record.description:
+        blocks.append(Block("p", record.description))
+    rows = setup_rows(record)
+    if rows:
+        blocks.append(Block("table", header=["Setting", "Value"], rows=rows))
+    return blocks
 
 
-def ranked_children(record: SweepRecord) -> list[ChildRecord]:
-    """FINISHED and KILLED children with a score, best first."""
-    scored = [c for c in record.children if c.status in ("FINISHED", "KILLED") and c.score is not None]
-    return sorted(scored, key=lambda c: c.score, reverse=record.mode == "max")
+def _best_epoch_text(child: ChildRecord) -> str:
+    if child.best_epoch is None:
+        return "— (last reported)"
+    return str(child.best_epoch)
 
 
-def best_child(record: SweepRecord) -> ChildRecord | None:
-    """The best-scoring FINISHED child (a config that trained all its epochs), else the best stopped one."""
-    ranked = ranked_children(record)
-    finished = [c for c in ranked if c.status == "FINISHED"]
-    if finished:
-        return finished[0]
-    return ranked[0] if ranked else None
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def sweep_markdown(record: SweepRecord, top: int = 10) -> str:
-    """Top ``top`` configs of a sweep (score, status, epochs reached, sampled values) and the statuses."""
-    ranked = ranked_children(record)[:top]
-    header = ["Rank", "Run", "Status", "Epochs", f"best {record.metric}", *record.sampled_names]
+def runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
+    """The children: name, status, best epoch, epochs, the metric at the best epoch, run id as a link."""
+    store = tracking.absolute_tracking_uri(tracking_uri)
     rows = []
-    for i, child in enumerate(ranked, start=1):
-        epochs = child.epochs
+    for child in record.children:
+        value = child.metrics.get(record.metric)
         rows.append(
             [
-                str(i),
                 child.name,
                 child.status,
-                "—" if epochs is None else str(int(epochs)),
-                f"{child.score:.4f}",
-                *[_format_value(child.sampled.get(name, "—")) for name in record.sampled_names],
+                _best_epoch_text(child),
+                "—" if child.epochs is None else str(child.epochs),
+                "—" if value is None else f"{100.0 * value:.2f}",
+                _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),
             ]
         )
-    counts: dict[str, int] = {}
-    for child in record.children:
-        counts[child.status] = counts.get(child.status, 0) + 1
-    status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return (
-        f"Sweep {record.name}: {len(record.children)} trials ({status_line}); "
-        f"ranked by the best {record.metric} ({record.mode}) over each trial's epochs.\n\n"
-        + _markdown_table(header, rows)
+    header = ["Run", "Status", "Best epoch", "Epochs", f"{record.metric} at best epoch (%)", "MLflow run"]
+    return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]
+
+
+def _paired(record: SweepRecord, rows: list[AblationRow]) -> list[Block]:
+    baseline = baseline_row(rows)
+    if baseline is None:
+        return []
+    diffs = paired_differences(record, rows)
+    pairs = max((len(d.seeds) for d in diffs), default=0)
+    blocks = [Block("h2", f"Paired differences to ({baseline.key})")]
+    if pairs < 2:
+        blocks.append(
+            Block(
+                "p",
+                f"Each arm has at most one seed in common with ({baseline.key}): every Δ in the table is the "
+                "difference of two single runs, with no interval, and says nothing about seed-to-seed "
+                "noise. Run more seeds (`--seeds 3`) for paired differences with 95% intervals.",
+            )
+        )
+        return blocks
+    header, table = paired_table(rows, diffs)
+    blocks.append(
+        Block(
+            "p",
+            f"Each arm minus ({baseline.key}) on the same seed, at each run's best epoch, in percentage "
+            "points: mean [95% Student t interval] over the pairs. (contains 0): the interval holds 0, so "
+            f"these seeds do not show the arm differs from ({baseline.key}).",
+        )
     )
+    blocks.append(Block("table", header=header, rows=table))
+    return blocks
 
 
-def param_importances(record: SweepRecord, seed: int = 0) -> dict[str, float]:
-    """Optuna's fANOVA importances of the sampled parameters over the scored trials (empty if < 2 trials).
-
-    A fresh study is rebuilt from the children (``optuna.trial.create_trial`` with the space's
-    distributions and each child's best score), so it works for finished, resumed and stopped sweeps alike.
-    """
-    import optuna
-
-    distributions = {}
-    for name in record.sampled_names:
-        info = record.space.get("parameters", {}).get(name)
-        if info is None:
+def _kaf(record: SweepRecord, figures: list[KafFigure], tracking_uri: str) -> list[Block]:
+    if not figures:
+        return []
+    store = tracking.absolute_tracking_uri(tracking_uri)
+    blocks = [
+        Block("h2", "KAF of the KAL-family arms"),
+        Block(
+            "p",
+            f"Each figure is the {_code(tracking.KAF_PLOT_ARTIFACT)} artifact of the arm's first seed: λ_k "
+            "per keypoint and per part over the epochs (0 is MSE, 1 AWing), and the paper's Fig. 5 view, "
+            "min-max normalised per epoch.",
+        ),
+    ]
+    for figure in figures:
+        if figure.run_id is None:
+            blocks.append(Block("p", f"{figure.label}: no run yet."))
             continue
-        if info["distribution"] in ("uniform", "loguniform"):
-            distributions[name] = optuna.distributions.FloatDistribution(
-                float(info["low"]), float(info["high"]), log=bool(info["log"])
+        run = _link(
+            figure.run_name or figure.run_id, tracking.run_url(store, record.experiment_id, figure.run_id)
+        )
+        if figure.path is None:
+            blocks.append(
+                Block("p", f"{figure.label}: run {run} logged no {_code(tracking.KAF_PLOT_ARTIFACT)}.")
             )
-        elif info["distribution"] == "int":
-            distributions[name] = optuna.distributions.IntDistribution(
-                int(info["low"]), int(info["high"]), log=bool(info["log"])
-            )
-        elif info["distribution"] == "categorical":
-            distributions[name] = optuna.distributions.CategoricalDistribution(info["choices"])
-    trials = []
-    for child in ranked_children(record):
-        params = {k: v for k, v in child.sampled.items() if k in distributions}
-        dists = {k: distributions[k] for k in params}
-        try:
-            trials.append(optuna.trial.create_trial(params=params, distributions=dists, value=child.score))
-        except ValueError:
-            continue  # a value outside the distribution (space edited since): leave the trial out
-    if len(trials) < 2:
-        return {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if record.mode == "max" else "minimize")
-    study.add_trials(trials)
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        return {}  # e.g. all scores equal: nothing to attribute
+        else:
+            caption = f"KAF of {figure.label}: {_code(tracking.KAF_PLOT_ARTIFACT)} of run {run}"
+            blocks.append(Block("figure", caption, path=figure.path))
+    return blocks
 
 
-def importances_markdown(importances: dict[str, float]) -> str:
-    if not importances:
-        return "Parameter importances: not available (fewer than 2 scored trials, or all scores equal)."
-    rows = [[name, f"{value:.3f}"] for name, value in importances.items()]
-    return "Parameter importances (Optuna fANOVA, normalised to sum 1):\n\n" + _markdown_table(
-        ["Parameter", "Importance"], rows
-    )
+def _ablation_blocks(record: SweepRecord, client, tracking_uri: str, tmp: Path) -> list[Block]:
+    rows = ablation_rows(record)
+    blocks = [
+        Block("h2", "Results at the best epoch"),
+        Block("p", ablation_note(rows)),
+        Block("table", header=ablation_header(), rows=ablation_table_cells(rows, has_paper(rows))),
+    ]
+    blocks += _paired(record, rows)
+    if rows:
+        caption = "Ablation bars: ours" + (
+            " and the paper's, each on its own scale" if has_paper(rows) else ""
+        )
+        blocks.append(Block("figure", caption, path=plot_ablation(rows, tmp / "ablation.png")))
+    curves = arm_curves(record)
+    if curves:
+        title = f"{record.metric} per epoch, mean over each arm's finished seeds"
+        path = plot_learning_curves(curves, tmp / "learning_curves.png", record.metric, title)
+        blocks += [Block("h2", "Learning curves"), Block("figure", title, path=path)]
+    blocks += _kaf(record, kaf_figures(client, record, tmp / "kaf"), tracking_uri)
+    return blocks
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Plots
+def _sweep_blocks(record: SweepRecord, tmp: Path) -> list[Block]:
+    importances = param_importances(record)
+    header, rows = sweep_table(record)
+    blocks = [Block("h2", "Top configurations"), Block("p", sweep_status_line(record))]
+    blocks.append(Block("table", header=header, rows=rows))
+    blocks.append(Block("h2", "Parameter importances"))
+    if importances:
+        blocks.append(Block("p", IMPORTANCES_NOTE))
+        blocks.append(Block("table", header=["Parameter", "Importance"], rows=importances_rows(importances)))
+        blocks.append(
+            Block("figure", "Hyperparameter importances", path=plot_importances(importances, tmp / "imp.png"))
+        )
+    else:
+        blocks.append(Block("p", IMPORTANCES_NONE))
+    if ranked_children(record):
+        path = plot_parallel_coordinates(record, tmp / "parallel_coordinates.png")
+        blocks.append(Block("figure", "Parallel coordinates of the scored trials", path=path))
+    curves = trial_curves(record)
+    if curves:
+        title = f"{record.metric} per epoch of the top {len(curves)} trials"
+        path = plot_learning_curves(curves, tmp / "learning_curves.png", record.metric, title)
+        blocks += [Block("h2", "Learning curves"), Block("figure", title, path=path)]
+    return blocks
 
 
-def _pyplot():
-    import matplotlib
+def render_report(
+    record: SweepRecord,
+    tracking_uri: str,
+    *,
+    client=None,
+    figures_dir: str | os.PathLike | None = None,
+    figure_prefix: str = "",
+) -> tuple[str, str]:
+    """(Markdown, self-contained HTML) for one sweep or ablation.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_importances(importances: dict[str, float], out_png: str | os.PathLike) -> Path:
-    """Horizontal bars of the parameter importances."""
-    plt = _pyplot()
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(names), 2) + 1.2))
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set_xlabel("importance (fANOVA)")
-    ax.set_title("Hyperparameter importances")
-    fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def plot_parallel_coordinates(record: SweepRecord, out_png: str | os.PathLike) -> Path:
-    """One line per scored trial across the sampled parameters (log axes normalised in log space) and the
-    score, coloured by the score."""
-    import numpy as np
-
-    plt = _pyplot()
-    children = ranked_children(record)
-    names = [n for n in record.sampled_names if any(n in c.sampled for c in children)]
-    infos = record.space.get("parameters", {})
-    axes_labels = [n.split(".")[-1] for n in names] + [record.metric]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(axes_labels)), 4.5))
-    scores = np.array([c.score for c in children], dtype=float)
-    low, high = (scores.min(), scores.max()) if len(scores) else (0.0, 1.0)
-    cmap = plt.get_cmap("viridis")
-
-    def position(name: str, value: Any) -> float | None:
-        info = infos.get(name, {})
-        if info.get("distribution") == "categorical":
-            choices = [str(c) for c in info.get("choices", [])]
-            return choices.index(str(value)) / max(len(choices) - 1, 1) if str(value) in choices else None
-        try:
-            v, lo, hi = float(value), float(info["low"]), float(info["high"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if info.get("log") and lo > 0 and v > 0:
-            v, lo, hi = math.log(v), math.log(lo), math.log(hi)
-        return (v - lo) / (hi - lo) if hi > lo else 0.5
-
-    for child in children:
-        ys = [position(n, child.sampled[n]) if n in child.sampled else None for n in names]
-        ys.append((child.score - low) / (high - low) if high > low else 0.5)
-        xs = [i for i, y in enumerate(ys) if y is not None]
-        colour = cmap((child.score - low) / (high - low) if high > low else 0.5)
-        style = "-" if child.status == "FINISHED" else "--"
-        ax.plot(xs, [ys[i] for i in xs], style, color=colour, alpha=0.8, marker="o", markersize=3)
-    ax.set_xticks(range(len(axes_labels)), axes_labels, rotation=20)
-    ax.set_yticks([0, 1], ["low", "high"])
-    for i in range(len(axes_labels)):
-        ax.axvline(i, color="grey", linewidth=0.6)
-    ax.set_title(
-        f"Trials: solid finished, dashed stopped early\ncolour and last axis: best {record.metric}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def plot_ablation(rows: list[AblationRow], out_png: str | os.PathLike) -> Path:
-    """Per arm: our whole-body / part APs (mean ± std) next to the paper's whole-body AP."""
-    import numpy as np
-
-    plt = _pyplot()
-    keys = [key for _, _, key in ABLATION_COLUMNS if key != "wholebody_AR"]
-    labels = [row.name for row in rows]
-    x = np.arange(len(rows))
-    width = 0.8 / (len(keys) + 1)
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(rows)), 4.5))
-    for i, key in enumerate(keys):
-        means = [row.mean.get(key, np.nan) for row in rows]
-        stds = [row.std.get(key, 0.0) for row in rows]
-        ax.bar(x + i * width, means, width, yerr=stds, label=f"ours {key}")
-    paper = [row.paper.get("wholebody_AP", np.nan) for row in rows]
-    ax.bar(x + len(keys) * width, paper, width, label="paper wholebody_AP", color="black", alpha=0.3)
-    ax.set_xticks(x + 0.4 - width / 2, labels, rotation=20)
-    ax.set_ylabel("AP (%)")
-    ax.set_title("Ablation: ours (mean ± std over seeds) and the paper's whole-body AP")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    ``client`` reads the KAF figures (default: a client of ``tracking_uri``). With ``figures_dir`` the PNGs
+    are also written there (as ``<figure_prefix><name>.png``) and the Markdown shows them by a link relative
+    to the directory holding ``figures_dir``; without it the Markdown names each figure.
+    """
+    client = client if client is not None else tracking.make_client(tracking_uri)
+    title = f"{'Ablation' if record.kind == 'ablate' else 'Sweep'} {record.name}"
+    with tempfile.TemporaryDirectory(prefix="fowkal_report_") as tmp_dir:
+        tmp = Path(tmp_dir)
+        blocks = _where(record, tracking_uri) + _setup(record)
+        if record.kind == "ablate":
+            blocks += _ablation_blocks(record, client, tracking_uri, tmp)
+        else:
+            blocks += _sweep_blocks(record, tmp)
+        blocks += runs_block(record, tracking_uri)
+        links: dict[Path, str] = {}
+        if figures_dir is not None:
+            out = Path(figures_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for block in blocks:
+                if block.kind == "figure" and block.path is not None:
+                    name = f"{figure_prefix}{block.path.stem}.png"
+                    shutil.copyfile(block.path, out / name)
+                    links[block.path] = f"{out.name}/{name}"
+        markdown = blocks_markdown(title, blocks, links)
+        page = html_page(title, blocks_html_body(title, blocks))
+    return markdown, page
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -574,6 +461,7 @@ def write_sweep_outputs(record: SweepRecord, out_dir: str | os.PathLike) -> list
         (out / "ablation.md").write_text(f"# Ablation {record.name}\n\n{table}\n")
         paths.append(out / "ablation.md")
         paths.append(plot_ablation(rows, out / "ablation.png"))
+        curves = arm_curves(record)
         summary = table
     else:
         importances = param_importances(record)
@@ -582,79 +470,12 @@ def write_sweep_outputs(record: SweepRecord, out_dir: str | os.PathLike) -> list
             paths.append(plot_importances(importances, out / "importances.png"))
         if ranked_children(record):
             paths.append(plot_parallel_coordinates(record, out / "parallel_coordinates.png"))
+        curves = trial_curves(record)
+    if curves:
+        paths.append(plot_learning_curves(curves, out / "learning_curves.png", record.metric, record.metric))
     (out / "summary.md").write_text(f"# {record.name}\n\n{summary}\n")
     paths.insert(0, out / "summary.md")
     return paths
-
-
-def _png_base64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_report(record: SweepRecord, tracking_uri: str) -> tuple[str, str]:
-    """(Markdown, self-contained HTML) for one sweep or ablation."""
-    buffer = io.StringIO()
-    title = f"{'Ablation' if record.kind == 'ablate' else 'Sweep'} {record.name}"
-    meta = (
-        f"MLflow parent run `{record.parent_run_id}` ({record.status}) in `{tracking_uri}`; "
-        f"{len(record.children)} child runs."
-    )
-    sections_html = []
-    with tempfile.TemporaryDirectory(prefix="fowkal_report_") as tmp:
-        if record.kind == "ablate":
-            rows = ablation_rows(record)
-            buffer.write(f"# {title}\n\n{meta}\n\n{ablation_markdown(rows)}\n")
-            sections_html.append(
-                "<p>Ours: mean ± std over seeds (n finished runs), percent; (paper) beside it.</p>"
-                + _html_table(ablation_header(), ablation_table_cells(rows))
-            )
-            plots = [plot_ablation(rows, Path(tmp) / "ablation.png")] if rows else []
-        else:
-            importances = param_importances(record)
-            buffer.write(f"# {title}\n\n{meta}\n\n{sweep_markdown(record)}\n\n")
-            buffer.write(importances_markdown(importances) + "\n")
-            ranked = ranked_children(record)[:10]
-            header = ["Rank", "Run", "Status", f"best {record.metric}", *record.sampled_names]
-            rows_html = [
-                [str(i), c.name, c.status, f"{c.score:.4f}"]
-                + [_format_value(c.sampled.get(n, "—")) for n in record.sampled_names]
-                for i, c in enumerate(ranked, start=1)
-            ]
-            sections_html.append(_html_table(header, rows_html))
-            if importances:
-                sections_html.append(
-                    _html_table(
-                        ["Parameter", "Importance"], [[k, f"{v:.3f}"] for k, v in importances.items()]
-                    )
-                )
-            plots = []
-            if importances:
-                plots.append(plot_importances(importances, Path(tmp) / "importances.png"))
-            if ranked:
-                plots.append(plot_parallel_coordinates(record, Path(tmp) / "parallel_coordinates.png"))
-        images = "".join(
-            f'<figure><img alt="{p.stem}" src="data:image/png;base64,{_png_base64(p)}"/>'
-            f"<figcaption>{p.stem}</figcaption></figure>"
-            for p in plots
-        )
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;margin:2em;} table{border-collapse:collapse;margin:1em 0;}"
-        "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right;} th{background:#eee;}"
-        "td:first-child{text-align:left;} img{max-width:100%;}"
-        f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(meta)}</p>"
-        + "".join(sections_html)
-        + images
-        + "</body></html>"
-    )
-    return buffer.getvalue(), page
 
 
 def write_report(
@@ -665,22 +486,26 @@ def write_report(
     all_sweeps: bool = False,
     print_fn=print,
 ) -> list[Path]:
-    """``fowkal report``: write ``report.md`` and ``report.html`` for an experiment's newest sweep (or all
-    with ``all_sweeps``, or the parent run id ``target``), print the Markdown; returns the paths.
+    """``fowkal report``: write ``report.md`` (its figures under ``figures/``) and ``report.html`` for an
+    experiment's newest sweep (or all with ``all_sweeps``), a sweep's name or a parent run id ``target``;
+    print the Markdown; returns the two paths.
 
     Raises:
-        ReportError: nothing to report under ``target``.
+        ReportError: nothing to report under ``target``, or a sweep name that several parents carry.
     """
     client = tracking.make_client(tracking_uri)
     parents = resolve_parent_runs(client, target, newest_only=not all_sweeps)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     markdown_parts, html_parts = [], []
     for parent in parents:
         record = load_sweep(client, parent)
-        md, page = render_report(record, tracking_uri)
+        prefix = f"{parent[:8]}-" if len(parents) > 1 else ""
+        md, page = render_report(
+            record, tracking_uri, client=client, figures_dir=out / FIGURES_DIR, figure_prefix=prefix
+        )
         markdown_parts.append(md)
         html_parts.append(page)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n\n".join(markdown_parts))
     if len(html_parts) == 1:
@@ -696,19 +521,27 @@ def write_report(
 
 __all__ = [
     "ABLATION_COLUMNS",
+    "BASELINE_ARM_KEY",
     "AblationRow",
     "ChildRecord",
+    "KafFigure",
     "ReportError",
     "SweepRecord",
+    "ablation_figure",
     "ablation_markdown",
     "ablation_rows",
+    "arm_curves",
     "best_child",
     "child_runs",
+    "kaf_figures",
     "load_sweep",
+    "paired_differences",
     "param_importances",
     "plot_ablation",
     "plot_importances",
+    "plot_learning_curves",
     "plot_parallel_coordinates",
+    "ranked_children",
     "render_report",
     "resolve_parent_runs",
     "sweep_markdown",

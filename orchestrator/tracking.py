@@ -511,3 +511,25 @@ def _format_exception(error: BaseException) -> str:
 def is_finite_number(value: Any) -> bool:
     """True for a real, finite number (used to pick the best checkpoint's score)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` with a relative ``sqlite:///`` path made absolute (against the current directory), so
+    it names the same store from anywhere; other URIs as given."""
+    database = sqlite_path(tracking_uri)
+    if database is None or database.is_absolute():
+        return tracking_uri
+    return f"sqlite:///{database.resolve()}"
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """Where the MLflow UI of this store answers: the tracking server itself, else the address that
+    :func:`ui_command` starts it on."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{UI_PORT}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Deep link to one run's page in the MLflow UI."""
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -5,10 +5,24 @@ The expected numbers are computed in the tests with NumPy from the values the te
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+from report_store import (
+    BEST_EPOCH,
+    DESCRIPTION,
+    EPOCHS,
+    OWN_ARMS,
+    OWN_BEST_AP,
+    SEEDS,
+    epoch_metrics,
+    make_child,
+    make_parent,
+    own_ablation,
+)
 
 from orchestrator import report, tracking
 
@@ -49,42 +63,17 @@ def store(tmp_path_factory):
     return uri, client
 
 
-def _parent(client, experiment_id, name, kind, metric, mode, extra_tags=None):
-    tags = {
-        tracking.TAG_SWEEP_KIND: kind,
-        tracking.TAG_METRIC: metric,
-        tracking.TAG_MODE: mode,
-        tracking.TAG_SWEEP_ID: name,
-        **(extra_tags or {}),
-    }
-    return tracking.start_run(client, experiment_id, name, tags=tags)
-
-
-def _child(client, experiment_id, parent_id, name, tags, params, history, status):
-    run_id = tracking.start_run(
-        client,
-        experiment_id,
-        name,
-        params=params,
-        tags={tracking.TAG_PARENT_RUN_ID: parent_id, **tags},
-    )
-    for epoch, metrics in enumerate(history, start=1):
-        tracking.log_epoch_metrics(run_id, {"epoch": epoch, **metrics}, epoch, client=client)
-    tracking.end_run(run_id, status, client=client)
-    return run_id
-
-
 @pytest.fixture(scope="module")
 def ablation(store):
     uri, client = store
     experiment_id = tracking.get_or_create_experiment(client, "report-ablation")
-    parent = _parent(client, experiment_id, "smoke-ablate-x", "ablate", "val/wholebody_AP", "max")
+    parent = make_parent(client, experiment_id, "smoke-ablate-x", "ablate", "val/wholebody_AP", "max")
     client.log_text(parent, json.dumps(ARMS), tracking.ARMS_ARTIFACT)
     for (arm, seed), final in FINAL.items():
         status = "KILLED" if (arm, seed) == ("f", 2) else "FINISHED"
         name = {"a": "mse", "f": "fowkal"}[arm] + f"-s{seed}"
         earlier = {key: value / 2 for key, value in final.items()}  # an earlier eval epoch: not reported
-        _child(
+        make_child(
             client,
             experiment_id,
             parent,
@@ -141,7 +130,8 @@ def test_write_report_markdown_and_self_contained_html(ablation, tmp_path):
     assert text in printed[0]
     page = html_path.read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("data:image/png;base64,") == 1  # the ablation plot, embedded
+    # The ablation bars and the learning curves, embedded; arm (f) is KAL-family but logged no KAF figure.
+    assert page.count("data:image/png;base64,") == 2
     assert 'src="http' not in page and "<script" not in page  # nothing fetched from elsewhere
     mean, std = _stats("a", "val/wholebody_AP")
     assert f"{mean:.2f} ± {std:.2f} (58.2)" in page
@@ -168,7 +158,7 @@ def sweep(store):
     """A TPE-like sweep: the score is x (y is noise), so fANOVA must rank x far above y."""
     uri, client = store
     experiment_id = tracking.get_or_create_experiment(client, "report-sweep")
-    parent = _parent(
+    parent = make_parent(
         client,
         experiment_id,
         "smoke-tune-x",
@@ -196,7 +186,7 @@ def sweep(store):
             else [{"val/wholebody_AP": x / 3}, {"val/wholebody_AP": x}]
         )
         trials.append((f"tpe-{i:03d}", float(x), float(y), "KILLED" if killed else "FINISHED"))
-        _child(
+        make_child(
             client,
             experiment_id,
             parent,
@@ -207,7 +197,7 @@ def sweep(store):
             trials[-1][3],
         )
     # A failed trial has no score and must not be ranked.
-    _child(client, experiment_id, parent, "tpe-017", {}, {"loss.x": "0.5", "loss.y": "0.1"}, [], "FAILED")
+    make_child(client, experiment_id, parent, "tpe-017", {}, {"loss.x": "0.5", "loss.y": "0.1"}, [], "FAILED")
     tracking.end_run(parent, "FINISHED", client=client)
     return uri, client, parent, trials
 
@@ -236,10 +226,193 @@ def test_sweep_ranking_best_child_and_importances(sweep, tmp_path):
 
     paths = report.write_sweep_outputs(record, tmp_path)
     names = sorted(p.name for p in paths)
-    assert names == ["importances.png", "parallel_coordinates.png", "summary.md"]
+    assert names == ["importances.png", "learning_curves.png", "parallel_coordinates.png", "summary.md"]
     for path in paths:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "summary.md").read_text()
     assert f"| 1 | {expected_order[0]} |" in summary
     assert "loss.x" in summary and "Importance" in summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One's own ablation (report_store.own_ablation): best epochs, paired differences, curves, KAF, links
+
+
+T_975_DOF2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom (tables)
+
+
+@pytest.fixture(scope="module")
+def own(store, tmp_path_factory):
+    uri, client = store
+    logged = own_ablation(client, "report-own", tmp_path_factory.mktemp("own_kaf"))
+    return uri, client, logged, report.load_sweep(client, logged["parent"])
+
+
+def test_best_epoch_metrics_and_which_epoch(own):
+    _, _, _, record = own
+    rows = {row.key: row for row in report.ablation_rows(record)}
+    for arm, values in OWN_BEST_AP.items():
+        # The best epoch's value (epoch 3), not the last epoch's (0.9 of it).
+        assert rows[arm].mean["wholebody_AP"] == pytest.approx(100 * np.mean(values))
+        assert rows[arm].best_epochs == [(s, BEST_EPOCH, EPOCHS) for s in SEEDS]
+    child = next(c for c in record.children if c.name == "d-kal-s0")
+    assert child.best_epoch == BEST_EPOCH and child.epochs == EPOCHS
+    assert child.last_metrics["val/wholebody_AP"] == pytest.approx(0.9 * OWN_BEST_AP["d"][0])
+    markdown = report.ablation_markdown(list(rows.values()))
+    assert "Best epoch" in markdown and f"| 3, 3, 3 of {EPOCHS} |" in markdown
+
+
+def test_own_arms_have_no_paper_column(own):
+    _, _, _, record = own
+    rows = report.ablation_rows(record)
+    assert all(row.paper == {} for row in rows)
+    markdown = report.ablation_markdown(rows)
+    assert "paper" not in markdown.lower()
+    mean, std = 100 * np.mean(OWN_BEST_AP["d"]), 100 * np.std(OWN_BEST_AP["d"], ddof=1)
+    assert f"| {mean:.2f} ± {std:.2f} |" in markdown  # the cell without "(paper)"
+    assert "(—)" not in markdown
+    figure = report.ablation_figure(rows)
+    assert len(figure.axes) == 1  # no paper panel
+
+
+def test_paired_differences_with_student_t_interval(own):
+    _, _, _, record = own
+    diffs = {(d.key, d.metric): d for d in report.paired_differences(record)}
+    assert {key for key, _ in diffs} == {"d", "e", "f"}  # every arm but the baseline
+    for arm, expect_zero in (("d", False), ("e", True)):
+        d = 100 * (np.array(OWN_BEST_AP[arm]) - np.array(OWN_BEST_AP["a"]))
+        half = T_975_DOF2 * d.std(ddof=1) / np.sqrt(len(d))
+        diff = diffs[arm, "wholebody_AP"]
+        assert diff.seeds == list(SEEDS)
+        assert diff.mean == pytest.approx(d.mean())
+        assert (diff.low, diff.high) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+        assert diff.contains_zero is expect_zero
+    assert diffs["d", "wholebody_AR"].mean is None  # no AR logged: no pair
+
+    markdown, page = report.render_report(record, "sqlite:///x.db", client=own[1])
+    section = markdown.split("## Paired differences to (a)", 1)[1].split("##", 1)[0]
+    d_line = next(line for line in section.splitlines() if line.startswith("| (d) my KAL"))
+    e_line = next(line for line in section.splitlines() if line.startswith("| (e) my WAHR"))
+    assert "(contains 0)" in e_line.split("|")[3] and "(contains 0)" not in d_line.split("|")[3]
+    assert "single runs" not in section
+    assert 'class="contains-zero"' in page
+
+
+def test_one_seed_says_the_deltas_are_single_runs(own):
+    _, client, _, record = own
+    one = dataclasses.replace(record, children=[c for c in record.children if c.seed == 0])
+    markdown, _ = report.render_report(one, "sqlite:///x.db", client=client)
+    section = markdown.split("## Paired differences to (a)", 1)[1].split("##", 1)[0]
+    assert "difference of two single runs" in section and "[" not in section
+    assert "single runs (n = 1)" in markdown
+    assert "±" not in report.ablation_figure(report.ablation_rows(one))._suptitle.get_text()
+
+
+def test_learning_curves_are_the_mean_over_seeds(own):
+    _, _, _, record = own
+    curves = {curve.label: curve for curve in report.arm_curves(record)}
+    assert list(curves) == ["(a) mse", "(d) kal", "(e) hwahr", "(f) fowkal"]
+    for arm in OWN_ARMS:
+        curve = curves[f"({arm['key']}) {arm['name']}"]
+        expected = [
+            100 * np.mean([epoch_metrics(v, e)["val/wholebody_AP"] for v in OWN_BEST_AP[arm["key"]]])
+            for e in range(1, EPOCHS + 1)
+        ]
+        assert curve.epochs == list(range(1, EPOCHS + 1)) and curve.n == [3] * EPOCHS
+        assert curve.values == pytest.approx(expected)
+
+
+def test_kaf_figure_of_every_kal_arm_from_its_first_seed(own, tmp_path):
+    uri, client, logged, record = own
+    figures = {f.arm_key: f for f in report.kaf_figures(client, record, tmp_path)}
+    assert list(figures) == ["d", "f"]  # kal and fowkal; mse and heuristic_wahr have no KAF
+    assert figures["d"].run_name == "d-kal-s0"
+    assert figures["d"].path.read_bytes() == logged["kaf_pngs"][0].read_bytes()  # seed 0's, not seed 1's
+    assert figures["f"].run_name == "f-fowkal-s0" and figures["f"].path is None
+
+    md_path, html_path = report.write_report("report-own", tracking_uri=uri, out_dir=tmp_path / "out")
+    markdown, page = md_path.read_text(), html_path.read_text()
+    assert "![kaf-d](figures/kaf-d.png)" in markdown and (tmp_path / "out/figures/kaf-d.png").is_file()
+    assert "`kaf_history.png` of run [d-kal-s0](" in markdown
+    assert "(f) my FoWKAL: run [f-fowkal-s0](" in markdown and "logged no `kaf_history.png`" in markdown
+    assert base64.b64encode(logged["kaf_pngs"][0].read_bytes()).decode() in page
+
+
+def test_setup_links_code_spans_and_absolute_store(own, tmp_path, monkeypatch):
+    _, client, logged, record = own
+    monkeypatch.chdir(tmp_path)
+    markdown, page = report.render_report(record, "sqlite:///runs/smoke/mlflow.db", client=client)
+    absolute = f"sqlite:///{tmp_path.resolve()}/runs/smoke/mlflow.db"
+    assert f"`{absolute}`" in markdown and f"<code>{absolute}</code>" in page
+    assert "sqlite:///runs/smoke" not in page
+    assert "`" not in page  # code spans are <code>, never literal backticks
+    assert f"--backend-store-uri {absolute} --host 127.0.0.1 --port 5000" in page
+    for (arm, seed), run_id in logged["runs"].items():
+        url = f"http://127.0.0.1:5000/#/experiments/{logged['experiment_id']}/runs/{run_id}"
+        assert f'<a href="{url}"><code>{run_id}</code></a>' in page, (arm, seed)
+    # The setup: the parent's description and a table of data, model, input size, epochs and seeds.
+    assert DESCRIPTION in markdown
+    for row in (
+        "| Data | synthetic, COCO-WholeBody format (256 training / 32 validation images) |",
+        "| Model | `hrnet_w18_small` |",
+        "| Input size | 96×128 (w × h) |",
+        f"| Epochs | {EPOCHS} |",
+        "| Seeds | 3 (0, 1, 2) |",
+    ):
+        assert row in markdown
+    runs = markdown.split("## Runs", 1)[1]
+    assert f"| d-kal-s0 | FINISHED | {BEST_EPOCH} | {EPOCHS} |" in runs
+
+    # A tracking server: its own URL is the UI, and no `mlflow ui` command is printed.
+    _, page = report.render_report(record, "http://127.0.0.1:5999/", client=client)
+    parent = logged["parent"]
+    assert f'href="http://127.0.0.1:5999/#/experiments/{logged["experiment_id"]}/runs/{parent}"' in page
+    assert "mlflow ui" not in page
+
+
+def test_report_by_sweep_name_and_an_ambiguous_name(own, store, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    uri, client = store
+    assert report.resolve_parent_runs(client, "own-ablate") == [own[2]["parent"]]
+    assert main(["report", "own-ablate", "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
+    assert "Ablation own-ablate" in (tmp_path / "report.md").read_text()
+    twins = []
+    for experiment in ("report-twin-1", "report-twin-2"):
+        experiment_id = tracking.get_or_create_experiment(client, experiment)
+        twins.append(make_parent(client, experiment_id, "twin-ablate", "ablate"))
+        tracking.end_run(twins[-1], "FINISHED", client=client)
+    with pytest.raises(report.ReportError) as err:
+        report.resolve_parent_runs(client, "twin-ablate")
+    message = str(err.value)
+    assert "ambiguous" in message and all(run_id in message for run_id in twins)
+    assert "report-twin-1" in message and "report-twin-2" in message
+    assert sorted(report.resolve_parent_runs(client, "twin-ablate", newest_only=False)) == sorted(twins)
+    assert main(["report", "twin-ablate", "--tracking-uri", uri, "--out", str(tmp_path)]) == 2
+    assert twins[0] in capsys.readouterr().err
+    # A child's run name is no sweep.
+    with pytest.raises(report.ReportError, match="a-mse-s0"):
+        report.resolve_parent_runs(client, "a-mse-s0")
+
+
+def test_ablation_figure_panels_labels_legend_and_title(own):
+    _, _, _, record = own
+    rows = report.ablation_rows(record)
+    for row in rows:  # the paper's ~60% beside ours (10-18% here)
+        row.paper = {"wholebody_AP": 60.0, "body_AP": 70.0}
+    figure = report.ablation_figure(rows)
+    ours, paper = figure.axes
+    assert [t.get_text() for t in ours.get_xticklabels()] == ["(a)", "(d)", "(e)", "(f)"]
+    assert [t.get_text() for t in paper.get_xticklabels()] == ["(a)", "(d)", "(e)", "(f)"]
+    # Each panel on its own scale: ours is not squeezed under the paper's bars.
+    highest_ours = max(row.mean["body_AP"] + row.std["body_AP"] for row in rows)
+    assert highest_ours < ours.get_ylim()[1] < 2 * highest_ours
+    assert paper.get_ylim()[1] > 70
+    assert "± std" in figure._suptitle.get_text()  # 3 seeds
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    for ax in figure.axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer))  # outside the panels, so off the bars
+        assert ax.patches and not any(legend.overlaps(p.get_window_extent(renderer)) for p in ax.patches)

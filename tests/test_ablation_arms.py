@@ -1,0 +1,71 @@
+"""Arms files for one's own ablation: ``paper`` and ``table`` are optional, and validated when given."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from orchestrator import report
+from orchestrator.ablation_arms import SearchSpaceError, load_ablation_arms
+
+OWN = """\
+description: my own arms
+arms:
+  - {key: a, name: mse, label: (a) MSE, overrides: {loss.variant: mse}}
+  - {key: k, name: kal, label: (k) KAL tau 0.1, overrides: {loss.variant: kal, loss.tau: 0.1}}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "arms.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_own_arms_need_neither_paper_nor_table(tmp_path):
+    arms = load_ablation_arms(write(tmp_path, OWN))
+    assert [(a.key, a.paper, a.table) for a in arms] == [("a", {}, None), ("k", {}, None)]
+    assert arms[1].overrides == {"loss.variant": "kal", "loss.tau": 0.1}
+    # What the sweep logs as the parent's arms.json reads back as arms without paper numbers: no paper column.
+    record = report.SweepRecord(
+        parent_run_id="p",
+        name="own",
+        kind="ablate",
+        status="FINISHED",
+        metric="val/wholebody_AP",
+        mode="max",
+        children=[],
+        arms=[asdict(a) for a in arms],
+    )
+    rows = report.ablation_rows(record)
+    assert [row.paper for row in rows] == [{}, {}]
+    assert "paper" not in report.ablation_markdown(rows).lower()
+
+
+def test_the_papers_arms_keep_their_numbers_and_tables():
+    arms = load_ablation_arms(Path(__file__).parents[1] / "search_spaces" / "ablation_paper.yaml")
+    assert all(arm.table in ("2", "3") and "wholebody_AP" in arm.paper for arm in arms)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        ("paper: {body_AP: 70.0}", ["arms[0]", "paper", "wholebody_AP", "or no paper field"]),
+        ("paper: {wholebody_AP: 58.2, elbow_AP: 3.0}", ["arms[0]", "paper.elbow_AP"]),
+        ("paper: {wholebody_AP: 582}", ["arms[0]", "paper.wholebody_AP", "582"]),
+        ("paper: null", ["arms[0]", "paper", "None"]),
+        ("table: '4'", ["arms[0]", "table", "'4'", "or no table field"]),
+        ("table: null", ["arms[0]", "table", "None"]),
+    ],
+)
+def test_paper_and_table_are_validated_when_given(tmp_path, extra, fragments):
+    text = f"arms:\n  - {{key: a, name: mse, label: (a) MSE, overrides: {{loss.variant: mse}}, {extra}}}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(SearchSpaceError) as err:
+        load_ablation_arms(path)
+    message = str(err.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
