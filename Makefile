@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# PostgreSQL for the tracking-server test (tests/test_cluster_storage.py), from Debian when missing.
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 		{ apt-get update && apt-get install -y postgresql; }
+	# Headless Chromium for the report.html test (tests/test_report_browser.py), from Debian when missing.
+	command -v chromium || (apt-get update && apt-get install -y chromium)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt pip setuptools wheel numpy cython
 	# xtcocotools' wheel is built against numpy 1: build it from source against our numpy.
