@@ -107,6 +107,21 @@ def default_storage_path(config) -> str:
     return str((Path(config.output_dir).expanduser() / "ray_results").resolve())
 
 
+def is_storage_uri(path: str | None) -> bool:
+    """True for a pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``), not a local path."""
+    return path is not None and "://" in str(path) and not str(path).startswith("file://")
+
+
+def resolve_storage_path(storage_path: str | None, config) -> str:
+    """Ray Train storage: a filesystem URI as given (every node reaches it: what a multi-node cluster
+    needs), a local path made absolute, or :func:`default_storage_path`."""
+    if not storage_path or not str(storage_path).strip():
+        return default_storage_path(config)
+    if is_storage_uri(storage_path):
+        return str(storage_path).strip().rstrip("/")
+    return str(Path(str(storage_path).removeprefix("file://")).expanduser().resolve())
+
+
 class MlflowReportCallback(UserCallback):
     """Logs rank 0's metrics of every ``ray.train.report`` to an MLflow run, at step = the reported epoch.
 
@@ -263,7 +278,7 @@ def run_training(
     check_input_files(config)  # the data and weights files, before MLflow and Ray start
     config_dict = config_to_dict(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, config.output_dir)
-    storage = str(Path(storage_path).expanduser().resolve()) if storage_path else default_storage_path(config)
+    storage = resolve_storage_path(storage_path, config)
     name = stable_run_name(config)
     if not resume:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

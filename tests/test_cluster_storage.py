@@ -1,0 +1,192 @@
+"""Cluster reality on this machine: an S3 server (moto) shared by two Ray nodes, and a PostgreSQL-backed
+`mlflow server` whose artifacts live in that S3.
+
+- A two-arm ablation against `mlflow server` (PostgreSQL backend store, ``--artifacts-destination
+  s3://...``): parent and children FINISHED, one value per epoch, the artifacts as objects in the bucket.
+- `fowkal train --storage-path s3://bucket/prefix` with two workers on two Ray nodes
+  (``ray.cluster_utils.Cluster``, one CPU each, so the workers must land on different nodes), interrupted
+  after epoch 1 and re-run: it resumes from its checkpoint in S3, every epoch once in MLflow.
+
+Sizes: 2 epochs (3 for the resume) of 8 synthetic 64x64 images, batch 4.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from services import MlflowServer, MotoS3, Postgres, free_port
+
+from orchestrator import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+BUCKET = "fowkal"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(MotoS3.available() is not None, reason=str(MotoS3.available())),
+]
+
+
+def _tiny(tmp: Path, **values) -> list[str]:
+    base = {
+        "output_dir": str(tmp / "out"),
+        "data.synthetic_dir": str(tmp / "synthetic"),
+        "epochs": 2,
+        "eval_interval": 2,
+        "num_workers": 1,
+        "batch_size": 4,
+        "data.synthetic_train_images": 8,
+        "data.synthetic_val_images": 2,
+        "data.loader_workers": 0,
+        "data.pipeline.input_size": "[64,64]",
+        "data.pipeline.heatmap_size": "[16,16]",
+    }
+    base.update(values)
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    server.start()
+    server.create_bucket(BUCKET)
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)  # before any Ray node starts: its processes inherit it
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.mark.skipif(Postgres.available() is not None, reason=str(Postgres.available()))
+def test_ablation_against_a_postgresql_mlflow_server_with_artifacts_in_s3(s3, tmp_path):
+    from orchestrator.sweep import run_sweep
+    from trainer.config import load_config
+
+    postgres = Postgres()
+    postgres.start()
+    server = MlflowServer(tmp_path, postgres.uri, f"s3://{BUCKET}/mlartifacts", env=s3.env)
+    try:
+        server.start()
+        arms = tmp_path / "arms.yaml"
+        arms.write_text(
+            "arms:\n"
+            "  - {key: a, name: mse, label: (a) MSE, table: '2', overrides: {loss.variant: mse},\n"
+            "     paper: {wholebody_AP: 58.2}}\n"
+            "  - {key: f, name: fowkal, label: (f) FoWKAL, table: '2', overrides: {loss.variant: fowkal},\n"
+            "     paper: {wholebody_AP: 61.6}}\n"
+        )
+        config = load_config(SMOKE, _tiny(tmp_path))
+        outcome = run_sweep(
+            "ablate",
+            config,
+            arms_path=str(arms),
+            seeds=1,
+            tracking_uri=server.uri,
+            verbose=0,
+            print_fn=lambda _: None,
+        )
+        client = tracking.make_client(server.uri)
+        parent = client.get_run(outcome.parent_run_id)
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{tracking.TAG_PARENT_RUN_ID}` = '{outcome.parent_run_id}'",
+        )
+        assert len(children) == 2
+        keys = s3.keys(BUCKET, "mlartifacts/")
+        for child in children:
+            run_id = child.info.run_id
+            assert child.info.status == "FINISHED"
+            for metric in ("train/loss", "epoch"):
+                assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [1, 2]
+            assert [m.step for m in client.get_metric_history(run_id, "val/wholebody_AP")] == [2]
+            names = {a.path for a in client.list_artifacts(run_id)}
+            assert {tracking.CONFIG_ARTIFACT, tracking.BEST_CHECKPOINT_ARTIFACT} <= names
+            # The artifacts are objects in the bucket, under the run's id.
+            assert any(run_id in key and key.endswith("/config.yaml") for key in keys)
+            assert any(run_id in key and key.endswith("checkpoint.pt") for key in keys)
+        assert any(outcome.parent_run_id in key for key in keys)
+    finally:
+        server.stop()
+        postgres.stop()
+
+
+def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
+    from ray.cluster_utils import Cluster
+    from ray.train import UserCallback
+
+    from orchestrator.ray_utils import init_ray, shutdown_ray
+    from orchestrator.train import TrainingInterrupted, run_training
+    from trainer.config import load_config
+
+    class InterruptAfterEpoch(UserCallback):  # pickled by value into the Ray Train controller
+        def __init__(self, epoch: int, pid: int):
+            self.epoch, self.pid = epoch, pid
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("epoch") == self.epoch:
+                os.kill(self.pid, signal.SIGINT)
+
+    epochs = 3
+    cfg = load_config(SMOKE, _tiny(tmp_path, epochs=epochs, eval_interval=epochs, num_workers=2))
+    storage = f"s3://{BUCKET}/ray"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quiet = {"print_fn": lambda *_: None}
+    # One CPU per node and one per worker: the two workers cannot share a node. The dashboard serves the
+    # state API that tells where they ran.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        init_ray(address=cluster.address)
+        with pytest.raises(TrainingInterrupted) as interrupted:
+            run_training(
+                cfg,
+                tracking_uri=uri,
+                storage_path=storage,
+                callbacks=[InterruptAfterEpoch(1, os.getpid())],
+                **quiet,
+            )
+        run_id = interrupted.value.run_id
+        client = tracking.make_client(uri)
+        stopped_at = tracking_last_step(client, run_id)
+        assert 1 <= stopped_at < epochs, "nothing left to resume"
+        outcome = run_training(cfg, tracking_uri=uri, storage_path=storage, **quiet)
+
+        from ray.util.state import list_actors
+
+        nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)}
+        assert len(nodes) == 2, "the two workers did not run on two nodes"
+    finally:
+        shutdown_ray()
+        cluster.shutdown()
+
+    assert outcome.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(
+        range(1, epochs + 1)
+    )
+    assert outcome.storage_path == storage
+    keys = s3.keys(BUCKET, f"ray/{outcome.ray_run_name}/")
+    assert any(key.endswith("checkpoint.pt") for key in keys), keys
+    assert not (Path(cfg.output_dir) / "ray_results").exists()  # nothing of the run on a node's disk
+
+
+def tracking_last_step(client, run_id: str) -> int:
+    return int(max(m.step for m in client.get_metric_history(run_id, "train/loss")))
