@@ -316,6 +316,12 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def epoch_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of one epoch's report as MLflow metrics: ``epoch`` left out, since the epoch is
+    every metric's step, not a metric of its own (a constant column in the compare views)."""
+    return {k: v for k, v in numeric_metrics(metrics).items() if k not in STEP_KEYS}
+
+
 def log_epoch_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, client) -> dict[str, float]:
     """Log the numeric entries of ``metrics`` at ``step`` (the epoch), ``epoch`` itself left out; returns
     what was logged.
@@ -326,8 +332,7 @@ def log_epoch_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, cli
 
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be a non-negative integer epoch, got {step!r}")
-    # The epoch is every metric's step, not a metric of its own (a constant column in the compare views).
-    values = {k: v for k, v in numeric_metrics(metrics).items() if k not in STEP_KEYS}
+    values = epoch_metric_values(metrics)
     now_ms = int(time.time() * 1000)
     items = [Metric(key, value, now_ms, int(step)) for key, value in values.items()]
     for start in range(0, len(items), _METRICS_PER_BATCH):

@@ -177,7 +177,7 @@ class MlflowReportCallback(UserCallback):
             finite = isinstance(epoch, int | float) and not isinstance(epoch, bool) and math.isfinite(epoch)
             step = int(epoch) if finite else self._reports
             sender = self._get_sender()
-            sender.submit(tracking.numeric_metrics(rank0), step)
+            sender.submit(tracking.epoch_metric_values(rank0), step)
             if self.final_epoch is not None and step >= self.final_epoch:
                 left = sender.flush(self.final_flush_s)
                 if left:
@@ -192,11 +192,16 @@ class MlflowReportCallback(UserCallback):
             logger.warning("MLflow logging of report %d failed: %s", self._reports, err)
 
     def after_exception(self, run_context, worker_exceptions):
-        try:
-            first = next(iter(worker_exceptions.values()), None)
-            self._get_client().set_tag(self.run_id, tracking.TAG_LAST_WORKER_ERROR, str(first)[:4000])
-        except Exception as err:
-            logger.warning("MLflow logging of a worker error failed: %s", err)
+        first = next(iter(worker_exceptions.values()), None)
+
+        def set_tag():
+            try:
+                self._get_client().set_tag(self.run_id, tracking.TAG_LAST_WORKER_ERROR, str(first)[:4000])
+            except Exception as err:
+                logger.warning("MLflow logging of a worker error failed: %s", err)
+
+        # In a thread: the controller restarts the workers meanwhile, whatever the tracking server does.
+        threading.Thread(target=set_tag, name="mlflow-worker-error", daemon=True).start()
 
 
 class InterruptAwareTorchTrainer(TorchTrainer):

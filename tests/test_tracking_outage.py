@@ -170,7 +170,8 @@ def test_outage_mid_training_and_at_the_end_loses_nothing(server, tmp_path, monk
     assert outcome.run_id == run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    for key in ("train/loss", "epoch", "train/loss_body"):
+    assert "epoch" not in run.data.metrics  # the epoch is the step
+    for key in ("train/loss", "time/epoch_s", "train/loss_body"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key
     assert [m.step for m in client.get_metric_history(run_id, "val/wholebody_AP")] == [2]
     epoch_two = next(r for r in MetricSpool(spool.path)._lines() if r.get("step") == 2)
