@@ -90,6 +90,7 @@ class Block:
     header: list[str] | None = None
     rows: list[list[str]] | None = None
     path: Path | None = None  # figures: the PNG
+    group: str = ""  # figures: consecutive figures of one group sit side by side in the HTML
 
 
 def _code(text: str) -> str:
@@ -142,6 +143,7 @@ _STYLE = (
     "td:first-child{text-align:left;} img{max-width:100%;} figure{margin:1em 0;}"
     "code{background:#f3f3f3;padding:0 3px;border-radius:3px;}"
     "td.contains-zero{color:#777;font-style:italic;}"
+    ".gallery{display:flex;flex-wrap:wrap;gap:1em;} .gallery figure{flex:1 1 30em;max-width:49%;}"
 )
 
 
@@ -153,7 +155,14 @@ def _html_cell(cell: str) -> str:
 def blocks_html_body(title: str, blocks: list[Block]) -> str:
     """The report's ``<body>`` content: figures embedded as base64 PNGs."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    group = ""
     for block in blocks:
+        if group and (block.kind != "figure" or block.group != group):
+            parts.append("</div>")
+            group = ""
+        if block.kind == "figure" and block.group and block.group != group:
+            parts.append(f'<div class="gallery {html.escape(block.group)}">')
+            group = block.group
         if block.kind == "h2":
             parts.append(f"<h2>{inline_html(block.text)}</h2>")
         elif block.kind == "p":
@@ -168,6 +177,8 @@ def blocks_html_body(title: str, blocks: list[Block]) -> str:
                 f'<figure><img alt="{html.escape(block.path.stem)}" src="data:image/png;base64,{data}"/>'
                 f"<figcaption>{inline_html(block.text)}</figcaption></figure>"
             )
+    if group:
+        parts.append("</div>")
     return "".join(parts)
 
 
@@ -344,21 +355,22 @@ def _kaf(record: SweepRecord, figures: list[KafFigure], tracking_uri: str) -> li
             "min-max normalised per epoch.",
         ),
     ]
+    missing = []  # after the figures, which then sit side by side
     for figure in figures:
         if figure.run_id is None:
-            blocks.append(Block("p", f"{figure.label}: no run yet."))
+            missing.append(Block("p", f"{figure.label}: no run yet."))
             continue
         run = _link(
             figure.run_name or figure.run_id, tracking.run_url(store, record.experiment_id, figure.run_id)
         )
         if figure.path is None:
-            blocks.append(
+            missing.append(
                 Block("p", f"{figure.label}: run {run} logged no {_code(tracking.KAF_PLOT_ARTIFACT)}.")
             )
         else:
             caption = f"KAF of {figure.label}: {_code(tracking.KAF_PLOT_ARTIFACT)} of run {run}"
-            blocks.append(Block("figure", caption, path=figure.path))
-    return blocks
+            blocks.append(Block("figure", caption, path=figure.path, group="kaf"))
+    return blocks + missing
 
 
 def _ablation_blocks(record: SweepRecord, client, tracking_uri: str, tmp: Path) -> list[Block]:

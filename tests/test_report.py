@@ -416,3 +416,24 @@ def test_ablation_figure_panels_labels_legend_and_title(own):
     for ax in figure.axes:
         assert not legend.overlaps(ax.get_window_extent(renderer))  # outside the panels, so off the bars
         assert ax.patches and not any(legend.overlaps(p.get_window_extent(renderer)) for p in ax.patches)
+
+
+PIXEL_PNG = (  # a 1x1 PNG
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def test_figures_of_one_group_sit_side_by_side(tmp_path):
+    png = tmp_path / "x.png"
+    png.write_bytes(base64.b64decode(PIXEL_PNG))
+    blocks = [
+        report.Block("figure", "first", path=png, group="kaf"),
+        report.Block("figure", "second", path=png, group="kaf"),
+        report.Block("p", "after"),
+        report.Block("figure", "alone", path=png),
+    ]
+    body = report.blocks_html_body("t", blocks)
+    gallery = body.split('<div class="gallery kaf">', 1)[1].split("</div>", 1)[0]
+    assert gallery.count("<figure>") == 2 and "after" not in gallery
+    assert body.count('<div class="gallery') == 1 and body.count("<figure>") == 3
+    assert ".gallery{display:flex" in report.html_page("t", body)
