@@ -155,7 +155,7 @@ def test_report_callback_spools_during_an_outage_and_its_sender_delivers_later(t
     callback.after_report(None, [{"epoch": 3, "train/loss": 0.3}], None)
     spool = MetricSpool(spool_path(tmp_path, run_id))
     assert [r.step for r in spool.pending()] == [1, 2, 3]
-    assert spool.pending()[0].values == {"epoch": 1.0, "train/loss": 1.0}  # numbers only
+    assert spool.pending()[0].values == {"train/loss": 1.0}  # numbers only; the epoch is the step
     flaky.down = False
     assert callback._sender.flush(30) == 0
     assert [s for s, _, _ in _history(uri, run_id, "train/loss")] == [1, 2, 3]
@@ -219,3 +219,33 @@ def test_server_unreachable_at_the_end_keeps_the_record_and_names_server_and_pen
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not marker.exists() and spool.pending_values() == 0
     assert [s for s, _, _ in _history(uri, run_id, "train/loss")] == [2]
+
+
+def test_a_worker_error_tag_never_holds_up_the_controller(tmp_path, store, monkeypatch):
+    from orchestrator.train import MlflowReportCallback
+
+    uri, client, experiment_id = store
+    run_id = tracking.start_run(client, experiment_id, "worker-error")
+    flaky = FlakyClient(uri)
+    flaky.hang.clear()  # the server hangs
+
+    def set_tag(*args):
+        flaky.hang.wait()
+        return flaky.inner.set_tag(*args)
+
+    flaky.set_tag = set_tag
+    monkeypatch.setattr(tracking, "make_client", lambda _uri: flaky)
+    callback = MlflowReportCallback(uri, run_id, spool_dir=str(tmp_path))
+    returned = threading.Event()
+    threading.Thread(
+        target=lambda: (callback.after_exception(None, {0: RuntimeError("worker died")}), returned.set()),
+        daemon=True,
+    ).start()
+    assert returned.wait(10), "after_exception waited on a hanging tracking server"
+    flaky.hang.set()
+    from mlflow.tracking import MlflowClient
+
+    assert _wait_until(
+        lambda: MlflowClient(uri).get_run(run_id).data.tags.get(tracking.TAG_LAST_WORKER_ERROR)
+    )
+    assert MlflowClient(uri).get_run(run_id).data.tags[tracking.TAG_LAST_WORKER_ERROR] == "worker died"
