@@ -405,7 +405,11 @@ def _sweep_blocks(record: SweepRecord, tmp: Path) -> list[Block]:
         blocks.append(Block("p", IMPORTANCES_NOTE))
         blocks.append(Block("table", header=["Parameter", "Importance"], rows=importances_rows(importances)))
         blocks.append(
-            Block("figure", "Hyperparameter importances", path=plot_importances(importances, tmp / "imp.png"))
+            Block(
+                "figure",
+                "Hyperparameter importances",
+                path=plot_importances(importances, tmp / "importances.png"),
+            )
         )
     else:
         blocks.append(Block("p", IMPORTANCES_NONE))

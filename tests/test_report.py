@@ -437,3 +437,24 @@ def test_figures_of_one_group_sit_side_by_side(tmp_path):
     assert gallery.count("<figure>") == 2 and "after" not in gallery
     assert body.count('<div class="gallery') == 1 and body.count("<figure>") == 3
     assert ".gallery{display:flex" in report.html_page("t", body)
+
+
+def test_sweep_report_ranks_explains_and_links(sweep, tmp_path):
+    uri, client, parent, trials = sweep
+    md_path, html_path = report.write_report(
+        "smoke-tune-x", tracking_uri=uri, out_dir=tmp_path, print_fn=lambda _: None
+    )
+    markdown, page = md_path.read_text(), html_path.read_text()
+    best = max(trials, key=lambda t: t[1])
+    assert f"| 1 | {best[0]} |" in markdown
+    assert "Optuna fANOVA" in markdown and "loss.x" in markdown
+    for name in ("importances", "parallel_coordinates", "learning_curves"):
+        assert (
+            f"]({report.FIGURES_DIR}/{name}.png)" in markdown
+            and (tmp_path / "figures" / f"{name}.png").is_file()
+        )
+    assert page.count("data:image/png;base64,") == 3
+    record = report.load_sweep(client, parent)
+    assert len(markdown.split("## Runs", 1)[1].strip().splitlines()) == 2 + len(record.children)
+    for child in record.children:
+        assert f"/#/experiments/{record.experiment_id}/runs/{child.run_id}" in page
