@@ -156,9 +156,7 @@ def ui_command(tracking_uri: str) -> str:
 
 def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
     """Deep link to the experiment's runs table in the UI's model-training view."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
-    base = base or f"http://127.0.0.1:{UI_PORT}"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def make_client(tracking_uri: str):

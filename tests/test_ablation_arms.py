@@ -69,3 +69,16 @@ def test_paper_and_table_are_validated_when_given(tmp_path, extra, fragments):
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_the_ambiguities_file_crosses_kaf_mode_and_fwahr_condition_on_fowkal():
+    from pathlib import Path
+
+    from orchestrator.ablation_arms import load_ablation_arms
+
+    path = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation_ambiguities.yaml"
+    arms = load_ablation_arms(path)
+    assert arms[0].key == "a" and arms[0].overrides == {"loss.variant": "mse"}
+    crossed = {(a.overrides["loss.kaf_mode"], a.overrides["loss.fwahr_condition"]) for a in arms[1:]}
+    assert crossed == {(m, c) for m in ("literal", "uncertainty") for c in ("pred", "target")}
+    assert all(a.overrides["loss.variant"] == "fowkal" for a in arms[1:])
