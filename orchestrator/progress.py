@@ -41,8 +41,11 @@ class SweepProgress(ProgressReporter):
         concurrency: int,
         interval_s: float = 30.0,
         print_fn: Callable[[str], None] = print,
+        total_trials: int | None = None,
     ):
         self.plan = plan
+        # Tune creates trials as it goes: the sweep's size (arms x seeds, or --samples) counts the rest.
+        self.total_trials = total_trials
         self.epochs = int(epochs)
         self.concurrency = max(1, int(concurrency))
         self.interval_s = float(interval_s)
@@ -122,10 +125,15 @@ class SweepProgress(ProgressReporter):
         widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
         lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(header, widths, strict=True))]
         lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+        total_trials = max(len(trials), self.total_trials or 0)
+        mean_epoch_s = self._mean_epoch_s()
+        if total_trials > len(trials):  # trials Tune has not created yet: a whole run each
+            missing = total_trials - len(trials)
+            left += [None if mean_epoch_s is None else missing * self.epochs * mean_epoch_s]
         known = [t for t in left if t is not None]
         total = None if len(known) < len(left) else sum(known) / self.concurrency
         ended = sum(t.status in _ENDED for t in trials)
-        lines.append(f"{ended}/{len(trials)} trials done; about {format_duration(total)} left")
+        lines.append(f"{ended}/{total_trials} trials done; about {format_duration(total)} left")
         return "\n".join(lines)
 
     def report(self, trials, done: bool, *sys_info: str) -> None:

@@ -449,7 +449,10 @@ def _fit(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
 
-    reporter = SweepProgress(plan, epochs=base.epochs, concurrency=concurrent, print_fn=print_fn)
+    total_trials = len(plan.arms) * len(seed_values) if plan.kind == "ablate" else settings.samples
+    reporter = SweepProgress(
+        plan, epochs=base.epochs, concurrency=concurrent, print_fn=print_fn, total_trials=total_trials
+    )
     print_fn(f"each trial's worker output: {Path(plan.sweep_dir) / 'trials' / '<trial>' / 'train.log'}")
     run_config = tune.RunConfig(
         name="tune",

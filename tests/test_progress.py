@@ -62,5 +62,14 @@ def test_table_and_one_line_per_finished_trial():
     assert "2/2 trials done" in lines[-1]
 
 
+def test_time_left_counts_trials_tune_has_not_created_yet():
+    lines: list[str] = []
+    progress = SweepProgress(_plan(), epochs=4, concurrency=1, print_fn=lines.append, total_trials=3)
+    a = FakeTrial("t1", {"arm": "a", "seed": 0}, last_result={"epoch": 3, "time/epoch_s": 5.0})
+    progress.report([a], done=True)
+    # 1 epoch of this trial and 2 trials x 4 epochs not created yet, 5 s each, one at a time: 45 s.
+    assert lines[-1] == "0/3 trials done; about 45s left"
+
+
 def test_format_duration():
     assert [format_duration(s) for s in (5, 125, 3720, None)] == ["5s", "2m05s", "1h02m", "?"]
