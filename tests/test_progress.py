@@ -68,7 +68,7 @@ def test_time_left_counts_trials_tune_has_not_created_yet():
     a = FakeTrial("t1", {"arm": "a", "seed": 0}, last_result={"epoch": 3, "time/epoch_s": 5.0})
     progress.report([a], done=True)
     # 1 epoch of this trial and 2 trials x 4 epochs not created yet, 5 s each, one at a time: 45 s.
-    assert lines[-1] == "0/3 trials done; about 45s left"
+    assert lines[-1].splitlines()[-1] == "0/3 trials done; about 45s left"
 
 
 def test_format_duration():
