@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.data as data_module
+import trainer.annotations as ann_module
 from trainer.annotation_cache import CachedArrays, cached_arrays, default_cache_dir
 from trainer.data import DatasetError, WholeBodyTopDownDataset, load_wholebody_annotations
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
@@ -53,13 +53,13 @@ class _Counter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = data_module._convert_annotation_file
+        real = ann_module._convert_annotation_file
 
         def counting(path):
             self.calls += 1
             return real(path)
 
-        monkeypatch.setattr(data_module, "_convert_annotation_file", counting)
+        monkeypatch.setattr(ann_module, "_convert_annotation_file", counting)
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
@@ -77,7 +77,7 @@ def test_cached_load_equals_the_strict_parser_and_memory_maps(tmp_path, monkeypa
     first = load_wholebody_annotations(ANN, cache_dir=cache)
     second = load_wholebody_annotations(ANN, cache_dir=cache)
     assert counter.calls == 1 and len(_entries(cache)) == 1
-    strict = data_module._parse_strict(ANN)
+    strict = ann_module._parse_strict(ANN)
     for name, expected in strict.items():
         for loaded in (first, second):
             got = getattr(loaded, name)
@@ -106,16 +106,16 @@ def test_fast_parser_defers_unusual_but_valid_input_to_the_strict_one(tmp_path):
         content["annotations"][1]["bbox"] = [int(v) for v in content["annotations"][1]["bbox"]]
 
     path = _copy(tmp_path, unusual)
-    with pytest.raises(data_module._FastPathRejected):
-        data_module._parse_fast(path)
+    with pytest.raises(ann_module._FastPathRejected):
+        ann_module._parse_fast(path)
     loaded = load_wholebody_annotations(path, cache_dir=tmp_path / "cache")
-    strict = data_module._parse_strict(path)
+    strict = ann_module._parse_strict(path)
     for name, expected in strict.items():
         np.testing.assert_array_equal(getattr(loaded, name), expected, err_msg=name)
     assert loaded.num_keypoints[0] == 17
     # Without the float id the fast parser takes the file and agrees with the strict one.
     path = _copy(tmp_path, lambda c: c["annotations"][0].pop("num_keypoints"), name="plain.json")
-    fast, strict = data_module._parse_fast(path), data_module._parse_strict(path)
+    fast, strict = ann_module._parse_fast(path), ann_module._parse_strict(path)
     for name, expected in strict.items():
         np.testing.assert_array_equal(fast[name], expected, err_msg=name)
 
@@ -165,7 +165,7 @@ def test_a_changed_file_gets_a_new_entry_and_the_old_one_goes(tmp_path, monkeypa
 def test_a_corrupt_entry_is_detected_and_rebuilt(tmp_path, monkeypatch, caplog, damage):
     counter = _Counter(monkeypatch)
     cache = tmp_path / "cache"
-    expected = data_module._parse_strict(ANN)
+    expected = ann_module._parse_strict(ANN)
     load_wholebody_annotations(ANN, cache_dir=cache)
     (entry,) = _entries(cache)
     target = entry / "keypoints.npy"
@@ -192,7 +192,7 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(tmp_path, monkeypatch, caplog, 
 def _load_in_child(args):
     """Child process: load through the cache with a slowed, logged conversion (widens the race)."""
     ann, cache, log = args
-    real = data_module._convert_annotation_file
+    real = ann_module._convert_annotation_file
 
     def slow(path):
         with open(log, "a") as handle:
@@ -200,7 +200,7 @@ def _load_in_child(args):
         time.sleep(0.5)
         return real(path)
 
-    data_module._convert_annotation_file = slow
+    ann_module._convert_annotation_file = slow
     loaded = load_wholebody_annotations(ann, cache_dir=cache)
     return np.asarray(loaded.keypoints).sum(dtype=np.float64), str(loaded.arrays.entry)
 
@@ -274,8 +274,8 @@ def test_image_check_lists_each_directory_once(tmp_path, monkeypatch):
     (root / "000000197388.jpg").symlink_to(tmp_path / "dangling.jpg")  # a dangling link is missing
     calls = []
     real_scandir = os.scandir
-    monkeypatch.setattr(data_module.os, "scandir", lambda path: calls.append(path) or real_scandir(path))
-    monkeypatch.setattr(data_module.os.path, "isfile", lambda path: pytest.fail(f"stat of {path}"))
+    monkeypatch.setattr(ann_module.os, "scandir", lambda path: calls.append(path) or real_scandir(path))
+    monkeypatch.setattr(ann_module.os.path, "isfile", lambda path: pytest.fail(f"stat of {path}"))
     with pytest.raises(DatasetError, match=r"1 image file\(s\) missing.*000000197388\.jpg"):
         WholeBodyTopDownDataset(ANN, root, cache_dir=tmp_path / "cache")
     assert [str(path) for path in calls if "images" in str(path)] == [str(root)]  # the cache lists its own
