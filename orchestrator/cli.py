@@ -221,6 +221,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             experiment=args.experiment,
             flip_mode=args.flip_mode,
+            overrides=args.eval_overrides,
         )
     except (EvalError, DatasetError) as err:
         print(f"fowkal eval: {err}", file=sys.stderr)
@@ -255,6 +256,83 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune_eval(args: argparse.Namespace) -> int:
+    """``fowkal tune-eval`` (orchestrator/tune_eval.py): TPE over the evaluation settings of a checkpoint."""
+    from orchestrator.definition_file import SearchSpaceError
+    from orchestrator.eval_command import EvalError
+    from orchestrator.tune_eval import TuneEvalError, TuneEvalFailed, run_tune_eval
+    from trainer.data import DatasetError
+
+    try:
+        run_tune_eval(
+            run=args.run,
+            checkpoint=args.checkpoint,
+            ann_file=args.ann,
+            image_dir=args.images,
+            det_file=args.det_file,
+            space_path=args.space,
+            samples=args.samples,
+            seed=args.seed,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            storage_path=args.storage_path,
+            max_concurrent=args.max_concurrent,
+            address=args.address,
+            verbose=0 if args.quiet else 1,
+        )
+    except (TuneEvalError, SearchSpaceError, EvalError, DatasetError) as err:
+        print(f"fowkal tune-eval: {err}", file=sys.stderr)
+        return 2
+    except TuneEvalFailed as err:
+        print(f"fowkal tune-eval: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fowkal tune-eval: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_tune_eval(sub) -> None:
+    """The ``tune-eval`` subcommand."""
+    parser = sub.add_parser(
+        "tune-eval",
+        help="Optuna TPE over the evaluation settings of one checkpoint (flip mode, DARK kernel, rescoring, "
+        "OKS-NMS, detection threshold): the network runs once, each Ray Tune trial only decodes and scores",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", default=None, metavar="RUN", help="MLflow run (id, name or SWEEP/NAME)")
+    source.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint file or directory")
+    parser.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
+    parser.add_argument("--images", required=True, help="image directory")
+    parser.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
+    parser.add_argument("--space", required=True, help="search space (search_spaces/eval_space.yaml)")
+    parser.add_argument("--samples", type=int, required=True, help="trials (the first: the defaults)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the run's store / "
+        "sqlite:///<output_dir>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment of a --checkpoint's sweep (default: fowkal-tune-eval); with --run, where to "
+        "look the run name up (the sweep goes to the run's experiment)",
+    )
+    parser.add_argument(
+        "--storage-path",
+        default=None,
+        help="directory of the sweep and the heatmap cache (default: <output_dir>/tune_eval)",
+    )
+    parser.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=_cmd_tune_eval)
+
+
 def _add_eval_and_show(sub) -> None:
     """The ``eval`` and ``show`` subcommands (orchestrator/eval_command.py, orchestrator/show.py)."""
     tracking_help = (
@@ -278,7 +356,21 @@ def _add_eval_and_show(sub) -> None:
     evaluate.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
     evaluate.add_argument("--images", default=None, help="image directory")
     evaluate.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
-    evaluate.add_argument("--det-score-thr", type=float, default=0.0, help="keep detections scoring >= this")
+    evaluate.add_argument(
+        "--det-score-thr",
+        type=float,
+        default=None,
+        help="keep detections scoring >= this (default: the run config's data.det_score_thr)",
+    )
+    evaluate.add_argument(
+        "--set",
+        dest="eval_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an evaluation setting on top of the checkpoint's config, e.g. eval.nms_thr=0.7 (repeatable; "
+        "eval.* keys and data.det_score_thr, as fowkal tune-eval's best_eval.yaml lists them)",
+    )
     evaluate.add_argument("--no-flip", action="store_true", help="disable the flip test")
     evaluate.add_argument(
         "--flip-mode",
@@ -444,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(ablate, "ablate")
 
     report = sub.add_parser("report", help="Markdown + HTML report of a sweep or ablation read from MLflow")
-    report.add_argument("experiment", help="MLflow experiment name (its newest sweep) or a parent run id")
+    report.add_argument(
+        "experiment",
+        help="an MLflow experiment name (its newest sweep), a sweep's name, or a parent run id",
+    )
     report.add_argument(
         "--tracking-uri",
         default=None,
@@ -454,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--all", action="store_true", help="every sweep of the experiment, newest first")
     report.set_defaults(func=_cmd_report)
     _add_eval_and_show(sub)
+    _add_tune_eval(sub)
     return parser
 
 

@@ -27,14 +27,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from orchestrator import tracking
 from orchestrator.tracking import BEST_CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT
 from trainer.checkpoint import CheckpointMismatchError, EvalError, LoadedCheckpoint, load_checkpoint_model
 from trainer.codec import FLIP_MODES
-from trainer.inference import EvalOutcome, evaluate_model, score_results_file
+from trainer.inference import EvalOutcome, apply_eval_settings, evaluate_model, score_results_file
 
 EVAL_PREFIX = "eval/"
 DEFAULT_RESULTS_FILE = "wholebody_results.json"
@@ -177,7 +178,7 @@ def run_eval(
     run_id: str | None = None,
     results_file: str | None = None,
     det_file: str | None = None,
-    det_score_thr: float = 0.0,
+    det_score_thr: float | None = None,
     flip_test: bool = True,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -187,6 +188,7 @@ def run_eval(
     progress: bool = True,
     experiment: str | None = None,
     flip_mode: str | None = None,
+    overrides: Sequence[str] = (),
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """What ``fowkal eval`` does (see the module docstring); returns the ``evaluate_wholebody`` metrics.
@@ -202,7 +204,7 @@ def run_eval(
         raise EvalError("pass --checkpoint CKPT or --run RUN_ID (or --results FILE to score a results file)")
     if results_file is None and image_dir is None:
         raise EvalError("--images DIR is required to run a model")
-    if det_score_thr < 0:
+    if det_score_thr is not None and det_score_thr < 0:
         raise EvalError(f"--det-score-thr must be >= 0, got {det_score_thr}")
     if flip_mode is not None and flip_mode not in FLIP_MODES:
         raise EvalError(f"--flip-mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
@@ -227,7 +229,10 @@ def run_eval(
                 loaded = load_checkpoint_model(checkpoint)
                 print_fn(f"checkpoint {loaded.checkpoint_path}")
             epoch = loaded.epoch
-            config = loaded.config
+            # --set eval.<key>=...: evaluation settings on top of the checkpoint's config
+            loaded.config = config = apply_eval_settings(loaded.config, overrides)
+            if det_score_thr is None:
+                det_score_thr = config.data.det_score_thr
             print_fn(
                 f"model {config.model.backbone}, loss {config.loss.variant}, "
                 f"input {list(config.data.pipeline.input_size)}, "
@@ -271,6 +276,8 @@ def run_eval(
                 "eval.flip_test": str(bool(flip_test)) if results_file is None else "n/a",
                 "eval.flip_mode": (flip_mode or config.eval.flip_mode) if results_file is None else "n/a",
             }
+            if results_file is None:
+                tags.update({f"eval.{k}": str(v) for k, v in asdict(config.eval).items() if k != "flip_mode"})
             log_eval_to_run(client, run_id, outcome.metrics, out_path, tags, step=epoch or 0)
             print_fn(f"logged {EVAL_PREFIX}* metrics and {EVAL_PREFIX}{out_path.name} to MLflow run {run_id}")
     return outcome.metrics

@@ -161,7 +161,9 @@ def predict_instances(
     device = device if device is not None else select_device(None)[0]
     net = model.loaded.model.to(device).eval()
     loader = DataLoader(Subset(dataset, indices), batch_size=config.data.val_batch_size, shuffle=False)
-    predictions = predict_keypoints(net, loader, device, flip_test, flip_mode=config.eval.flip_mode)
+    predictions = predict_keypoints(
+        net, loader, device, flip_test, flip_mode=config.eval.flip_mode, blur_kernel=config.eval.blur_kernel
+    )
     truth = {inst.ann_id: inst for inst in load_wholebody_annotations(ann_file).instances}
     out = {}
     for row, index in enumerate(indices):
@@ -344,7 +346,7 @@ def show_heatmaps(
         stride = image.shape[-1] / heatmaps.shape[-1]
         heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(mirrored, mode=config.eval.flip_mode, stride=stride))
     heatmaps = heatmaps.cpu()
-    coords, scores = decode_dark(heatmaps)
+    coords, scores = decode_dark(heatmaps, blur_kernel=config.eval.blur_kernel)
     heatmaps, coords, scores = heatmaps[0].numpy(), coords[0].numpy(), scores[0].numpy()
 
     # The crop as the network saw it: undo the normalisation, RGB -> BGR, enlarge.

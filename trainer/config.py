@@ -119,6 +119,20 @@ class EvalConfig:
     # Flip test: the mirrored heatmaps are put back with MMPose's one-pixel shift ("shift", the paper's
     # recipe), unshifted ("none"), or about the input's pixel grid ("exact"; codec.flip_back_heatmaps).
     flip_mode: str = "shift"
+    # DARK's modulating Gaussian (codec.decode_dark): odd kernel size, sigma derived as OpenCV's (2.0 for 11).
+    blur_kernel: int = 11
+    # Instance rescoring (evaluate.rescore_instances): keypoints scoring above this count towards the mean.
+    rescore_keypoint_thr: float = 0.2
+    # Per-image OKS-NMS (evaluate.oks_nms): a candidate with OKS above this to a kept one is dropped.
+    nms_thr: float = 0.9
+
+
+# The settings that change how a trained model is evaluated, not the model: what ``fowkal eval --set`` and
+# ``fowkal tune-eval``'s search space may name.
+EVAL_SETTING_KEYS: tuple[str, ...] = (
+    *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
+    "data.det_score_thr",
+)
 
 
 @dataclass
@@ -252,6 +266,11 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     check(cfg.loss.variant in LOSS_VARIANTS, "loss.variant", cfg.loss.variant, f"one of {LOSS_VARIANTS}")
     check(cfg.amp in AMP_MODES, "amp", cfg.amp, f"one of {AMP_MODES}")
     check(cfg.eval.flip_mode in FLIP_MODES, "eval.flip_mode", cfg.eval.flip_mode, f"one of {FLIP_MODES}")
+    kernel = cfg.eval.blur_kernel
+    check(kernel >= 1 and kernel % 2 == 1, "eval.blur_kernel", kernel, "an odd integer >= 1")
+    for key in ("rescore_keypoint_thr", "nms_thr"):
+        check(0 <= getattr(cfg.eval, key) <= 1, f"eval.{key}", getattr(cfg.eval, key), "a number in [0, 1]")
+    check(cfg.data.det_score_thr >= 0, "data.det_score_thr", cfg.data.det_score_thr, "a number >= 0")
     for key in ("epochs", "batch_size", "eval_interval", "num_workers"):
         check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "an integer >= 1")
     check(cfg.max_failures >= -1, "max_failures", cfg.max_failures, "an integer >= -1 (-1 = retry forever)")
@@ -491,6 +510,7 @@ __all__ = [
     "ConfigError",
     "DATA_KINDS",
     "DataConfig",
+    "EVAL_SETTING_KEYS",
     "EvalConfig",
     "LOSS_VARIANTS",
     "LossConfig",

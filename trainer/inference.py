@@ -14,16 +14,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from trainer.checkpoint import EvalError, LoadedCheckpoint
 from trainer.codec import decode_dark, flip_back_heatmaps, heatmap_to_image_coords
-from trainer.config import EvalConfig
+from trainer.config import (
+    EVAL_SETTING_KEYS,
+    ConfigError,
+    EvalConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
 from trainer.data import WholeBodyTopDownDataset
 from trainer.evaluate import detections_to_results, evaluate_wholebody
 from trainer.keypoints import NUM_KEYPOINTS
@@ -39,11 +48,12 @@ def predict_keypoints(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     flip_mode: str = EvalConfig.flip_mode,
+    blur_kernel: int = EvalConfig.blur_kernel,
 ) -> dict[str, np.ndarray]:
     """Top-down inference over ``loader``: (flip-test averaged) heatmaps -> DARK -> image coordinates.
 
     ``flip_mode`` is how the mirrored heatmaps are put back (``trainer.codec.flip_back_heatmaps``), for
-    the model's own stride (input width / heatmap width).
+    the model's own stride (input width / heatmap width); ``blur_kernel`` is DARK's (``decode_dark``).
 
     Returns NumPy arrays ``image_ids [N]``, ``keypoints [N,K,2]`` (image pixels), ``keypoint_scores [N,K]``,
     ``box_scores [N]`` and ``areas [N]`` (crop scale w x h, the OKS-NMS area as MMPose), ready for
@@ -63,17 +73,14 @@ def predict_keypoints(
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             heatmaps = model(images)[0].float()
-            if flip_test:  # paper: average of the heatmaps of the image and of its mirror
-                flipped = model(images.flip(-1))[0].float()
-                stride = images.shape[-1] / heatmaps.shape[-1]
-                heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(flipped, mode=flip_mode, stride=stride))
-        coords, scores = decode_dark(heatmaps)
-        heatmap_size = (heatmaps.shape[-1], heatmaps.shape[-2])
+            flipped = model(images.flip(-1))[0].float() if flip_test else None
+        stride = images.shape[-1] / heatmaps.shape[-1]
         scale = batch["scale"].cpu().numpy()
-        out["keypoints"].append(
-            heatmap_to_image_coords(coords, batch["center"].cpu().numpy(), scale, heatmap_size)
+        keypoints, scores = decode_heatmaps(
+            heatmaps, flipped, batch["center"].cpu().numpy(), scale, flip_mode, stride, blur_kernel
         )
-        out["keypoint_scores"].append(scores.cpu().numpy())
+        out["keypoints"].append(keypoints)
+        out["keypoint_scores"].append(scores)
         out["image_ids"].append(np.asarray(batch["image_id"]).reshape(-1))
         out["box_scores"].append(np.asarray(batch["bbox_score"], dtype=np.float64).reshape(-1))
         out["areas"].append(scale[:, 0].astype(np.float64) * scale[:, 1])
@@ -88,14 +95,43 @@ def predict_keypoints(
     return {key: np.concatenate(value) for key, value in out.items()}
 
 
-def results_from_predictions(predictions: dict[str, np.ndarray]) -> list[dict]:
-    """``predict_keypoints`` output -> COCO-WholeBody result dicts (rescoring + OKS-NMS, as MMPose)."""
+def decode_heatmaps(
+    heatmaps: torch.Tensor,
+    flipped: torch.Tensor | None,
+    center: np.ndarray,
+    scale: np.ndarray,
+    flip_mode: str = EvalConfig.flip_mode,
+    stride: float = 4,
+    blur_kernel: int = EvalConfig.blur_kernel,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps of a batch of crops (and of their mirrors, or None) -> image keypoints ``[N, K, 2]`` and
+    keypoint scores ``[N, K]``: the flip-test average, DARK, the inverse crop affine.
+
+    The one decoding path of ``predict_keypoints`` and of the cached heatmaps (``trainer.heatmap_cache``),
+    so a cached trial gives the numbers ``fowkal eval`` gives.
+    """
+    if flipped is not None:  # paper: average of the heatmaps of the image and of its mirror
+        heatmaps = 0.5 * (heatmaps + flip_back_heatmaps(flipped, mode=flip_mode, stride=stride))
+    coords, scores = decode_dark(heatmaps, blur_kernel=blur_kernel)
+    heatmap_size = (heatmaps.shape[-1], heatmaps.shape[-2])
+    keypoints = heatmap_to_image_coords(coords, center, scale, heatmap_size)
+    return keypoints, scores.cpu().numpy()
+
+
+def results_from_predictions(
+    predictions: dict[str, np.ndarray], settings: EvalConfig | None = None
+) -> list[dict]:
+    """``predict_keypoints`` output -> COCO-WholeBody result dicts (rescoring + OKS-NMS, as MMPose), with
+    the rescoring threshold and OKS-NMS threshold of ``settings`` (default: ``EvalConfig()``'s)."""
+    settings = EvalConfig() if settings is None else settings
     return detections_to_results(
         predictions["image_ids"],
         predictions["keypoints"],
         predictions["keypoint_scores"],
         predictions["box_scores"],
         predictions["areas"],
+        keypoint_score_thr=settings.rescore_keypoint_thr,
+        nms_thr=settings.nms_thr,
     )
 
 
@@ -176,7 +212,7 @@ def evaluate_model(
     image_dir: str | os.PathLike,
     *,
     det_file: str | os.PathLike | None = None,
-    det_score_thr: float = 0.0,
+    det_score_thr: float | None = None,
     flip_test: bool = True,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -186,11 +222,14 @@ def evaluate_model(
 ) -> EvalOutcome:
     """Top-down inference (flip test + DARK) -> rescoring + OKS-NMS -> COCO-WholeBody AP/AR.
 
-    ``batch_size`` / ``workers`` / ``flip_mode`` default to the run's ``data.val_batch_size`` /
-    ``data.loader_workers`` / ``eval.flip_mode``.
+    ``batch_size`` / ``workers`` / ``flip_mode`` / ``det_score_thr`` default to the run's
+    ``data.val_batch_size`` / ``data.loader_workers`` / ``eval.flip_mode`` / ``data.det_score_thr``; DARK's
+    kernel, the rescoring and OKS-NMS thresholds are the run config's ``eval.*``
+    (``apply_eval_settings`` changes them).
     """
     config = loaded.config
     flip_mode = config.eval.flip_mode if flip_mode is None else flip_mode
+    det_score_thr = config.data.det_score_thr if det_score_thr is None else det_score_thr
     dataset = build_eval_dataset(config, ann_file, image_dir, det_file, det_score_thr)
     batch_size = config.data.val_batch_size if batch_size is None else int(batch_size)
     workers = config.data.loader_workers if workers is None else int(workers)
@@ -211,11 +250,45 @@ def evaluate_model(
     )
     batches = with_progress(loader, len(loader), "eval", enabled=progress)
     predictions = predict_keypoints(
-        model, batches, device, flip_test, autocast_dtype(device, config.amp), False, flip_mode
+        model,
+        batches,
+        device,
+        flip_test,
+        autocast_dtype(device, config.amp),
+        False,
+        flip_mode,
+        config.eval.blur_kernel,
     )
-    results = results_from_predictions(predictions)
+    results = results_from_predictions(predictions, config.eval)
     metrics = evaluate_wholebody(ann_file, results)
     return EvalOutcome(metrics=metrics, results=results, num_boxes=len(dataset))
+
+
+def apply_eval_settings(config, overrides: Sequence[str] | Mapping[str, object]):
+    """``config`` (a ``TrainConfig``) with evaluation settings changed: ``["eval.nms_thr=0.7", ...]`` (values
+    parsed as YAML) or a mapping ``{"eval.nms_thr": 0.7}``. Only ``EVAL_SETTING_KEYS`` may be changed (the
+    rest describes the model the checkpoint holds); ``EvalError`` names a bad key or value."""
+    if isinstance(overrides, Mapping):
+        values = dict(overrides)
+    else:
+        values = {}
+        for item in overrides:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise EvalError(f"--set {item!r}: expected KEY=VALUE, e.g. eval.nms_thr=0.7")
+            try:
+                values[key.strip()] = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise EvalError(f"--set {item!r}: the value is not valid YAML: {err}") from err
+    for key in values:
+        if key not in EVAL_SETTING_KEYS:
+            raise EvalError(
+                f"--set {key}: not an evaluation setting (they are: {', '.join(EVAL_SETTING_KEYS)})"
+            )
+    try:
+        return config_from_dict(apply_overrides(config_to_dict(config), values), source="--set")
+    except ConfigError as err:
+        raise EvalError(str(err)) from err
 
 
 def score_results_file(results_file: str | os.PathLike, ann_file: str | os.PathLike) -> EvalOutcome:
@@ -238,7 +311,9 @@ def score_results_file(results_file: str | os.PathLike, ann_file: str | os.PathL
 
 __all__ = [
     "EvalOutcome",
+    "apply_eval_settings",
     "autocast_dtype",
+    "decode_heatmaps",
     "build_eval_dataset",
     "evaluate_model",
     "predict_keypoints",

@@ -421,7 +421,14 @@ def train_loop_per_worker(
         # ---- evaluate: flip test + DARK on this worker's slice, scored on rank 0
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             predictions = predict_keypoints(
-                raw_model, val_loader, device, cfg.flip_test, amp_dtype, channels_last, cfg.eval.flip_mode
+                raw_model,
+                val_loader,
+                device,
+                cfg.flip_test,
+                amp_dtype,
+                channels_last,
+                cfg.eval.flip_mode,
+                cfg.eval.blur_kernel,
             )
             if distributed:
                 gathered: list[Any] = [None] * world_size
@@ -431,7 +438,7 @@ def train_loop_per_worker(
             if is_main:
                 # The val annotation file is parsed at the first evaluation of the run, then reused.
                 evaluator = WholeBodyEvaluator.for_file(paths["val_ann"])
-                scores = evaluator.evaluate(results_from_predictions(predictions))
+                scores = evaluator.evaluate(results_from_predictions(predictions, cfg.eval))
                 val_metrics = [{name: scores[key] for key, name in VAL_METRICS.items()}]
             if distributed:  # every worker reports the same numbers and tracks the same best AP
                 torch.distributed.broadcast_object_list(val_metrics, src=0)

@@ -1,0 +1,768 @@
+"""``fowkal tune-eval``: Optuna TPE over the evaluation settings of a trained checkpoint, as Ray Tune trials.
+
+The settings that act after the network (``trainer.config.EVAL_SETTING_KEYS``: the flip-test mode, DARK's
+blur kernel, the rescoring keypoint threshold, the OKS-NMS threshold, the detection-score threshold) cost
+no training, and with the heatmaps kept no forward pass either:
+
+- Before Ray: the search space (``search_spaces/eval_space.yaml``, the format of ``sweep_space``; a key that
+  is not an evaluation setting is an error naming it), the checkpoint (its weights must fit the model its
+  config describes), the annotation file, the image directory and the detection file are checked.
+- The network runs once: ``trainer.heatmap_cache.build_heatmap_cache`` keeps the plain and mirrored
+  heatmaps of every box (down to the lowest detection score the space can ask for) under
+  ``<storage>/heatmap_cache/<key>``; a later tune-eval of the same checkpoint and data reuses them.
+- Each Tune trial (:func:`run_eval_trial`) decodes, rescores, suppresses and scores the cached heatmaps with
+  its settings, in its own MLflow child run under the sweep's parent. The first trial is the checkpoint
+  config's own settings (the defaults), so the gain over them is measured, not assumed.
+- Parent run: in the evaluated run's experiment and nested under it with ``--run``; else in
+  ``--experiment`` (``fowkal-tune-eval``). Children end FINISHED (scored), FAILED (error) or KILLED (the
+  sweep ended before they were scored), the status rules of sweeps (``orchestrator.trial_status``).
+- Results, in the sweep directory and on the parent run: ``best_eval.yaml`` (the best settings, and the
+  ``fowkal eval --set`` line that applies them), ``summary.md`` (best, defaults, gain, the top trials,
+  Optuna's parameter importances).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from orchestrator.definition_file import SearchSpaceError
+from orchestrator.sweep_space import SearchSpace, load_search_space
+from orchestrator.trial_status import MlflowTrialStatusCallback
+from trainer.config import EVAL_SETTING_KEYS, EvalConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "fowkal-tune-eval"
+DEFAULT_METRIC = "eval/wholebody_AP"
+EVAL_PREFIX = "eval/"
+BEST_EVAL_FILE = "best_eval.yaml"
+SUMMARY_FILE = "summary.md"
+# Tags of the parent run (not fowkal.sweep_kind: fowkal report reads that as a training sweep's parent).
+TAG_TUNE_EVAL = "fowkal.tune_eval"
+TAG_EVALUATED_RUN = "fowkal.evaluated_run"
+TAG_CHECKPOINT = "fowkal.checkpoint"
+TAG_DEFAULTS_RUN = "fowkal.defaults_run"
+# CPUs a trial holds: one decode + one xtcocotools evaluation at a time.
+TRIAL_CPUS = 1.0
+
+
+class TuneEvalError(ValueError):
+    """Bad input to ``fowkal tune-eval``, found before Ray starts; names the file, key or value."""
+
+
+class TuneEvalFailed(RuntimeError):
+    """Every trial failed; the parent run is FAILED with the first error."""
+
+
+@dataclass
+class EvalSweepPlan:
+    """What every trial receives (plain, picklable data)."""
+
+    sweep_id: str
+    sweep_dir: str
+    cache_dir: str
+    ann_file: str
+    base_settings: dict  # the checkpoint config's EvalConfig fields + data.det_score_thr, dotted keys
+    flip_test: bool
+    batch_size: int
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    space: SearchSpace
+    metric: str = DEFAULT_METRIC
+    mode: str = "max"
+
+    @property
+    def tune_dir(self) -> str:
+        return str(Path(self.sweep_dir) / "tune")
+
+
+@dataclass
+class TuneEvalOutcome:
+    """What :func:`run_tune_eval` returns."""
+
+    sweep_id: str
+    sweep_dir: str
+    tracking_uri: str
+    parent_run_id: str
+    cache_dir: str
+    defaults: dict[str, Any]
+    default_score: float | None
+    best: dict[str, Any] | None
+    best_score: float | None
+    importances: dict[str, float]
+    trial_statuses: dict[str, str]
+    run_statuses: dict[str, str]
+    best_eval_path: str | None = None
+    summary_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric a trial reports: ``eval/<part>_<stat>`` for ``evaluate_wholebody``'s keys."""
+    parts = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
+    stats = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
+    names = [f"{EVAL_PREFIX}{part}_{stat}" for part in parts for stat in stats]
+    return tuple(names + [f"{EVAL_PREFIX}hand_{stat}" for stat in ("AP", "AP50", "AP75", "AR")])
+
+
+def load_eval_space(path: str | os.PathLike) -> SearchSpace:
+    """A search space over evaluation settings only; its metric an ``eval/`` metric (``val/X`` reads as
+    ``eval/X``, the same number on the evaluated set). ``SearchSpaceError`` names the file and the key."""
+    space = load_search_space(path)
+    for name in space.parameters:
+        if name not in EVAL_SETTING_KEYS:
+            raise SearchSpaceError(
+                f"{path}: parameters.{name}: not an evaluation setting; fowkal tune-eval sweeps only what "
+                f"acts after the network ({', '.join(EVAL_SETTING_KEYS)})"
+            )
+    metric = space.metric
+    if metric.startswith("val/"):
+        metric = EVAL_PREFIX + metric[len("val/") :]
+    if metric not in metric_names():
+        raise SearchSpaceError(
+            f"{path}: metric: {space.metric!r} is not an evaluation metric (e.g. {DEFAULT_METRIC}, "
+            "eval/hand_AP)"
+        )
+    return replace(space, metric=metric)
+
+
+def lowest_det_score_thr(space: SearchSpace, base: float) -> float:
+    """The lowest ``data.det_score_thr`` a trial can ask for: the cache must hold those boxes."""
+    param = space.parameters.get("data.det_score_thr")
+    if param is None:
+        return float(base)
+    candidates = [base]
+    if param.distribution == "constant":
+        candidates.append(param.value)
+    elif param.distribution == "categorical":
+        candidates.extend(param.choices)
+    else:
+        candidates.append(param.low)
+    candidates += [p["data.det_score_thr"] for p in space.extra_points if "data.det_score_thr" in p]
+    return float(min(candidates))
+
+
+def base_settings(config) -> dict[str, Any]:
+    """The checkpoint config's evaluation settings by dotted key."""
+    values = {f"eval.{key}": value for key, value in asdict(config.eval).items()}
+    values["data.det_score_thr"] = float(config.data.det_score_thr)
+    return values
+
+
+def defaults_point(space: SearchSpace, settings: dict[str, Any], path) -> dict[str, Any]:
+    """The first point to evaluate: the config's own values of the sampled parameters (they must lie in
+    the space, or the gain over the defaults could not be measured)."""
+    point = {}
+    for name in space.sampled_names:
+        param = space.parameters[name]
+        value = settings[name]
+        if param.distribution in ("uniform", "loguniform") and isinstance(value, int):
+            value = float(value)
+        if not param.contains(value):
+            raise SearchSpaceError(
+                f"{path}: parameters.{name}: the checkpoint's value {value!r} (the first trial, the "
+                f"defaults) lies outside the space; widen it to include {value!r}"
+            )
+        point[name] = value
+    return point
+
+
+def trial_settings(plan: EvalSweepPlan, trial_config: dict) -> tuple[EvalConfig, float]:
+    """The trial's ``EvalConfig`` and detection-score threshold: base settings + the sampled values."""
+    values = dict(plan.base_settings)
+    values.update(plan.space.to_overrides(trial_config, ignore_unknown=True))
+    settings = EvalConfig(**{key[5:]: value for key, value in values.items() if key.startswith("eval.")})
+    return settings, float(values["data.det_score_thr"])
+
+
+def check_det_file(det_file) -> None:
+    """The detection file is read now (``DatasetError`` names file, entry and field) so that a bad one
+    fails before Ray, not in every trial."""
+    from trainer.data import DatasetError, load_detections
+
+    if det_file is None:
+        return
+    if not Path(det_file).is_file():
+        raise TuneEvalError(f"detection file {str(det_file)!r} does not exist (--det-file)")
+    try:
+        load_detections(det_file)
+    except DatasetError as err:
+        raise TuneEvalError(f"--det-file: {err}") from err
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one trial
+
+
+_OPEN: dict[str, Any] = {}  # per trial process: the opened cache (memory-mapped), reused by later trials
+
+
+def _cache(path: str):
+    from trainer.heatmap_cache import HeatmapCache
+
+    if _OPEN.get("path") != path:
+        _OPEN.update(path=path, cache=HeatmapCache.open(path))
+    return _OPEN["cache"]
+
+
+def trial_run_name(experiment_tag: str) -> str:
+    head = str(experiment_tag).split("_", 1)[0]
+    return f"ev-{int(head) if head.isdigit() else 0:03d}"
+
+
+def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, float], int]:
+    """``eval/*`` metrics of one trial's settings on the cached heatmaps, and the boxes used."""
+    from trainer.evaluate import WholeBodyEvaluator
+
+    settings, det_score_thr = trial_settings(plan, trial_config)
+    evaluator = WholeBodyEvaluator.for_file(plan.ann_file)
+    metrics, boxes = _cache(plan.cache_dir).evaluate(
+        settings, det_score_thr, evaluator, plan.flip_test, plan.batch_size
+    )
+    return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
+
+
+def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
+    """One Tune trial: open the child run, score the settings on the cached heatmaps, report, end FINISHED."""
+    import ray.tune
+
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    run_name = context.get_trial_name() or "ev-000"
+    client = tracking.make_client(plan.tracking_uri)
+    overrides = plan.space.to_overrides(trial_config, ignore_unknown=True)
+    run_id = tracking.start_run(
+        client,
+        plan.experiment_id,
+        run_name,
+        params={**plan.base_settings, **overrides},
+        tags=tracking.build_run_tags(
+            commit=tracking.git_commit(),
+            parent_run_id=plan.parent_run_id,
+            sweep_id=plan.sweep_id,
+            extra={tracking.TAG_TRIAL_ID: trial_id, TAG_TUNE_EVAL: "trial"},
+        ),
+        resume_key=f"{plan.sweep_id}/{trial_id}",
+    )
+    try:
+        start = time.perf_counter()
+        metrics, boxes = evaluate_trial(plan, trial_config)
+        metrics["eval/boxes"] = float(boxes)
+        metrics["time/trial_s"] = time.perf_counter() - start
+        tracking.log_epoch_metrics(run_id, metrics, 0, client=client)
+    except BaseException as err:
+        tracking.end_run(run_id, "FAILED", client=client, error=err)
+        raise
+    tracking.end_run(run_id, "FINISHED", client=client)
+    ray.tune.report(metrics)
+
+
+class EvalTrialStatusCallback(MlflowTrialStatusCallback):
+    """The sweeps' status rules for evaluation trials: FINISHED once scored (the trial reported its
+    metric), FAILED on an error, KILLED when the sweep ended before the trial was scored."""
+
+    def _status(self, trial) -> str:
+        return "FINISHED" if self.plan.metric in (trial.last_result or {}) else "KILLED"
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, self._status(trial), "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED", "error")
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            if trial.status == "ERROR":
+                self._end(trial, "FAILED", "error")
+            elif trial.status == "TERMINATED":
+                self._end(trial, self._status(trial), "reconciled at the end of the sweep")
+            else:
+                self._end(trial, "KILLED", f"sweep ended with the trial {trial.status}")
+
+
+def reconcile_eval_runs(plan: EvalSweepPlan, client) -> dict[str, str]:
+    """End every child still RUNNING (FINISHED if it logged the metric, else KILLED); name -> status."""
+    from orchestrator.report_records import child_runs
+
+    statuses = {}
+    for run in child_runs(client, plan.experiment_id, plan.parent_run_id):
+        status = run.info.status
+        if status == "RUNNING":
+            status = "FINISHED" if plan.metric in run.data.metrics else "KILLED"
+            client.set_tag(run.info.run_id, tracking.TAG_END_REASON, "reconciled at the end of the sweep")
+            tracking.end_run(run.info.run_id, status, client=client)
+        statuses[run.info.run_name or run.info.run_id] = status
+    return statuses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results
+
+
+def _optuna_distribution(param):
+    import optuna
+
+    if param.distribution == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(param.choices))
+    if param.distribution == "int":
+        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
+    return optuna.distributions.FloatDistribution(
+        param.low, param.high, log=param.distribution == "loguniform"
+    )
+
+
+def parameter_importances(
+    space: SearchSpace, trials: list[tuple[dict, float]], mode: str
+) -> dict[str, float]:
+    """Optuna's (fANOVA) importances of the sampled parameters over the scored trials; {} when fewer than
+    two trials, or no parameter varied."""
+    import optuna
+
+    if len(trials) < 2:
+        return {}
+    distributions = {name: _optuna_distribution(space.parameters[name]) for name in space.sampled_names}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for params, value in trials:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={k: params[k] for k in distributions}, distributions=distributions, value=value
+            )
+        )
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # as fowkal report's importances
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError, ZeroDivisionError) as err:
+        logger.warning("no parameter importances: %s", err)
+        return {}
+    return {name: float(value) for name, value in importances.items()}
+
+
+def _settings_yaml(values: dict[str, Any]) -> dict:
+    nested: dict[str, dict] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def write_results(
+    plan: EvalSweepPlan,
+    scored: list[dict],
+    defaults: dict[str, Any],
+    importances: dict[str, float],
+    source_args: str,
+) -> tuple[Path | None, Path]:
+    """``best_eval.yaml`` and ``summary.md`` in the sweep directory; ``scored`` holds per trial ``name``,
+    ``run_id``, ``values`` (all settings, dotted) and ``score``."""
+    import yaml
+
+    out = Path(plan.sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sign = 1 if plan.mode == "max" else -1
+    ranked = sorted(scored, key=lambda t: -sign * t["score"])
+    default_trial = next((t for t in scored if t.get("is_default")), None)
+    lines = [f"# fowkal tune-eval {plan.sweep_id}", ""]
+    best_path = None
+    if ranked:
+        best = ranked[0]
+        gain = best["score"] - default_trial["score"] if default_trial else None
+        set_args = " ".join(f"--set {k}={v}" for k, v in best["values"].items())
+        header = (
+            f"# Best evaluation settings of tune-eval {plan.sweep_id} (MLflow run {best['run_id']}, "
+            f"{best['name']}): {plan.metric} = {best['score']:.4f}"
+            + (f" (defaults {default_trial['score']:.4f}, gain {gain:+.4f})" if default_trial else "")
+            + f"\n# fowkal eval {source_args} {set_args}\n"
+        )
+        best_path = out / BEST_EVAL_FILE
+        best_path.write_text(header + yaml.safe_dump(_settings_yaml(best["values"]), sort_keys=False))
+        lines += [
+            f"Best {plan.metric}: **{best['score']:.4f}** ({best['name']}); defaults "
+            + (
+                f"{default_trial['score']:.4f} ({default_trial['name']}), gain **{gain:+.4f}**."
+                if default_trial
+                else "not scored."
+            ),
+            "",
+            f"Apply: `fowkal eval {source_args} {set_args}`",
+            "",
+        ]
+    names = list(plan.space.sampled_names)
+    lines += ["| trial | " + " | ".join(names) + f" | {plan.metric} |", "|---" * (len(names) + 2) + "|"]
+    for trial in ranked[:10] + (
+        [default_trial] if default_trial and default_trial not in ranked[:10] else []
+    ):
+        mark = " (defaults)" if trial.get("is_default") else ""
+        cells = [
+            str(trial["values"][n])
+            if not isinstance(trial["values"][n], float)
+            else f"{trial['values'][n]:.4g}"
+            for n in names
+        ]
+        lines.append(f"| {trial['name']}{mark} | " + " | ".join(cells) + f" | {trial['score']:.4f} |")
+    lines += ["", "Parameter importances (Optuna, fANOVA):", ""]
+    if importances:
+        lines += ["| parameter | importance |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in importances.items()]
+    else:
+        lines.append("(fewer than two scored trials, or nothing varied)")
+    summary = out / SUMMARY_FILE
+    summary.write_text("\n".join(lines) + "\n")
+    return best_path, summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_tune_eval(
+    *,
+    ann_file: str,
+    image_dir: str,
+    space_path: str,
+    samples: int,
+    run: str | None = None,
+    checkpoint: str | None = None,
+    det_file: str | None = None,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    storage_path: str | None = None,
+    max_concurrent: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    verbose: int = 1,
+    print_fn=print,
+) -> TuneEvalOutcome:
+    """What ``fowkal tune-eval`` does (module docstring). Raises ``TuneEvalError`` / ``SearchSpaceError`` /
+    ``EvalError`` on bad inputs, before Ray starts; ``TuneEvalFailed`` when every trial failed."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if (run is None) == (checkpoint is None):
+        raise TuneEvalError("pass exactly one of --run RUN and --checkpoint CKPT")
+    if samples < 1:
+        raise TuneEvalError(f"--samples must be >= 1, got {samples}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise TuneEvalError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    if not Path(ann_file).is_file():
+        raise TuneEvalError(f"annotation file {str(ann_file)!r} does not exist (--ann)")
+    if not Path(image_dir).is_dir():
+        raise TuneEvalError(f"image directory {str(image_dir)!r} does not exist (--images)")
+    if not Path(space_path).is_file():
+        raise TuneEvalError(f"search space {str(space_path)!r} does not exist (--space)")
+    space = load_eval_space(space_path)
+    check_det_file(det_file)
+    ann_file, image_dir = str(Path(ann_file).resolve()), str(Path(image_dir).resolve())
+    det_file = None if det_file is None else str(Path(det_file).resolve())
+
+    # ---- the checkpoint (weights that do not fit the config's model: CheckpointMismatchError, an EvalError)
+    from orchestrator.eval_command import download_run_checkpoint, get_run, store_of_run
+    from trainer.checkpoint import checkpoint_file, load_checkpoint_model
+
+    evaluated_run = None
+    if run is not None:
+        uri = store_of_run(tracking_uri)
+        client = tracking.make_client(uri)
+        evaluated_run = get_run(client, run, uri, experiment)
+        base_dir = Path(storage_path) if storage_path else Path("runs") / "tune_eval"
+        download_dir = base_dir / "checkpoints" / evaluated_run.info.run_id
+        if (download_dir / tracking.BEST_CHECKPOINT_ARTIFACT).exists():
+            loaded = load_checkpoint_model(download_dir / tracking.BEST_CHECKPOINT_ARTIFACT)
+        else:
+            download_dir.mkdir(parents=True, exist_ok=True)
+            loaded = download_run_checkpoint(client, evaluated_run.info.run_id, uri, download_dir)
+        experiment_id = evaluated_run.info.experiment_id
+        source_args = f"--run {evaluated_run.info.run_id}"
+    else:
+        loaded = load_checkpoint_model(checkpoint)
+        uri = tracking.resolve_tracking_uri(tracking_uri, loaded.config.output_dir)
+        client = tracking.make_client(uri)
+        experiment_id = tracking.get_or_create_experiment(client, experiment or DEFAULT_EXPERIMENT)
+        base_dir = Path(storage_path) if storage_path else Path(loaded.config.output_dir) / "tune_eval"
+        source_args = f"--checkpoint {Path(checkpoint).resolve()}"
+    source_args += f" --ann {ann_file} --images {image_dir}" + (f" --det-file {det_file}" if det_file else "")
+    config = loaded.config
+    settings = base_settings(config)
+    defaults = defaults_point(space, settings, space_path)
+    points = [defaults] + [dict(p) for p in space.extra_points]
+    try:  # every point the search starts from must give a valid config
+        for point in points:
+            trial_settings_for(space, settings, point)
+    except (SearchSpaceError, ValueError, TypeError) as err:
+        raise TuneEvalError(f"{space_path}: {err}") from err
+    timings["checks_s"] = time.perf_counter() - start
+
+    # ---- the network, once
+    from trainer.heatmap_cache import build_heatmap_cache
+
+    floor = lowest_det_score_thr(space, settings["data.det_score_thr"])
+    print_fn(
+        f"checkpoint {loaded.checkpoint_path} ({config.model.backbone}, config from {loaded.config_source})"
+    )
+    began = time.perf_counter()
+    cache = build_heatmap_cache(
+        loaded,
+        ann_file,
+        image_dir,
+        base_dir.resolve() / "heatmap_cache",
+        det_file=det_file,
+        det_score_thr=floor,
+        progress=verbose > 0,
+    )
+    timings["heatmaps_s"] = time.perf_counter() - began
+    print_fn(f"heatmaps of {len(cache.image_ids)} boxes in {cache.path} ({timings['heatmaps_s']:.1f} s)")
+
+    # ---- parent run
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                _file_digest(checkpoint_file(Path(loaded.checkpoint_path))),
+                ann_file,
+                det_file,
+                Path(space_path).read_text(),
+                samples,
+                seed,
+            ]
+        ).encode()
+    ).hexdigest()[:8]
+    sweep_id = f"{config.name}-tune-eval-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = (base_dir / sweep_id).resolve()
+    parent_tags = tracking.build_run_tags(
+        loss_variant=config.loss.variant,
+        dataset_kind=config.data.kind,
+        commit=tracking.git_commit(),
+        parent_run_id=evaluated_run.info.run_id if evaluated_run is not None else None,
+        sweep_id=sweep_id,
+        extra={
+            TAG_TUNE_EVAL: "sweep",
+            TAG_CHECKPOINT: str(loaded.checkpoint_path),
+            tracking.TAG_SWEEP_DIR: str(sweep_dir),
+            tracking.TAG_METRIC: space.metric,
+            tracking.TAG_MODE: space.mode,
+            tracking.TAG_DEFINITION_FILE: str(space_path),
+            tracking.TAG_SAMPLED: json.dumps(list(space.sampled_names)),
+            **({TAG_EVALUATED_RUN: evaluated_run.info.run_id} if evaluated_run is not None else {}),
+        },
+    )
+    params = {f"base.{k}": v for k, v in settings.items()}
+    params.update({"sweep.samples": samples, "sweep.search_seed": seed, "eval.ann_file": ann_file})
+    params["eval.det_file"] = det_file or "ground-truth boxes"
+    parent_run_id = tracking.start_run(client, experiment_id, sweep_id, params=params, tags=parent_tags)
+    client.set_tag(
+        parent_run_id,
+        tracking.TAG_DESCRIPTION,
+        f"Evaluation-settings sweep: {samples} trials of Optuna TPE over {space_path} on the cached heatmaps "
+        f"of {loaded.checkpoint_path} ({len(cache.image_ids)} boxes, {ann_file}); the first trial is the "
+        "checkpoint's own settings.",
+    )
+    print_fn(f"MLflow parent run {parent_run_id} ({sweep_id}) in {uri}")
+    plan = EvalSweepPlan(
+        sweep_id=sweep_id,
+        sweep_dir=str(sweep_dir),
+        cache_dir=str(cache.path),
+        ann_file=ann_file,
+        base_settings=settings,
+        flip_test=bool(config.flip_test),
+        batch_size=int(config.data.val_batch_size),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        space=space,
+        metric=space.metric,
+        mode=space.mode,
+    )
+    try:
+        client.log_text(parent_run_id, Path(space_path).read_text(), Path(space_path).name)
+        began = time.perf_counter()
+        results, trial_statuses = _fit(
+            plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn
+        )
+        timings["tune_s"] = time.perf_counter() - began
+        run_statuses = reconcile_eval_runs(plan, client)
+        scored = []
+        for result in results:
+            if plan.metric not in result["metrics"]:
+                continue
+            values = dict(settings)
+            values.update(space.to_overrides(result["config"], ignore_unknown=True))
+            sampled = {name: values[name] for name in space.sampled_names}
+            scored.append(
+                {
+                    "name": result["name"],
+                    "run_id": result["run_id"],
+                    "values": values,
+                    "sampled": sampled,
+                    "score": float(result["metrics"][plan.metric]),
+                    "is_default": sampled == defaults,
+                }
+            )
+        importances = parameter_importances(space, [(t["sampled"], t["score"]) for t in scored], space.mode)
+        best_path, summary_path = write_results(plan, scored, defaults, importances, source_args)
+        for path in (best_path, summary_path):
+            if path is not None:
+                client.log_artifact(parent_run_id, str(path))
+        sign = 1 if space.mode == "max" else -1
+        best = max(scored, key=lambda t: sign * t["score"]) if scored else None
+        default_trial = next((t for t in scored if t["is_default"]), None)
+        summary_metrics = {}
+        if best is not None:
+            summary_metrics[f"best/{plan.metric}"] = best["score"]
+            client.set_tag(parent_run_id, tracking.TAG_BEST_RUN, f"{best['name']} ({best['run_id']})")
+        if default_trial is not None:
+            summary_metrics[f"defaults/{plan.metric}"] = default_trial["score"]
+            client.set_tag(
+                parent_run_id, TAG_DEFAULTS_RUN, f"{default_trial['name']} ({default_trial['run_id']})"
+            )
+            if best is not None:
+                summary_metrics[f"gain/{plan.metric}"] = best["score"] - default_trial["score"]
+        summary_metrics.update({f"importance/{k}": v for k, v in importances.items()})
+        summary_metrics.update({f"time/{k}": v for k, v in timings.items()})
+        tracking.log_epoch_metrics(parent_run_id, summary_metrics, 0, client=client)
+    except KeyboardInterrupt:
+        tracking.end_run(parent_run_id, "KILLED", client=client, error="interrupted")
+        raise
+    except BaseException as err:
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
+        raise
+    failed = sum(s == "ERROR" for s in trial_statuses.values())
+    if trial_statuses and failed == len(trial_statuses):
+        first = next((r["error"] for r in results if r.get("error")), "see the trials' error files")
+        reason = f"all {failed} trial(s) failed: {first}"
+        tracking.end_run(parent_run_id, "FAILED", client=client, error=reason)
+        raise TuneEvalFailed(f"tune-eval {sweep_id!r}: {reason}")
+    if failed:
+        client.set_tag(parent_run_id, tracking.TAG_FAILED_TRIALS, f"{failed} of {len(trial_statuses)}")
+    tracking.end_run(parent_run_id, "FINISHED", client=client)
+    timings["total_s"] = time.perf_counter() - start
+    print_fn(summary_path.read_text())
+    print_fn(f"results in {sweep_dir}")
+    return TuneEvalOutcome(
+        sweep_id=sweep_id,
+        sweep_dir=str(sweep_dir),
+        tracking_uri=uri,
+        parent_run_id=parent_run_id,
+        cache_dir=str(cache.path),
+        defaults=defaults,
+        default_score=default_trial["score"] if default_trial else None,
+        best=best["values"] if best else None,
+        best_score=best["score"] if best else None,
+        importances=importances,
+        trial_statuses=trial_statuses,
+        run_statuses=run_statuses,
+        best_eval_path=str(best_path) if best_path else None,
+        summary_path=str(summary_path),
+        timings=timings,
+    )
+
+
+def trial_settings_for(space: SearchSpace, settings: dict[str, Any], point: dict) -> None:
+    """Check that ``point`` on ``settings`` gives a valid config (the same rules as ``fowkal eval --set``)."""
+    from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+
+    values = {**settings, **space.to_overrides({**point}, ignore_unknown=True)}
+    config_from_dict(apply_overrides(config_to_dict(TrainConfig()), values), source="first trials")
+
+
+def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn):
+    """Ray Tune over :func:`run_eval_trial`; returns per trial (name, config, metrics, run id, error) and
+    the Tune statuses."""
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.ray_utils import init_ray
+
+    resources = init_ray(address, num_cpus=num_cpus, log_to_driver=False)
+    fits = max(1, int(resources.get("CPU", 1) // TRIAL_CPUS))
+    concurrent = min(fits, max_concurrent) if max_concurrent else fits
+    print_fn(f"cluster: {resources.get('CPU', 0):g} CPU -> up to {concurrent} concurrent trial(s)")
+    searcher = OptunaSearch(
+        space=plan.space.optuna_define_by_run,
+        metric=plan.metric,
+        mode=plan.mode,
+        points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_eval_trial, plan=plan), {"cpu": TRIAL_CPUS}),
+        tune_config=tune.TuneConfig(
+            metric=plan.metric,
+            mode=plan.mode,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+            num_samples=samples,
+            max_concurrent_trials=concurrent,
+            trial_name_creator=lambda trial: trial_run_name(trial.experiment_tag),
+            trial_dirname_creator=lambda trial: f"{trial_run_name(trial.experiment_tag)}_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=plan.sweep_dir,
+            callbacks=[EvalTrialStatusCallback(plan)],
+            verbose=1 if verbose else 0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    grid = tuner.fit()
+    from orchestrator.trial_status import trial_id_from_path, trial_statuses_from_state
+
+    client = tracking.make_client(plan.tracking_uri)
+    results, statuses = [], {}
+    for result in grid:
+        trial_id = str((result.metrics or {}).get("trial_id") or trial_id_from_path(result.path))
+        statuses[trial_id] = "ERROR" if result.error is not None else "TERMINATED"
+        run_id = tracking.find_run_by_resume_key(client, plan.experiment_id, f"{plan.sweep_id}/{trial_id}")
+        results.append(
+            {
+                "name": Path(result.path).name.rsplit("_", 1)[0] if result.path else trial_id,
+                "config": {k: v for k, v in (result.config or {}).items() if k in plan.space.parameters},
+                "metrics": dict(result.metrics or {}),
+                "run_id": run_id,
+                "error": None if result.error is None else str(result.error).splitlines()[0][:500],
+            }
+        )
+    statuses.update(trial_statuses_from_state(plan.tune_dir))
+    return results, statuses
+
+
+__all__ = [
+    "BEST_EVAL_FILE",
+    "DEFAULT_EXPERIMENT",
+    "EvalSweepPlan",
+    "EvalTrialStatusCallback",
+    "TuneEvalError",
+    "TuneEvalFailed",
+    "TuneEvalOutcome",
+    "base_settings",
+    "defaults_point",
+    "evaluate_trial",
+    "load_eval_space",
+    "lowest_det_score_thr",
+    "parameter_importances",
+    "run_eval_trial",
+    "run_tune_eval",
+    "trial_settings",
+]

@@ -1,0 +1,358 @@
+"""``fowkal tune-eval``: the heatmap cache, a trial's evaluation against ``fowkal eval``, the eval settings
+(``EvalConfig``, ``fowkal eval --set``), errors before Ray, and (slow) a small sweep end to end.
+
+The model is test_eval_cli's untrained ``hrnet_w18_small`` at 32x32 (8x8 heatmaps): its AP is 0, so the
+trial path is checked against ``fowkal eval`` result by result (image, score and every keypoint), which
+fixes the metrics as well.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_eval_cli import ANN, DET, MINI, TINY_CONFIG, _save_checkpoint, _tiny_model
+
+from orchestrator.cli import main
+from orchestrator.definition_file import SearchSpaceError
+from trainer.checkpoint import CheckpointMismatchError, load_checkpoint_model
+from trainer.config import EVAL_SETTING_KEYS, ConfigError, EvalConfig, config_from_dict
+from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_SPACE = REPO / "search_spaces" / "eval_space.yaml"
+
+pytestmark = pytest.mark.skipif(
+    not (ANN.is_file() and DET.is_file()),
+    reason="the COCO-WholeBody mini data set (../shared/data/coco_wholebody_mini) is not available",
+)
+
+OTHER_SETTINGS = [
+    "eval.flip_mode=exact",
+    "eval.blur_kernel=5",
+    "eval.rescore_keypoint_thr=0.05",
+    "eval.nms_thr=0.5",
+    "data.det_score_thr=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", _tiny_model(), TINY_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def det_cache(tiny_checkpoint, tmp_path_factory):
+    from trainer.heatmap_cache import build_heatmap_cache
+
+    loaded = load_checkpoint_model(tiny_checkpoint)
+    root = tmp_path_factory.mktemp("heatmap_cache")
+    return build_heatmap_cache(loaded, ANN, MINI, root, det_file=DET, workers=0, progress=False)
+
+
+def _eval_cli(checkpoint, tmp_path, extra) -> tuple[list[dict], str]:
+    out = tmp_path / "results.json"
+    args = ["eval", "--checkpoint", str(checkpoint), "--ann", str(ANN), "--images", str(MINI)]
+    args += ["--det-file", str(DET), "--out", str(out), "--workers", "0", "--no-progress", *extra]
+    assert main(args) == 0
+    return json.loads(out.read_text()), str(out)
+
+
+def _assert_identical(actual: list[dict], expected: list[dict]) -> None:
+    assert len(actual) == len(expected) > 0
+    for a, e in zip(actual, expected, strict=True):
+        assert a["image_id"] == e["image_id"]
+        assert a["score"] == e["score"]
+        for name, _ in ANNOTATION_KEYPOINT_FIELDS:
+            assert a[name] == e[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the evaluation settings
+
+
+def test_eval_settings_have_one_default_each_and_are_checked():
+    assert EVAL_SETTING_KEYS == (
+        "eval.flip_mode",
+        "eval.blur_kernel",
+        "eval.rescore_keypoint_thr",
+        "eval.nms_thr",
+        "data.det_score_thr",
+    )
+    # Today's behaviour: MMPose's shift, DARK's 11 kernel, rescoring above 0.2, OKS-NMS at 0.9.
+    assert (EvalConfig.flip_mode, EvalConfig.blur_kernel) == ("shift", 11)
+    assert (EvalConfig.rescore_keypoint_thr, EvalConfig.nms_thr) == (0.2, 0.9)
+    for key, value, words in (
+        ("blur_kernel", 4, "odd"),
+        ("blur_kernel", -1, "odd"),
+        ("nms_thr", 1.5, "[0, 1]"),
+        ("rescore_keypoint_thr", -0.1, "[0, 1]"),
+    ):
+        with pytest.raises(ConfigError, match=rf"eval\.{key}.*{re.escape(words)}"):
+            config_from_dict({"eval": {key: value}})
+    with pytest.raises(ConfigError, match="data.det_score_thr"):
+        config_from_dict({"data": {"det_score_thr": -0.5}})
+
+
+def test_eval_set_applies_settings_and_names_a_bad_key(tiny_checkpoint, tmp_path, capsys):
+    defaults, _ = _eval_cli(tiny_checkpoint, tmp_path, [])
+    changed, _ = _eval_cli(tiny_checkpoint, tmp_path, [f"--set={s}" for s in OTHER_SETTINGS])
+    # data.det_score_thr=0.5 keeps fewer boxes and NMS at 0.5 drops more: fewer results.
+    assert len(changed) < len(defaults)
+    capsys.readouterr()
+    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--ann", str(ANN), "--images", str(MINI)]
+    assert main(args + ["--set", "loss.tau=0.1", "--no-progress"]) == 2
+    assert "loss.tau" in capsys.readouterr().err
+    assert main(args + ["--set", "eval.blur_kernel=4", "--no-progress"]) == 2
+    assert "eval.blur_kernel" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the cache and a trial's evaluation
+
+
+@pytest.mark.parametrize("settings", [[], OTHER_SETTINGS], ids=["defaults", "other"])
+def test_trial_evaluation_equals_fowkal_eval(tiny_checkpoint, det_cache, tmp_path, settings):
+    from trainer.evaluate import WholeBodyEvaluator, evaluate_wholebody
+    from trainer.inference import apply_eval_settings, results_from_predictions
+
+    expected, results_file = _eval_cli(tiny_checkpoint, tmp_path, [f"--set={s}" for s in settings])
+    config = apply_eval_settings(load_checkpoint_model(tiny_checkpoint).config, settings)
+    batch = config.data.val_batch_size
+    predictions = det_cache.predictions(config.eval, config.data.det_score_thr, True, batch)
+    _assert_identical(results_from_predictions(predictions, config.eval), expected)
+    metrics, boxes = det_cache.evaluate(
+        config.eval, config.data.det_score_thr, WholeBodyEvaluator.for_file(ANN), True, batch
+    )
+    assert boxes == (118 if not settings else len(predictions["image_ids"]))
+    assert metrics == evaluate_wholebody(ANN, results_file)
+
+
+def test_cache_is_reused_selects_boxes_and_refuses_thresholds_it_cannot_answer(
+    tiny_checkpoint, det_cache, tmp_path
+):
+    from trainer.heatmap_cache import CACHE_DTYPE, HeatmapCache, build_heatmap_cache
+
+    assert det_cache.plain.shape == det_cache.mirrored.shape == (118, 133, 8, 8)
+    assert det_cache.plain.dtype == CACHE_DTYPE and det_cache.stride == 4.0
+    # Mirrored heatmaps are the model's on the mirrored crop, not a copy of the plain ones.
+    assert not np.array_equal(np.asarray(det_cache.plain), np.asarray(det_cache.mirrored))
+    loaded = load_checkpoint_model(tiny_checkpoint)
+    stamp = (det_cache.path / "plain.npy").stat().st_mtime_ns
+    again = build_heatmap_cache(loaded, ANN, MINI, det_cache.path.parent, det_file=DET, progress=False)
+    assert again.path == det_cache.path and (again.path / "plain.npy").stat().st_mtime_ns == stamp
+    scores = det_cache.box_scores
+    assert len(det_cache.select(0.5)) == int((scores >= np.float32(0.5)).sum()) < len(scores)
+    # Built from 0.3 up, the cache cannot answer 0.2 (those boxes never ran through the model).
+    high = build_heatmap_cache(
+        loaded, ANN, MINI, tmp_path, det_file=DET, det_score_thr=0.3, workers=0, progress=False
+    )
+    assert high.path != det_cache.path and len(high.image_ids) < 118
+    with pytest.raises(ValueError, match="below the 0.3"):
+        high.select(0.2)
+    # A damaged cache directory reads as an error naming it.
+    (high.path / "boxes.npz").unlink()
+    with pytest.raises(ValueError, match=str(high.path)):
+        HeatmapCache.open(high.path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the space and the settings of a trial
+
+
+def _space(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_eval_space_loads_and_rejects_keys_that_are_not_evaluation_settings(tmp_path):
+    from orchestrator.tune_eval import base_settings, defaults_point, load_eval_space, trial_settings
+
+    space = load_eval_space(EVAL_SPACE)
+    assert set(space.parameters) == set(EVAL_SETTING_KEYS) and space.metric == "eval/wholebody_AP"
+    settings = base_settings(config_from_dict({}))
+    point = defaults_point(space, settings, EVAL_SPACE)
+    assert point == {
+        "eval.flip_mode": "shift",
+        "eval.blur_kernel": 11,
+        "eval.rescore_keypoint_thr": 0.2,
+        "eval.nms_thr": 0.9,
+        "data.det_score_thr": 0.0,
+    }
+    for text, words in (
+        ("parameters:\n  loss.tau: {distribution: uniform, low: 0.1, high: 0.2}\n", "loss.tau"),
+        ("parameters:\n  eval.nms_tr: {distribution: uniform, low: 0.1, high: 0.2}\n", "eval.nms_tr"),
+        (
+            "metric: val/loss\nparameters:\n  eval.nms_thr: {distribution: uniform, low: 0.1, high: 1.0}\n",
+            "metric",
+        ),
+        ("parameters:\n  eval.blur_kernel: {distribution: categorical, choices: [3, 4]}\n", "blur_kernel"),
+    ):
+        with pytest.raises(SearchSpaceError, match=re.escape(words)):
+            load_eval_space(_space(tmp_path, text))
+    # The defaults are the first trial: a space that excludes them is an error naming the key and value.
+    narrow = load_eval_space(
+        _space(tmp_path, "parameters:\n  eval.nms_thr: {distribution: uniform, low: 0.3, high: 0.8}\n")
+    )
+    with pytest.raises(SearchSpaceError, match=r"eval\.nms_thr.*0\.9"):
+        defaults_point(narrow, settings, "narrow.yaml")
+
+    from orchestrator.tune_eval import EvalSweepPlan
+
+    plan = EvalSweepPlan("s", str(tmp_path), str(tmp_path), str(ANN), settings, True, 8, "", "", "", space)
+    chosen, det = trial_settings(plan, {**point, "eval.nms_thr": 0.5, "data.det_score_thr": 0.25})
+    assert chosen == EvalConfig(nms_thr=0.5) and det == 0.25
+
+
+def test_parameter_importances_rank_the_parameter_that_decides():
+    from orchestrator.tune_eval import load_eval_space, parameter_importances
+
+    space = load_eval_space(EVAL_SPACE)
+    rng = np.random.default_rng(0)
+    trials = []
+    for _ in range(24):
+        point = {
+            "eval.flip_mode": str(rng.choice(["shift", "none", "exact"])),
+            "eval.blur_kernel": int(rng.choice([3, 5, 7, 9, 11, 13, 15])),
+            "eval.rescore_keypoint_thr": float(rng.uniform(0, 0.6)),
+            "eval.nms_thr": float(rng.uniform(0.3, 1.0)),
+            "data.det_score_thr": float(rng.uniform(0, 0.7)),
+        }
+        trials.append((point, 0.5 - (point["eval.nms_thr"] - 0.7) ** 2))
+    importances = parameter_importances(space, trials, "max")
+    assert set(importances) == set(space.sampled_names)
+    assert max(importances, key=importances.get) == "eval.nms_thr"
+    assert parameter_importances(space, trials[:1], "max") == {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors, before Ray
+
+
+def test_bad_inputs_fail_before_ray_starts(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import ray
+
+    import orchestrator.ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started although the inputs are invalid")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(orchestrator.ray_utils, "init_ray", no_ray)
+    base = ["tune-eval", "--ann", str(ANN), "--images", str(MINI), "--samples", "2"]
+    base += ["--storage-path", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+
+    bad_space = _space(tmp_path, "parameters:\n  optim.lr: {distribution: uniform, low: 0.1, high: 0.2}\n")
+    assert main(base + ckpt + ["--space", str(bad_space)]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+    broken = tmp_path / "dets.json"
+    broken.write_text('[{"image_id": 1, "bbox": [0, 0, 10], "score": 0.9}]')
+    assert main(base + ckpt + ["--space", str(EVAL_SPACE), "--det-file", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "bbox" in err
+    broken.write_text("[{")
+    assert main(base + ckpt + ["--space", str(EVAL_SPACE), "--det-file", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err
+
+    # 17 keypoints saved under a 133-keypoint config: the model does not fit the checkpoint.
+    mismatched = _save_checkpoint(tmp_path / "k17.pt", _tiny_model(num_keypoints=17), TINY_CONFIG)
+    args = base + ["--checkpoint", str(mismatched), "--space", str(EVAL_SPACE)]
+    assert main(args) == 2
+    assert "k17.pt" in capsys.readouterr().err
+    with pytest.raises(CheckpointMismatchError):
+        load_checkpoint_model(mismatched)
+
+    # Both or neither model source: argparse says so (exit 2).
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--space", str(EVAL_SPACE)])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert main(base + ckpt + ["--space", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not list((tmp_path / "store").glob("*/tune"))  # no sweep was started
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    from orchestrator import tracking
+    from orchestrator.eval_command import run_eval
+    from orchestrator.ray_utils import shutdown_ray
+    from orchestrator.report_records import child_runs
+    from orchestrator.tune_eval import run_tune_eval
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        outcome = run_tune_eval(
+            checkpoint=str(tiny_checkpoint),
+            ann_file=str(ANN),
+            image_dir=str(MINI),
+            det_file=str(DET),
+            space_path=str(EVAL_SPACE),
+            samples=4,
+            seed=1,
+            tracking_uri=uri,
+            storage_path=str(tmp_path / "store"),
+            max_concurrent=2,
+            verbose=0,
+            print_fn=lambda _: None,
+        )
+    finally:
+        shutdown_ray()
+    client = tracking.make_client(uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = child_runs(client, parent.info.experiment_id, outcome.parent_run_id)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert set(outcome.trial_statuses.values()) == {"TERMINATED"}
+    # The first trial is the checkpoint's own settings, scored like fowkal eval scores them.
+    first = min(children, key=lambda c: c.info.start_time)
+    assert first.data.params["eval.nms_thr"] == "0.9" and first.data.params["eval.flip_mode"] == "shift"
+    defaults = run_eval(
+        ann_file=str(ANN),
+        image_dir=str(MINI),
+        checkpoint=str(tiny_checkpoint),
+        det_file=str(DET),
+        workers=0,
+        progress=False,
+        out=str(tmp_path / "d.json"),
+        print_fn=lambda _: None,
+    )
+    assert outcome.default_score == defaults["wholebody/AP"]
+    assert first.data.metrics["eval/wholebody_AP"] == defaults["wholebody/AP"]
+    # best_eval.yaml holds every evaluation setting; applied with fowkal eval --set it gives the best score.
+    best = yaml.safe_load(Path(outcome.best_eval_path).read_text())
+    assert set(best) == {"eval", "data"} and set(best["eval"]) == {
+        "flip_mode",
+        "blur_kernel",
+        "rescore_keypoint_thr",
+        "nms_thr",
+    }
+    sets = [f"eval.{k}={v}" for k, v in best["eval"].items()] + [
+        f"data.det_score_thr={best['data']['det_score_thr']}"
+    ]
+    applied = run_eval(
+        ann_file=str(ANN),
+        image_dir=str(MINI),
+        checkpoint=str(tiny_checkpoint),
+        det_file=str(DET),
+        workers=0,
+        progress=False,
+        out=str(tmp_path / "b.json"),
+        overrides=sets,
+        print_fn=lambda _: None,
+    )
+    assert applied["wholebody/AP"] == outcome.best_score
+    names = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"best_eval.yaml", "summary.md"} <= names
+    assert "gain/eval/wholebody_AP" in parent.data.metrics
