@@ -219,7 +219,10 @@ def test_ray_job_submit_runs_fowkal_train(tmp_path):
         assert len(runs) == 1
         run = runs[0]
         assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, tracking.EPOCH_METRIC)) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, tracking.EPOCH_METRIC)) == [
+            1,
+            2,
+        ]
         assert run.data.params["model.backbone"] == "hrnet_w18_small"
     finally:
         _stop_process_session(cluster, temp_dir)
