@@ -715,6 +715,7 @@ def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
             num_samples=samples,
             max_concurrent_trials=concurrent,
+            reuse_actors=True,  # a trial process keeps the opened cache and the parsed annotation file
             trial_name_creator=lambda trial: trial_run_name(trial.experiment_tag),
             trial_dirname_creator=lambda trial: f"{trial_run_name(trial.experiment_tag)}_{trial.trial_id}",
         ),
