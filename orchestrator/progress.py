@@ -34,6 +34,10 @@ def format_duration(seconds: float | None) -> str:
 class SweepProgress(ProgressReporter):
     """Tune reporter printing the sweep's table and a line per finished trial (see the module docstring)."""
 
+    # Tune pickles the reporter into its experiment state and a resumed sweep unpickles that one: attributes
+    # added later need a class-level default.
+    total_trials: int | None = None
+
     def __init__(
         self,
         plan: SweepPlan,
