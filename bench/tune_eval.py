@@ -53,6 +53,23 @@ def train_smoke(directory: Path, epochs: int | None) -> Path:
     return Path(cfg.output_dir) / "checkpoints" / "latest.pt"
 
 
+def untrained_smoke(directory: Path) -> Path:
+    """The smoke config's model with its initial weights (timing only: the trial cost does not depend on
+    what the weights learned, the boxes are the same ground-truth boxes)."""
+    from trainer.checkpoint import save_atomic
+    from trainer.config import config_to_dict
+    from trainer.loop import resolve_datasets
+    from trainer.model import build_pose_model
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.synthetic_dir={directory / 'synthetic'}"])
+    resolve_datasets(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_pose_model(cfg.model.backbone, 133, with_kaf=True)
+    path = directory / "untrained.pt"
+    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 0}, path)
+    return path
+
+
 def float16_error(cache) -> list[tuple[str, int, float, float]]:
     """(mode, kernel, max |float16 - float32| keypoint shift in image px, same in heatmap px)."""
     rows = []
@@ -168,6 +185,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--keep", type=Path, help="train the smoke checkpoint into this directory and keep it"
     )
+    parser.add_argument("--untrained", action="store_true", help="time it on the untrained smoke model")
     args = parser.parse_args(argv)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -175,7 +193,10 @@ def main(argv=None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench_tune_eval_") as tmp:
         work = Path(tmp)
-        checkpoint = args.checkpoint or train_smoke(args.keep or work, args.epochs)
+        if args.untrained:
+            checkpoint = untrained_smoke(args.keep or work)
+        else:
+            checkpoint = args.checkpoint or train_smoke(args.keep or work, args.epochs)
         result = run_cli(checkpoint, args.samples, work)
         m = result["metrics"]
         print(f"## `fowkal tune-eval --samples {args.samples}` on {checkpoint.name} (smoke, 32 val images)\n")
