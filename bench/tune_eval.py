@@ -73,8 +73,8 @@ def untrained_smoke(directory: Path) -> Path:
 def float16_error(cache) -> list[tuple[str, int, float, float]]:
     """(mode, kernel, max |float16 - float32| keypoint shift in image px, same in heatmap px)."""
     rows = []
-    plain32 = torch.from_numpy(np.asarray(cache.plain, dtype=np.float32))
-    mirrored32 = torch.from_numpy(np.asarray(cache.mirrored, dtype=np.float32))
+    plain32 = torch.from_numpy(np.array(cache.plain, dtype=np.float32))
+    mirrored32 = torch.from_numpy(np.array(cache.mirrored, dtype=np.float32))
     plain16 = plain32.half().float()
     mirrored16 = mirrored32.half().float()
     per_px = cache.scale[:, 0] / cache.plain.shape[-1]  # image px per heatmap px, per box
@@ -206,7 +206,6 @@ def main(argv=None) -> None:
             ("time/checks_s", "checks (space, checkpoint, files)"),
             ("time/heatmaps_s", "the one forward pass (plain + mirrored, every box)"),
             ("time/tune_s", "Ray start + Tune (all trials)"),
-            ("time/total_s", "run_tune_eval in total"),
         ):
             print(f"| {label} | {m.get(key, float('nan')):.1f} s |")
         print(
