@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
 # A Train V2 run needs one CPU per worker (the controller takes none), and a sweep also runs one
 # driver-side trial function per trial. On a 2-core laptop that would not fit two workers plus a trial, so the
@@ -66,6 +69,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
             log_to_driver=log_to_driver,
         )
     return ray.cluster_resources()
+
+
+@contextlib.contextmanager
+def tune_signal_handlers():
+    """Run a ``Tuner.fit()`` and give SIGINT/SIGTERM back their handlers afterwards: Tune installs its own
+    (a Ctrl-C stops the experiment) and leaves them behind, so a later ``fowkal train`` in the same process
+    would have its interrupt swallowed."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def shutdown_ray() -> None:

@@ -424,7 +424,7 @@ def _fit(
     from ray import tune
     from ray.tune import Tuner
 
-    from orchestrator.ray_utils import init_ray
+    from orchestrator.ray_utils import init_ray, tune_signal_handlers
 
     # The workers' output stays in each trial's train.log: the console shows the sweep's table.
     resources = init_ray(settings.address, num_cpus=settings.num_cpus, log_to_driver=False)
@@ -482,7 +482,8 @@ def _fit(
             param_space=_param_space(plan, seed_values),
             run_config=run_config,
         )
-    grid = tuner.fit()
+    with tune_signal_handlers():
+        grid = tuner.fit()
     ray.kill(ledger)
     statuses = {}
     for result in grid:

@@ -694,7 +694,7 @@ def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.ray_utils import init_ray
+    from orchestrator.ray_utils import init_ray, tune_signal_handlers
 
     resources = init_ray(address, num_cpus=num_cpus, log_to_driver=False)
     fits = max(1, int(resources.get("CPU", 1) // TRIAL_CPUS))
@@ -727,7 +727,8 @@ def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    grid = tuner.fit()
+    with tune_signal_handlers():
+        grid = tuner.fit()
     from orchestrator.trial_status import trial_id_from_path, trial_statuses_from_state
 
     client = tracking.make_client(plan.tracking_uri)

@@ -471,9 +471,8 @@ def test_forward_errors_name_the_argument_and_value():
     bad[1, 3] = 1.25
     with pytest.raises(ValueError, match=r"kaf must lie in \[0, 1\].*1.25"):
         kal(pred, target, tw, bad)
-    bad[1, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"kaf must lie in \[0, 1\].*nan"):
-        kal(pred, target, tw, bad)
+    bad[1, 3] = float("nan")  # a diverging model: no input error, a non-finite total for the guard
+    assert not torch.isfinite(kal(pred, target, tw, bad))
     with pytest.raises(ValueError, match=r"variant='mse' takes no kaf"):
         mse(pred, target, tw, kaf)
 

@@ -59,3 +59,15 @@ def test_local_ray_servers_listen_on_loopback_only():
     assert {"gcs_server", "raylet"} <= names, listening  # the check saw Ray's own servers
     exposed = [entry for entry in listening if entry[1] not in LOOPBACK]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_tune_signal_handlers_gives_the_handlers_back():
+    import signal
+
+    from orchestrator.ray_utils import tune_signal_handlers
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with tune_signal_handlers():
+        signal.signal(signal.SIGINT, lambda *_: None)  # what Tune's fit() leaves behind
+        signal.signal(signal.SIGTERM, lambda *_: None)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -155,12 +155,16 @@ def say(line: str, log_file: Path | None = None) -> None:
 
 
 def _ray_train_context() -> Any | None:
-    """The Ray Train context inside a Ray Train worker, else None (plain run)."""
-    try:
-        import ray.train
+    """The Ray Train context inside a Ray Train worker, else None (plain run).
 
-        return ray.train.get_context()
-    except Exception:  # not installed, not in a Ray Train worker, or in a bare Tune session
+    A Ray Train worker has imported ``ray.train`` before it calls the loop; a plain run never imports it.
+    """
+    train = sys.modules.get("ray.train")
+    if train is None:
+        return None
+    try:
+        return train.get_context()
+    except Exception:  # not in a Ray Train worker, or in a bare Tune session
         return None
 
 
