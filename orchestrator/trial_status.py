@@ -15,7 +15,13 @@ from pathlib import Path
 from ray.tune import Callback as TuneCallback
 
 from orchestrator import report, tracking
-from orchestrator.trial import SweepPlan, abort_trial_controller, trial_overrides, trial_resume_key
+from orchestrator.trial import (
+    SweepPlan,
+    abort_trial_controller,
+    trial_overrides,
+    trial_resume_key,
+    tune_trial_name,
+)
 from trainer.config import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,7 @@ class MlflowTrialStatusCallback(TuneCallback):
             run_id = tracking.find_run_by_resume_key(client, self.plan.experiment_id, key)
             if run_id is None:
                 return  # the trial never started: no run to end
+            self._deliver_spool(trial, run_id, client)
             current = client.get_run(run_id).info.status
             if current == "FAILED" and status != "FAILED":
                 return  # the trial function recorded a failure; keep it
@@ -76,6 +83,16 @@ class MlflowTrialStatusCallback(TuneCallback):
             tracking.end_run(run_id, status, client=client, error=error)
         except Exception as err:  # never let MLflow trouble stop the sweep
             logger.warning("could not end the MLflow run of trial %s: %s", trial, err)
+
+    def _deliver_spool(self, trial, run_id: str, client) -> None:
+        """Send what the trial's Train controller spooled but could not deliver before it ended (a trial the
+        scheduler stopped is aborted mid-epoch, with its sender thread): no epoch is lost from MLflow."""
+        from orchestrator.metric_spool import MetricSpool, deliver_pending, spool_path
+
+        output_dir = Path(self.plan.sweep_dir) / "trials" / tune_trial_name(self.plan, trial)
+        path = spool_path(output_dir, run_id)
+        if path.is_file():
+            deliver_pending(MetricSpool(path), run_id, client)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Called before Tune terminates the trial's actor: abort its Train run first, so the workers and
