@@ -168,8 +168,12 @@ class Scenario:
             import psutil
 
             if self.wait_for_epoch(process, 2):
-                for proc in psutil.process_iter(["cmdline", "name"]):
-                    title = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
+                # Only this run's worker: a descendant of its `fowkal train` (the local Ray it started).
+                for proc in psutil.Process(process.pid).children(recursive=True):
+                    try:
+                        title = " ".join(proc.cmdline()) + proc.name()
+                    except psutil.Error:
+                        continue
                     if "RayTrainWorker" in title:
                         proc.kill()
                         break
