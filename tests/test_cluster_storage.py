@@ -105,7 +105,7 @@ def test_ablation_against_a_postgresql_mlflow_server_with_artifacts_in_s3(s3, tm
         for child in children:
             run_id = child.info.run_id
             assert child.info.status == "FINISHED"
-            for metric in ("train/loss", "epoch"):
+            for metric in ("train/loss", "time/epoch_s"):
                 assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [1, 2]
             assert [m.step for m in client.get_metric_history(run_id, "val/wholebody_AP")] == [2]
             names = {a.path for a in client.list_artifacts(run_id)}
