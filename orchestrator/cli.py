@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fowkal train: {err}", file=sys.stderr)
         return 2
-    from orchestrator.train import TrainingInterrupted, run_training
+    from orchestrator.train import TrackingIncomplete, TrainingInterrupted, run_training
     from trainer.preflight import InputFileError
 
     try:
@@ -61,6 +61,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"fowkal train: {err}", file=sys.stderr)
         return 130
+    except TrackingIncomplete as err:  # trained; the MLflow record is completed by running the command again
+        print(f"fowkal train: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ import numbers
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -495,10 +496,21 @@ def system_metrics(run_id: str, tracking_uri: str, sampling_interval: float = 10
         yield monitor
     finally:
         if monitor is not None:
-            try:
-                monitor.finish()
-            except Exception:
-                pass
+            # finish() joins the monitor's thread, which may sit in MLflow's retry backoff during a tracking
+            # outage: stop it in the background and wait a few seconds at most.
+            stopper = threading.Thread(target=_finish_quietly, args=(monitor,), daemon=True)
+            stopper.start()
+            stopper.join(timeout=SYSTEM_METRICS_STOP_S)
+
+
+SYSTEM_METRICS_STOP_S = 5.0
+
+
+def _finish_quietly(monitor) -> None:
+    try:
+        monitor.finish()
+    except Exception:
+        pass
 
 
 def _truncate(text: str, limit: int) -> str:
