@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -359,6 +360,9 @@ def end_run(run_id: str, status: str, *, client, error: BaseException | str | No
     client.set_terminated(run_id, status=status)
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): \S")
+
+
 def error_summary(error: BaseException | str) -> str:
     """One line saying what went wrong: ``Type: message`` of an exception (of its root cause when Ray
     wrapped it), or for a traceback text its last line, which holds the exception (not "Traceback ...")."""
@@ -366,10 +370,17 @@ def error_summary(error: BaseException | str) -> str:
         root = error
         while root.__cause__ is not None and root.__cause__ is not root:
             root = root.__cause__
+        failures = getattr(root, "worker_failures", None)  # Ray Train's WorkerGroupError: the workers' own
+        if isinstance(failures, dict) and failures:
+            return error_summary(next(iter(failures.values())))
         message = str(root).strip()
         lines = [line for line in message.splitlines() if line.strip()]
         if lines and lines[0].startswith("Traceback"):  # Ray re-raises with the worker's traceback as text
             return error_summary(message)
+        if len(lines) > 1:  # a wrapper whose text quotes the worker's exception line
+            quoted = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+            if quoted:
+                return quoted[-1]
         return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:

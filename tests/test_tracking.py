@@ -82,6 +82,17 @@ def test_error_tag_carries_the_exception_type_and_message(store):
     assert tracking.error_summary(text) == "ValueError: bad box"
     assert tracking.error_summary("trial failed (reconciled)") == "trial failed (reconciled)"
 
+    class WorkerGroupError(RuntimeError):  # Ray Train's: a generic first line, the workers' errors inside
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:\n[Rank 0 Error Snippet]: ...")
+            self.worker_failures = failures
+
+    failures = {0: ValueError("the training set has 481 samples, fewer than batch_size (1000)")}
+    summary = tracking.error_summary(WorkerGroupError(failures))
+    assert summary == "ValueError: the training set has 481 samples, fewer than batch_size (1000)"
+    quoted = RuntimeError("Training failed:\n  File 'x.py'\nFloatingPointError: non-finite training loss nan")
+    assert tracking.error_summary(quoted) == "FloatingPointError: non-finite training loss nan"
+
 
 def test_end_run_rejects_unknown_status(store):
     _, client, experiment_id = store
