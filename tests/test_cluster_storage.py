@@ -128,11 +128,19 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
     from trainer.config import load_config
 
     class InterruptAfterEpoch(UserCallback):  # pickled by value into the Ray Train controller
-        def __init__(self, epoch: int, pid: int):
-            self.epoch, self.pid = epoch, pid
+        def __init__(self, epoch: int, pid: int, nodes_file: str):
+            self.epoch, self.pid, self.nodes_file = epoch, pid, nodes_file
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0].get("epoch") == self.epoch:
+                # Where the live workers run, asked from inside this cluster (the controller's own session;
+                # the test process may still hold an earlier session's state-API address).
+                from ray.util.state import list_actors
+
+                alive = list_actors(
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100
+                )
+                Path(self.nodes_file).write_text("\n".join(sorted({a.node_id for a in alive})))
                 os.kill(self.pid, signal.SIGINT)
 
     epochs = 3
@@ -160,7 +168,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
                 cfg,
                 tracking_uri=uri,
                 storage_path=storage,
-                callbacks=[InterruptAfterEpoch(1, os.getpid())],
+                callbacks=[InterruptAfterEpoch(1, os.getpid(), str(tmp_path / "worker_nodes.txt"))],
                 **quiet,
             )
         run_id = interrupted.value.run_id
@@ -169,9 +177,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
         assert 1 <= stopped_at < epochs, "nothing left to resume"
         outcome = run_training(cfg, tracking_uri=uri, storage_path=storage, **quiet)
 
-        from ray.util.state import list_actors
-
-        nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)}
+        nodes = set((tmp_path / "worker_nodes.txt").read_text().split())
         assert len(nodes) == 2, "the two workers did not run on two nodes"
     finally:
         shutdown_ray()
