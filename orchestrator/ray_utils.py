@@ -18,15 +18,40 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _single_node_mode() -> None:
-    """Put Ray in single-node (loopback-only) mode for a local instance started by this process."""
-    os.environ[_SINGLE_NODE_ENV] = "0"  # the processes Ray starts read it at their import
+# What _single_node_mode changed, for shutdown_ray to put back: a later Ray in the same process (a
+# multi-node ``ray.cluster_utils.Cluster``, a `ray start` it spawns) must not inherit loopback-only mode.
+_saved_cluster_mode: list[tuple[str | None, object]] = []
+
+
+def _set_cluster_switch(value: object) -> object:
+    """Set Ray's already-imported ENABLE_RAY_CLUSTER constant; return what it was (None without one)."""
     try:  # this process may have imported Ray already: its constant was read then
         from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        previous = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = value
+        return previous
     except (ImportError, AttributeError):  # pragma: no cover - a Ray without the switch
-        pass
+        return None
+
+
+def _single_node_mode() -> None:
+    """Put Ray in single-node (loopback-only) mode for a local instance started by this process, until
+    ``shutdown_ray``."""
+    previous_env = os.environ.get(_SINGLE_NODE_ENV)
+    os.environ[_SINGLE_NODE_ENV] = "0"  # the processes Ray starts read it at their import
+    _saved_cluster_mode.append((previous_env, _set_cluster_switch(False)))
+
+
+def _restore_cluster_mode() -> None:
+    while _saved_cluster_mode:
+        previous_env, previous_switch = _saved_cluster_mode.pop()
+        if previous_env is None:
+            os.environ.pop(_SINGLE_NODE_ENV, None)
+        else:
+            os.environ[_SINGLE_NODE_ENV] = previous_env
+        if previous_switch is not None:
+            _set_cluster_switch(previous_switch)
 
 
 def local_logical_cpus(num_cpus: int | None = None) -> int:
@@ -86,8 +111,9 @@ def tune_signal_handlers():
 
 
 def shutdown_ray() -> None:
-    """Disconnect from (and, for a local Ray started here, stop) Ray if it is up."""
+    """Disconnect from (and, for a local Ray started here, stop) Ray if it is up, and leave single-node mode."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _restore_cluster_mode()

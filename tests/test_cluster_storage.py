@@ -149,6 +149,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
     storage = f"s3://{BUCKET}/ray"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     quiet = {"print_fn": lambda *_: None}
+    shutdown_ray()  # an earlier test's local Ray (and its loopback-only mode) must not be what we join
     # One CPU per node and one per worker: the two workers cannot share a node. The dashboard serves the
     # state API that tells where they ran.
     cluster = Cluster(
@@ -181,6 +182,8 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
         # One CPU per node and per worker: two live 1-CPU nodes place the two workers on different nodes.
         alive = [n for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 2 and all(n["Resources"].get("CPU") == 1 for n in alive)
+        worker_nodes = (tmp_path / "worker_nodes.txt").read_text().split()
+        assert sorted(worker_nodes) == sorted(n["NodeID"] for n in alive), worker_nodes
     finally:
         shutdown_ray()
         cluster.shutdown()

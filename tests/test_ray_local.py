@@ -71,3 +71,19 @@ def test_tune_signal_handlers_gives_the_handlers_back():
         signal.signal(signal.SIGINT, lambda *_: None)  # what Tune's fit() leaves behind
         signal.signal(signal.SIGTERM, lambda *_: None)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_shutdown_leaves_single_node_mode(monkeypatch):
+    """A later multi-node Ray in the same process (ray.cluster_utils.Cluster) must not inherit it."""
+    from ray._private import ray_constants
+
+    from orchestrator import ray_utils
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_utils._single_node_mode()
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    ray_utils.shutdown_ray()
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
