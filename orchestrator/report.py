@@ -10,6 +10,9 @@ work is split by job: ``report_records`` reads MLflow (no Ray), ``report_tables`
   each arm's paired difference to arm (a) with a 95% interval, else a plain statement that the deltas are
   single runs; the bar chart, the learning curves per arm, the KAF figure of every KAL-family arm;
 - sweeps: the top configurations, the parameter importances and their figures, the learning curves;
+- tune-eval sweeps (``fowkal tune-eval``): the checkpoint and run evaluated, the best settings beside the
+  defaults with the ``fowkal eval --set`` line that applies them, the best trial minus the defaults' trial
+  for whole-body AP and every part, the importances the sweep computed (Optuna fANOVA), the top trials;
 - the runs: name, status, best epoch and the run id linking to its MLflow page.
 
 The report is built once as a list of blocks and written out twice: Markdown (figures as PNG files beside
@@ -37,6 +40,7 @@ from orchestrator.report_figures import (
     plot_parallel_coordinates,
 )
 from orchestrator.report_records import (
+    TUNE_EVAL_KIND,
     ChildRecord,
     KafFigure,
     ReportError,
@@ -60,6 +64,7 @@ from orchestrator.report_tables import (
     arm_curves,
     baseline_row,
     best_child,
+    defaults_child,
     has_paper,
     importances_markdown,
     importances_rows,
@@ -72,7 +77,13 @@ from orchestrator.report_tables import (
     sweep_status_line,
     sweep_table,
     trial_curves,
+    tune_eval_gain,
+    tune_eval_gain_table,
+    tune_eval_settings_table,
+    tune_eval_status_line,
+    tune_eval_trials_table,
 )
+from trainer.metric_units import is_ap_metric
 
 FIGURES_DIR = "figures"  # beside report.md: the PNGs its Markdown shows
 
@@ -304,11 +315,12 @@ def runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
                 child.status,
                 _best_epoch_text(child),
                 "—" if child.epochs is None else str(child.epochs),
-                "—" if value is None else f"{100.0 * value:.2f}",
+                "—" if value is None else f"{value:.2f}",  # AP/AR already in percent (load_sweep)
                 _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),
             ]
         )
-    header = ["Run", "Status", "Best epoch", "Epochs", f"{record.metric} at best epoch (%)", "MLflow run"]
+    unit = " (%)" if is_ap_metric(record.metric) else ""
+    header = ["Run", "Status", "Best epoch", "Epochs", f"{record.metric} at best epoch{unit}", "MLflow run"]
     return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]
 
 
@@ -424,6 +436,131 @@ def _sweep_blocks(record: SweepRecord, tmp: Path) -> list[Block]:
     return blocks
 
 
+def _run_link(store: str, experiment_id: str, child: ChildRecord | None) -> str:
+    if child is None:
+        return "not scored"
+    return _link(child.name, tracking.run_url(store, experiment_id, child.run_id))
+
+
+def tune_eval_setup_rows(record: SweepRecord, tracking_uri: str) -> list[list[str]]:
+    """Setting | value rows of a tune-eval: what was evaluated, on what, how many trials."""
+    info = record.tune_eval
+    store = tracking.absolute_tracking_uri(tracking_uri)
+    rows = [["Checkpoint", _code(info.checkpoint) if info.checkpoint else "—"]]
+    if info.evaluated_run_id:
+        name = info.evaluated_run_name or info.evaluated_run_id
+        experiment = info.evaluated_experiment_id or record.experiment_id
+        rows.append(
+            ["Evaluated run", _link(name, tracking.run_url(store, experiment, info.evaluated_run_id))]
+        )
+    else:
+        rows.append(["Evaluated run", "— (a checkpoint file, `--checkpoint`)"])
+    rows.append(["Annotations", _code(info.ann_file) if info.ann_file else "—"])
+    det = info.det_file
+    rows.append(["Boxes", "ground-truth boxes" if det in ("", "ground-truth boxes") else _code(det)])
+    rows.append(["Trials", str(record.params.get("sweep.samples", len(record.children)))])
+    if "sweep.search_seed" in record.params:
+        rows.append(
+            ["Search", f"Optuna TPE, seed {record.params['sweep.search_seed']}; first trial the defaults"]
+        )
+    if info.space_file:
+        rows.append(["Search space", _code(info.space_file)])
+    rows.append(["Metric", f"{_code(record.metric)} ({record.mode})"])
+    return rows
+
+
+def _tune_eval_blocks(record: SweepRecord, tracking_uri: str, tmp: Path) -> list[Block]:
+    store = tracking.absolute_tracking_uri(tracking_uri)
+    info = record.tune_eval
+    best, defaults = best_child(record), defaults_child(record)
+    blocks = [Block("h2", "Setup")]
+    if record.description:
+        blocks.append(Block("p", record.description))
+    blocks.append(
+        Block("table", header=["Setting", "Value"], rows=tune_eval_setup_rows(record, tracking_uri))
+    )
+
+    blocks.append(Block("h2", "Best settings and the defaults"))
+    if best is None:
+        blocks.append(Block("p", f"No trial was scored: {tune_eval_status_line(record)}"))
+    else:
+        _, _, gain = tune_eval_gain(record, best, defaults)[record.metric]
+        text = (
+            f"Best {_code(record.metric)}: **{100.0 * best.score:.2f}%** "
+            f"({_run_link(store, record.experiment_id, best)}); the defaults (the checkpoint's own settings, "
+            f"the first trial): "
+        )
+        if defaults is None or gain is None:
+            text += "not scored, so no gain over them can be stated."
+        else:
+            text += (
+                f"{100.0 * defaults.metrics[record.metric]:.2f}% "
+                f"({_run_link(store, record.experiment_id, defaults)}), gain **{100.0 * gain:+.2f}** points."
+            )
+        blocks.append(Block("p", text))
+        header, rows = tune_eval_settings_table(record, best)
+        blocks.append(Block("table", header=header, rows=rows))
+        if info.apply_command:
+            blocks.append(
+                Block(
+                    "p",
+                    f"Apply them: {_code(info.apply_command)} (also the {_code('best_eval.yaml')} artifact "
+                    "of the parent run).",
+                )
+            )
+        blocks.append(Block("h2", "Gain over the defaults"))
+        blocks.append(
+            Block(
+                "p",
+                "The best trial (by the sweep's metric) minus the defaults' trial, on the same cached "
+                "heatmaps and the same annotations, in percentage points. Each is one evaluation, so there "
+                "is no interval; the best of many trials is chosen on the set it is scored on, so the gain "
+                "is an optimistic estimate of what the settings give on other data.",
+            )
+        )
+        header, rows = tune_eval_gain_table(record, best, defaults)
+        blocks.append(Block("table", header=header, rows=rows))
+
+    blocks.append(Block("h2", "Parameter importances"))
+    importances = info.importances or param_importances(record)
+    if importances:
+        blocks.append(Block("p", IMPORTANCES_NOTE))
+        blocks.append(Block("table", header=["Parameter", "Importance"], rows=importances_rows(importances)))
+        path = plot_importances(importances, tmp / "importances.png")
+        blocks.append(Block("figure", "Evaluation-setting importances", path=path))
+    else:
+        blocks.append(Block("p", IMPORTANCES_NONE))
+
+    blocks.append(Block("h2", "Top trials"))
+    blocks.append(Block("p", tune_eval_status_line(record)))
+    header, rows = tune_eval_trials_table(record)
+    if rows:
+        blocks.append(Block("table", header=header, rows=rows))
+    return blocks
+
+
+def tune_eval_runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
+    """The trials: name, status, the metric, boxes scored, seconds, the run id as a link."""
+    store = tracking.absolute_tracking_uri(tracking_uri)
+    defaults = defaults_child(record)
+    rows = []
+    for child in record.children:
+        value, boxes = child.metrics.get(record.metric), child.metrics.get("eval/boxes")
+        seconds = child.metrics.get("time/trial_s")
+        rows.append(
+            [
+                child.name + (" (defaults)" if child is defaults else ""),
+                child.status,
+                "—" if value is None else f"{100.0 * value:.2f}",
+                "—" if boxes is None else str(int(boxes)),
+                "—" if seconds is None else f"{seconds:.2f}",
+                _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),
+            ]
+        )
+    header = ["Trial", "Status", f"{record.metric} (%)", "Boxes", "Seconds", "MLflow run"]
+    return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]
+
+
 def render_report(
     record: SweepRecord,
     tracking_uri: str,
@@ -432,22 +569,28 @@ def render_report(
     figures_dir: str | os.PathLike | None = None,
     figure_prefix: str = "",
 ) -> tuple[str, str]:
-    """(Markdown, self-contained HTML) for one sweep or ablation.
+    """(Markdown, self-contained HTML) for one sweep, ablation or tune-eval.
 
     ``client`` reads the KAF figures (default: a client of ``tracking_uri``). With ``figures_dir`` the PNGs
     are also written there (as ``<figure_prefix><name>.png``) and the Markdown shows them by a link relative
     to the directory holding ``figures_dir``; without it the Markdown names each figure.
     """
     client = client if client is not None else tracking.make_client(tracking_uri)
-    title = f"{'Ablation' if record.kind == 'ablate' else 'Sweep'} {record.name}"
+    kind = {"ablate": "Ablation", TUNE_EVAL_KIND: "Evaluation-settings sweep"}.get(record.kind, "Sweep")
+    title = f"{kind} {record.name}"
     with tempfile.TemporaryDirectory(prefix="fowkal_report_") as tmp_dir:
         tmp = Path(tmp_dir)
-        blocks = _where(record, tracking_uri) + _setup(record)
-        if record.kind == "ablate":
-            blocks += _ablation_blocks(record, client, tracking_uri, tmp)
+        blocks = _where(record, tracking_uri)
+        if record.kind == TUNE_EVAL_KIND:
+            blocks += _tune_eval_blocks(record, tracking_uri, tmp)
+            blocks += tune_eval_runs_block(record, tracking_uri)
         else:
-            blocks += _sweep_blocks(record, tmp)
-        blocks += runs_block(record, tracking_uri)
+            blocks += _setup(record)
+            if record.kind == "ablate":
+                blocks += _ablation_blocks(record, client, tracking_uri, tmp)
+            else:
+                blocks += _sweep_blocks(record, tmp)
+            blocks += runs_block(record, tracking_uri)
         links: dict[Path, str] = {}
         if figures_dir is not None:
             out = Path(figures_dir)

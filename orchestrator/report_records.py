@@ -4,7 +4,11 @@
 space), and per child run its status, its best epoch's validation metrics (``best/val/*``, else the last
 epoch's), which epoch that was, and the per-epoch history of the sweep's metric (the learning curve).
 :func:`resolve_parent_runs` turns what a user typed (an experiment, a sweep's name or a run id) into parent
-run ids; :func:`kaf_figures` downloads the KAF figure of every KAL-family arm. Reading only: no Ray, no model.
+run ids; :func:`kaf_figures` downloads the KAF figure of every KAL-family arm. A ``fowkal tune-eval`` parent
+(kind ``tune-eval``) reads the same way, its children being evaluation trials (step 0, ``eval/*`` metrics),
+plus :class:`TuneEvalInfo`: the checkpoint and run it evaluated, the defaults and which trial scored them,
+the importances the sweep computed, and ``best_eval.yaml``'s ``fowkal eval`` line. Reading only: no Ray, no
+model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,27 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
+from trainer.metric_units import in_percent, is_ap_metric, logged_in_percent
+
+# fowkal tune-eval's parent and child runs (not fowkal.sweep_kind, which marks a training sweep's parent): the
+# parent carries TAG_TUNE_EVAL = "sweep" and is nested under the evaluated run when there is one.
+TUNE_EVAL_KIND = "tune-eval"
+TAG_TUNE_EVAL = "fowkal.tune_eval"  # "sweep" on the parent, "trial" on its children
+TAG_EVALUATED_RUN = "fowkal.evaluated_run"
+TAG_CHECKPOINT = "fowkal.checkpoint"
+TAG_DEFAULTS_RUN = "fowkal.defaults_run"  # "<name> (<run id>)": the trial of the checkpoint's own settings
+BEST_EVAL_FILE = "best_eval.yaml"
+
+
+def is_tune_eval_parent(tags: dict) -> bool:
+    return tags.get(TAG_TUNE_EVAL) == "sweep"
+
+
+def is_report_parent(tags: dict) -> bool:
+    """A parent run ``fowkal report`` reads: a sweep's or ablation's (not nested), or a tune-eval's."""
+    return is_tune_eval_parent(tags) or bool(
+        tags.get(tracking.TAG_SWEEP_KIND) and tracking.TAG_PARENT_RUN_ID not in tags
+    )
 
 
 class ReportError(ValueError):
@@ -52,7 +77,7 @@ class SweepRecord:
 
     parent_run_id: str
     name: str
-    kind: str  # "tune" or "ablate"
+    kind: str  # "tune", "ablate" or "tune-eval"
     status: str
     metric: str
     mode: str
@@ -64,6 +89,38 @@ class SweepRecord:
     description: str = ""  # the parent run's description (tracking.TAG_DESCRIPTION)
     base_config: dict = field(default_factory=dict)  # the parent's base_config.yaml (nested), if stored
     params: dict[str, str] = field(default_factory=dict)  # the parent's params (base.*, sweep.*)
+    tune_eval: TuneEvalInfo | None = None  # kind "tune-eval" only
+
+
+@dataclass
+class TuneEvalInfo:
+    """What a ``fowkal tune-eval`` parent adds: what was evaluated, on what, and its results."""
+
+    checkpoint: str
+    ann_file: str
+    det_file: str
+    space_file: str = ""  # the search space file given to --space
+    evaluated_run_id: str | None = None  # --run: the training run whose checkpoint was evaluated
+    evaluated_run_name: str | None = None
+    evaluated_experiment_id: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own settings, dotted keys
+    defaults_run_id: str | None = None  # the trial that scored them (the first trial)
+    importances: dict[str, float] = field(default_factory=dict)  # as the sweep computed them (fANOVA)
+    apply_command: str | None = None  # best_eval.yaml's `fowkal eval ... --set ...` line
+    parent_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def setting_value(text: str | None) -> Any:
+    """An MLflow param string as the value it was (``"11"`` -> 11, ``"0.9"`` -> 0.9, ``"shift"``)."""
+    import yaml
+
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, str | int | float | bool) else text
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -181,16 +238,19 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
     except Exception as err:
         raise ReportError(f"no MLflow run with id {parent_run_id!r} ({err})") from err
     tags = parent.data.tags
-    kind = tags.get(tracking.TAG_SWEEP_KIND)
-    if kind not in ("tune", "ablate") or tracking.TAG_PARENT_RUN_ID in tags:
+    kind = TUNE_EVAL_KIND if is_tune_eval_parent(tags) else tags.get(tracking.TAG_SWEEP_KIND)
+    if kind != TUNE_EVAL_KIND and (kind not in ("tune", "ablate") or tracking.TAG_PARENT_RUN_ID in tags):
         raise ReportError(
-            f"MLflow run {parent_run_id!r} ({parent.info.run_name}) is not the parent run of a fowkal sweep "
-            f"or ablation (its tag {tracking.TAG_SWEEP_KIND!r} is {kind!r})"
+            f"MLflow run {parent_run_id!r} ({parent.info.run_name}) is not the parent run of a fowkal sweep, "
+            f"ablation or tune-eval (its tag {tracking.TAG_SWEEP_KIND!r} is {kind!r}, "
+            f"{TAG_TUNE_EVAL!r} is {tags.get(TAG_TUNE_EVAL)!r})"
         )
     metric = tags.get(tracking.TAG_METRIC, "val/wholebody_AP")
     mode = tags.get(tracking.TAG_MODE, "max")
     space = (
-        (_read_json_artifact(client, parent_run_id, tracking.SPACE_ARTIFACT) or {}) if kind == "tune" else {}
+        (_read_json_artifact(client, parent_run_id, tracking.SPACE_ARTIFACT) or {})
+        if kind in ("tune", TUNE_EVAL_KIND)
+        else {}
     )
     arms = (
         (_read_json_artifact(client, parent_run_id, tracking.ARMS_ARTIFACT) or []) if kind == "ablate" else []
@@ -202,11 +262,15 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
         run_tags, params = run.data.tags, run.data.params
         seed = run_tags.get(tracking.TAG_SEED)
         sampled = {name: _typed(params[name], infos.get(name)) for name in sampled_names if name in params}
-        last = dict(run.data.metrics)
+        # AP/AR in percent whatever unit the run logged them in (fractions before fowkal.metric_unit).
+        unit = run_tags.get(tracking.TAG_METRIC_UNIT)
+        last = logged_in_percent(run.data.metrics, unit)
         # Compare arms at their best epoch (what the run logged as best/<metric>), not at the last one.
         at_best = {**last, **{k[5:]: v for k, v in last.items() if k.startswith("best/val/")}}
         at_best.pop("best/epoch", None)
         curve = _curve(client.get_metric_history(run.info.run_id, metric))
+        if is_ap_metric(metric):
+            curve = {epoch: in_percent(value, unit) for epoch, value in curve.items()}
         score = _best(list(curve.values()), mode)
         if score is None:
             score = at_best.get(metric)
@@ -231,6 +295,7 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
             )
         )
     children.sort(key=lambda c: c.name)
+    tune_eval = _tune_eval_info(client, parent) if kind == TUNE_EVAL_KIND else None
     return SweepRecord(
         parent_run_id=parent_run_id,
         name=parent.info.run_name or parent_run_id,
@@ -246,7 +311,50 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
         description=tags.get(tracking.TAG_DESCRIPTION, ""),
         base_config=_read_yaml_artifact(client, parent_run_id, tracking.BASE_CONFIG_ARTIFACT),
         params=dict(parent.data.params),
+        tune_eval=tune_eval,
     )
+
+
+def _run_id_in(text: str | None) -> str | None:
+    """The run id of a ``"<name> (<run id>)"`` tag value."""
+    if not text or not text.endswith(")") or "(" not in text:
+        return None
+    return text.rsplit("(", 1)[1][:-1] or None
+
+
+def _tune_eval_info(client, parent) -> TuneEvalInfo:
+    from trainer.config import EVAL_SETTING_KEYS
+
+    tags, params, metrics = parent.data.tags, parent.data.params, dict(parent.data.metrics)
+    info = TuneEvalInfo(
+        checkpoint=tags.get(TAG_CHECKPOINT, ""),
+        ann_file=params.get("eval.ann_file", ""),
+        det_file=params.get("eval.det_file", ""),
+        space_file=tags.get(tracking.TAG_DEFINITION_FILE, ""),
+        defaults={k: setting_value(params[f"base.{k}"]) for k in EVAL_SETTING_KEYS if f"base.{k}" in params},
+        defaults_run_id=_run_id_in(tags.get(TAG_DEFAULTS_RUN)),
+        importances=dict(
+            sorted(
+                ((k[len("importance/") :], v) for k, v in metrics.items() if k.startswith("importance/")),
+                key=lambda item: -item[1],
+            )
+        ),
+        parent_metrics=metrics,
+    )
+    evaluated = tags.get(TAG_EVALUATED_RUN)
+    if evaluated:
+        info.evaluated_run_id = evaluated
+        try:
+            run = client.get_run(evaluated)
+            info.evaluated_run_name = run.info.run_name
+            info.evaluated_experiment_id = run.info.experiment_id
+        except Exception:  # deleted since: the id is still worth naming
+            pass
+    text = _read_artifact_text(client, parent.info.run_id, BEST_EVAL_FILE)
+    for line in (text or "").splitlines():
+        if line.startswith("# fowkal eval "):
+            info.apply_command = line[2:].strip()
+    return info
 
 
 def _experiment_ids(client) -> dict[str, str]:
@@ -270,8 +378,7 @@ def _sweep_parents_named(client, name: str) -> list:
     # MLflow's filter has no OR: one search per field, merged by run id.
     for condition in (f"attributes.run_name = '{quoted}'", f"tags.`{tracking.TAG_SWEEP_ID}` = '{quoted}'"):
         for run in _search_all(client, list(experiments), condition):
-            tags = run.data.tags
-            if tags.get(tracking.TAG_SWEEP_KIND) and tracking.TAG_PARENT_RUN_ID not in tags:
+            if is_report_parent(run.data.tags):
                 found[run.info.run_id] = run
     return sorted(found.values(), key=lambda r: r.info.start_time or 0, reverse=True)
 
@@ -309,15 +416,20 @@ def resolve_parent_runs(client, target: str, *, newest_only: bool = True) -> lis
                 f"{client.tracking_uri} (experiments: {names or 'none'})"
             ) from err
         return [run.info.run_id]
-    runs = client.search_runs(
-        experiment_ids=[experiment.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_SWEEP_KIND}` != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )
-    parents = [r.info.run_id for r in runs if tracking.TAG_PARENT_RUN_ID not in r.data.tags]
+    runs = []
+    for condition in (f"tags.`{tracking.TAG_SWEEP_KIND}` != ''", f"tags.`{TAG_TUNE_EVAL}` = 'sweep'"):
+        runs += client.search_runs(
+            experiment_ids=[experiment.experiment_id],
+            filter_string=condition,
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+    runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+    parents = [r.info.run_id for r in runs if is_report_parent(r.data.tags)]
     if not parents:
-        raise ReportError(f"experiment {target!r} holds no fowkal sweep or ablation (no parent run)")
+        raise ReportError(
+            f"experiment {target!r} holds no fowkal sweep, ablation or tune-eval (no parent run)"
+        )
     return parents[:1] if newest_only else parents
 
 
@@ -378,6 +490,13 @@ def kaf_figures(client, record: SweepRecord, dest_dir: str | os.PathLike) -> lis
 
 
 __all__ = [
+    "BEST_EVAL_FILE",
+    "TAG_CHECKPOINT",
+    "TAG_DEFAULTS_RUN",
+    "TAG_EVALUATED_RUN",
+    "TAG_TUNE_EVAL",
+    "TUNE_EVAL_KIND",
+    "TuneEvalInfo",
     "ChildRecord",
     "KafFigure",
     "ReportError",
@@ -385,7 +504,10 @@ __all__ = [
     "child_runs",
     "download_artifact",
     "is_kal_family",
+    "is_report_parent",
+    "is_tune_eval_parent",
     "kaf_figures",
     "load_sweep",
     "resolve_parent_runs",
+    "setting_value",
 ]

@@ -6,7 +6,11 @@
   :func:`paired_differences`, each arm minus arm (a) seed by seed, with a 95% Student t interval;
   :func:`arm_curves`, the mean learning curve of each arm;
 - sweeps: the top configurations (:func:`sweep_markdown`) and Optuna's fANOVA parameter importances
-  (:func:`param_importances`), rebuilt from the children as a fresh Optuna study.
+  (:func:`param_importances`), rebuilt from the children as a fresh Optuna study;
+- tune-eval sweeps: the trial of the checkpoint's own settings (:func:`defaults_child`), the best settings
+  beside the defaults (:func:`tune_eval_settings_table`), the best trial minus the defaults' trial for
+  whole-body and every part (:func:`tune_eval_gain_table`), the trials ranked
+  (:func:`tune_eval_trials_table`).
 
 Statuses: only FINISHED children enter the ablation means; sweeps rank FINISHED and KILLED (stopped early by
 ASHA) children by their best value of the metric, as Tune does.
@@ -19,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.report_records import ChildRecord, SweepRecord
+from orchestrator.report_records import ChildRecord, SweepRecord, setting_value
 
 # Ablation columns: (MLflow metric, header, paper key).
 ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -65,7 +69,7 @@ def ablation_rows(record: SweepRecord) -> list[AblationRow]:
         done = _finished_runs(record, arm["key"])
         mean, std = {}, {}
         for metric, _, key in ABLATION_COLUMNS:
-            values = [100.0 * c.metrics[metric] for c in done if metric in c.metrics]
+            values = [c.metrics[metric] for c in done if metric in c.metrics]
             values = [v for v in values if math.isfinite(v)]
             if values:
                 mean[key] = statistics.fmean(values)
@@ -241,7 +245,7 @@ def paired_differences(record: SweepRecord, rows: list[AblationRow] | None = Non
                 if ours is None or base is None or not (math.isfinite(ours) and math.isfinite(base)):
                     continue
                 seeds.append(seed)
-                diffs.append(100.0 * (ours - base))
+                diffs.append(ours - base)
             diff = PairedDifference(row.key, key, seeds, statistics.fmean(diffs) if diffs else None)
             if len(diffs) >= 2:
                 half = student_t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * statistics.stdev(diffs)
@@ -304,7 +308,7 @@ def arm_curves(record: SweepRecord) -> list[Curve]:
         for child in _finished_runs(record, arm["key"]):
             for epoch, value in child.curve.items():
                 if math.isfinite(value):
-                    by_epoch.setdefault(epoch, []).append(100.0 * value)
+                    by_epoch.setdefault(epoch, []).append(value)
         if by_epoch:
             epochs = sorted(by_epoch)
             curves.append(
@@ -324,7 +328,7 @@ def trial_curves(record: SweepRecord, top: int = 10) -> list[Curve]:
         Curve(
             label=c.name,
             epochs=list(c.curve),
-            values=[100.0 * v for v in c.curve.values()],
+            values=list(c.curve.values()),
             n=[1] * len(c.curve),
         )
         for c in ranked_children(record)[:top]
@@ -450,6 +454,128 @@ def importances_markdown(importances: dict[str, float]) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------------------------------
+# tune-eval sweeps
+
+# The gain table's rows: (metric a trial logs, label); the sweep's own metric comes first if not among them.
+TUNE_EVAL_GAIN_METRICS: tuple[tuple[str, str], ...] = (
+    ("eval/wholebody_AP", "Whole-body AP"),
+    ("eval/wholebody_AR", "Whole-body AR"),
+    ("eval/body_AP", "Body AP"),
+    ("eval/foot_AP", "Foot AP"),
+    ("eval/face_AP", "Face AP"),
+    ("eval/hand_AP", "Hand AP"),
+    ("eval/lefthand_AP", "Left-hand AP"),
+    ("eval/righthand_AP", "Right-hand AP"),
+)
+
+
+def defaults_child(record: SweepRecord) -> ChildRecord | None:
+    """The trial that scored the checkpoint's own settings: the one the parent names, else the first child
+    whose settings are the defaults."""
+    info = record.tune_eval
+    if info is None:
+        return None
+    for child in record.children:
+        if child.run_id == info.defaults_run_id:
+            return child
+    if not info.defaults:
+        return None
+    matching = [
+        c
+        for c in record.children
+        if all(setting_value(c.params.get(key)) == value for key, value in info.defaults.items())
+    ]
+    return min(matching, key=lambda c: c.name) if matching else None
+
+
+def _changed(default: Any, best: Any) -> bool:
+    if isinstance(default, int | float) and isinstance(best, int | float):
+        return not math.isclose(float(default), float(best), rel_tol=1e-9, abs_tol=1e-12)
+    return default != best
+
+
+def tune_eval_settings_table(
+    record: SweepRecord, best: ChildRecord | None
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): every evaluation setting, the defaults' value, the best trial's, whether it changed
+    and whether the sweep sampled it."""
+    from trainer.config import EVAL_SETTING_KEYS
+
+    defaults = record.tune_eval.defaults if record.tune_eval else {}
+    rows = []
+    for key in EVAL_SETTING_KEYS:
+        default = defaults.get(key)
+        chosen = setting_value(best.params.get(key)) if best is not None else None
+        if default is None and chosen is None:
+            continue
+        changed = default is not None and chosen is not None and _changed(default, chosen)
+        rows.append(
+            [
+                f"`{key}`",
+                "—" if default is None else format_value(default),
+                "—" if chosen is None else format_value(chosen),
+                "changed" if changed else "same",
+                "sampled" if key in record.sampled_names else "fixed",
+            ]
+        )
+    return ["Setting", "Defaults", "Best", "", "In the sweep"], rows
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100.0 * value:.2f}"
+
+
+def tune_eval_gain(record: SweepRecord, best: ChildRecord | None, defaults: ChildRecord | None) -> dict:
+    """Metric -> (defaults' value, best's value, best minus defaults), fractions; None where not logged."""
+    names = [m for m, _ in TUNE_EVAL_GAIN_METRICS]
+    if record.metric not in names:
+        names.insert(0, record.metric)
+    out = {}
+    for name in names:
+        d = defaults.metrics.get(name) if defaults is not None else None
+        b = best.metrics.get(name) if best is not None else None
+        out[name] = (d, b, None if d is None or b is None else b - d)
+    return out
+
+
+def tune_eval_gain_table(
+    record: SweepRecord, best: ChildRecord | None, defaults: ChildRecord | None
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per metric the defaults' trial, the best trial and the gain, in percent / points."""
+    labels = dict(TUNE_EVAL_GAIN_METRICS)
+    rows = []
+    for name, (d, b, gain) in tune_eval_gain(record, best, defaults).items():
+        label = labels.get(name, f"`{name}`") + (" (the sweep's metric)" if name == record.metric else "")
+        rows.append([label, _percent(d), _percent(b), "—" if gain is None else f"{100.0 * gain:+.2f}"])
+    return ["Metric", "Defaults (%)", "Best (%)", "Gain (points)"], rows
+
+
+def tune_eval_trials_table(record: SweepRecord, top: int = 10) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the top ``top`` scored trials and the defaults' trial: score and sampled values."""
+    defaults = defaults_child(record)
+    ranked = ranked_children(record)
+    shown = ranked[:top] + ([defaults] if defaults in ranked[top:] else [])
+    rows = []
+    for child in shown:
+        rank = ranked.index(child) + 1
+        mark = " (defaults)" if child is defaults else ""
+        values = [format_value(setting_value(child.params.get(name))) for name in record.sampled_names]
+        rows.append([str(rank), child.name + mark, f"{100.0 * child.score:.2f}", *values])
+    return ["Rank", "Trial", f"{record.metric} (%)", *[f"`{n}`" for n in record.sampled_names]], rows
+
+
+def tune_eval_status_line(record: SweepRecord) -> str:
+    counts: dict[str, int] = {}
+    for child in record.children:
+        counts[child.status] = counts.get(child.status, 0) + 1
+    status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    return (
+        f"{len(record.children)} trials ({status_line}), each one evaluation of the cached heatmaps; ranked "
+        f"by {record.metric} ({record.mode})."
+    )
+
+
 __all__ = [
     "ABLATION_COLUMNS",
     "BASELINE_ARM_KEY",
@@ -461,7 +587,9 @@ __all__ = [
     "ablation_rows",
     "ablation_table_cells",
     "arm_curves",
+    "TUNE_EVAL_GAIN_METRICS",
     "best_child",
+    "defaults_child",
     "has_paper",
     "importances_markdown",
     "paired_differences",
@@ -470,4 +598,9 @@ __all__ = [
     "student_t_quantile",
     "sweep_markdown",
     "trial_curves",
+    "tune_eval_gain",
+    "tune_eval_gain_table",
+    "tune_eval_settings_table",
+    "tune_eval_status_line",
+    "tune_eval_trials_table",
 ]

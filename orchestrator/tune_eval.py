@@ -34,6 +34,13 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.definition_file import SearchSpaceError
+from orchestrator.report_records import (  # the tags and file fowkal report reads a tune-eval by
+    BEST_EVAL_FILE,
+    TAG_CHECKPOINT,
+    TAG_DEFAULTS_RUN,
+    TAG_EVALUATED_RUN,
+    TAG_TUNE_EVAL,
+)
 from orchestrator.sweep_space import SearchSpace, load_search_space
 from orchestrator.trial_status import MlflowTrialStatusCallback
 from trainer.config import EVAL_SETTING_KEYS, EvalConfig
@@ -43,13 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "fowkal-tune-eval"
 DEFAULT_METRIC = "eval/wholebody_AP"
 EVAL_PREFIX = "eval/"
-BEST_EVAL_FILE = "best_eval.yaml"
 SUMMARY_FILE = "summary.md"
-# Tags of the parent run (not fowkal.sweep_kind: fowkal report reads that as a training sweep's parent).
-TAG_TUNE_EVAL = "fowkal.tune_eval"
-TAG_EVALUATED_RUN = "fowkal.evaluated_run"
-TAG_CHECKPOINT = "fowkal.checkpoint"
-TAG_DEFAULTS_RUN = "fowkal.defaults_run"
 # CPUs a trial holds: one decode + one xtcocotools evaluation at a time.
 TRIAL_CPUS = 1.0
 
@@ -243,16 +244,10 @@ def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, f
     return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
 
 
-def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
-    """One Tune trial: open the child run, score the settings on the cached heatmaps, report, end FINISHED."""
-    import ray.tune
-
-    context = ray.tune.get_context()
-    trial_id = context.get_trial_id()
-    run_name = context.get_trial_name() or "ev-000"
-    client = tracking.make_client(plan.tracking_uri)
+def open_trial_run(plan: EvalSweepPlan, client, trial_id: str, run_name: str, trial_config: dict) -> str:
+    """The trial's MLflow child run under the parent (params: every setting; reopened by trial id)."""
     overrides = plan.space.to_overrides(trial_config, ignore_unknown=True)
-    run_id = tracking.start_run(
+    return tracking.start_run(
         client,
         plan.experiment_id,
         run_name,
@@ -264,6 +259,17 @@ def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
             extra={tracking.TAG_TRIAL_ID: trial_id, TAG_TUNE_EVAL: "trial"},
         ),
         resume_key=f"{plan.sweep_id}/{trial_id}",
+    )
+
+
+def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
+    """One Tune trial: open the child run, score the settings on the cached heatmaps, report, end FINISHED."""
+    import ray.tune
+
+    context = ray.tune.get_context()
+    client = tracking.make_client(plan.tracking_uri)
+    run_id = open_trial_run(
+        plan, client, context.get_trial_id(), context.get_trial_name() or "ev-000", trial_config
     )
     try:
         start = time.perf_counter()
@@ -594,6 +600,11 @@ def run_tune_eval(
     )
     try:
         client.log_text(parent_run_id, Path(space_path).read_text(), Path(space_path).name)
+        # The sweeps' search_space.json: fowkal report reads the parameters' types from it.
+        from orchestrator.sweep import _space_summary
+
+        summary_json = json.dumps(_space_summary(space), indent=1)
+        client.log_text(parent_run_id, summary_json, tracking.SPACE_ARTIFACT)
         began = time.perf_counter()
         results, trial_statuses = _fit(
             plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn
@@ -761,6 +772,7 @@ __all__ = [
     "base_settings",
     "defaults_point",
     "evaluate_trial",
+    "open_trial_run",
     "load_eval_space",
     "lowest_det_score_thr",
     "parameter_importances",

@@ -356,3 +356,137 @@ def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     names = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"best_eval.yaml", "summary.md"} <= names
     assert "gain/eval/wholebody_AP" in parent.data.metrics
+    # fowkal report reads the real sweep: the first trial as the defaults, the gain the sweep logged.
+    from orchestrator.report import write_report
+
+    md_path, _ = write_report(
+        outcome.sweep_id, tracking_uri=uri, out_dir=tmp_path / "report", print_fn=lambda _: None
+    )
+    text = md_path.read_text()
+    assert f"| {first.info.run_name} (defaults) | FINISHED |" in text
+    gain = parent.data.metrics["gain/eval/wholebody_AP"]
+    assert f"gain **{100 * gain:+.2f}** points" in text and first.info.run_id in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fowkal report of a tune-eval (the command's own parent logging; the trials' scores made up, no Ray)
+
+# A made-up score that the OKS-NMS threshold decides (best at 0.6) and the exact flip test nudges up.
+BEST_POINT = {
+    "eval.flip_mode": "exact",
+    "eval.blur_kernel": 7,
+    "eval.rescore_keypoint_thr": 0.1,
+    "eval.nms_thr": 0.6,
+    "data.det_score_thr": 0.2,
+}
+
+
+def _made_up_metrics(values: dict) -> dict[str, float]:
+    exact = 0.01 if values["eval.flip_mode"] == "exact" else 0.0
+    ap = 0.30 - (values["eval.nms_thr"] - 0.6) ** 2 + exact
+    metrics = {f"eval/{part}_AP": ap for part in ("body", "foot", "lefthand", "righthand", "hand")}
+    metrics.update({"eval/wholebody_AP": ap, "eval/face_AP": ap + 4 * exact, "eval/wholebody_AR": ap + 0.1})
+    return {**metrics, "eval/boxes": 100.0, "time/trial_s": 0.5}
+
+
+def _fit_without_ray(plan, points, samples, seed, *args, **kwargs):
+    """Stands in for ``tune_eval._fit``: the given points, then random ones, each a child run opened as a
+    trial opens it, scored by :func:`_made_up_metrics`."""
+    from orchestrator import tracking
+    from orchestrator.tune_eval import open_trial_run
+
+    rng = np.random.default_rng(seed)
+    configs = list(points) + [BEST_POINT]
+    while len(configs) < samples:
+        configs.append(
+            {
+                "eval.flip_mode": str(rng.choice(["shift", "none", "exact"])),
+                "eval.blur_kernel": int(rng.choice([3, 5, 7, 9, 11, 13, 15])),
+                "eval.rescore_keypoint_thr": float(rng.uniform(0.0, 0.6)),
+                "eval.nms_thr": float(rng.uniform(0.75, 1.0)),
+                "data.det_score_thr": float(rng.uniform(0.0, 0.7)),
+            }
+        )
+    client = tracking.make_client(plan.tracking_uri)
+    results = []
+    for i, config in enumerate(configs[:samples]):
+        name = f"ev-{i + 1:03d}"
+        run_id = open_trial_run(plan, client, f"t{i}", name, config)
+        metrics = _made_up_metrics({**plan.base_settings, **config})
+        tracking.log_epoch_metrics(run_id, metrics, 0, client=client)
+        tracking.end_run(run_id, "FINISHED", client=client)
+        results.append({"name": name, "config": config, "metrics": metrics, "run_id": run_id, "error": None})
+    return results, {f"t{i}": "TERMINATED" for i in range(len(results))}
+
+
+def test_report_of_a_tune_eval_best_settings_gain_importances_links(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import orchestrator.tune_eval as tune_eval
+    from orchestrator import tracking
+    from orchestrator.report import write_report
+    from orchestrator.report_records import ReportError, child_runs, load_sweep
+
+    monkeypatch.setattr(tune_eval, "_fit", _fit_without_ray)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = tune_eval.run_tune_eval(
+        checkpoint=str(tiny_checkpoint),
+        ann_file=str(ANN),
+        image_dir=str(MINI),
+        space_path=str(EVAL_SPACE),
+        samples=12,
+        seed=3,
+        tracking_uri=uri,
+        storage_path=str(tmp_path / "store"),
+        verbose=0,
+        print_fn=lambda _: None,
+    )
+    # Defaults (nms 0.9, shift): 0.30 - 0.09 = 0.21; the best point: 0.30 + 0.01 = 0.31.
+    assert outcome.default_score == pytest.approx(0.21) and outcome.best_score == pytest.approx(0.31)
+    client = tracking.make_client(uri)
+    parent = client.get_run(outcome.parent_run_id)
+    importances = {k[len("importance/") :]: v for k, v in parent.data.metrics.items() if "importance/" in k}
+    assert max(importances, key=importances.get) == "eval.nms_thr"
+
+    for target in (outcome.sweep_id, outcome.parent_run_id, tune_eval.DEFAULT_EXPERIMENT):
+        md_path, html_path = write_report(
+            target, tracking_uri=uri, out_dir=tmp_path / "report", print_fn=lambda _: None
+        )
+        markdown = md_path.read_text()
+        assert markdown.startswith(f"# Evaluation-settings sweep {outcome.sweep_id}")
+    assert str(tiny_checkpoint) in markdown and str(ANN) in markdown
+    # The best settings beside the defaults, and the line that applies them.
+    assert "| `eval.nms_thr` | 0.9 | 0.6 | changed | sampled |" in markdown
+    assert "| `eval.flip_mode` | shift | exact | changed | sampled |" in markdown
+    assert "| `eval.blur_kernel` | 11 | 7 | changed | sampled |" in markdown
+    assert f"fowkal eval --checkpoint {tiny_checkpoint}" in markdown and "--set eval.nms_thr=0.6" in markdown
+    # The gain, best trial minus the defaults' trial, whole-body and per part, in points.
+    assert "| Whole-body AP (the sweep's metric) | 21.00 | 31.00 | +10.00 |" in markdown
+    assert "| Face AP | 21.00 | 35.00 | +14.00 |" in markdown
+    assert "| Whole-body AR | 31.00 | 41.00 | +10.00 |" in markdown
+    assert "gain **+10.00** points" in markdown
+    # The importances the sweep computed, most important first.
+    section = markdown.split("## Parameter importances", 1)[1].split("## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| eval.") or line.startswith("| data.")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(
+        dict(sorted(importances.items(), key=lambda i: -i[1]))
+    )
+    assert rows[0].startswith("| eval.nms_thr |")
+    # Every trial is listed with a link to its run; the first one is marked as the defaults.
+    children = child_runs(client, parent.info.experiment_id, outcome.parent_run_id)
+    assert len(children) == 12
+    for child in children:
+        assert tracking.run_url(
+            tracking.absolute_tracking_uri(uri), parent.info.experiment_id, child.info.run_id
+        ) in (markdown)
+    assert "| ev-001 (defaults) | FINISHED | 21.00 | 100 |" in markdown
+    page = html_path.read_text()
+    assert "<h2>Gain over the defaults</h2>" in page and "data:image/png;base64," in page
+    # The CLI takes the sweep's name; a trial is not a parent.
+    from orchestrator.cli import main
+
+    capsys.readouterr()
+    assert main(["report", outcome.sweep_id, "--tracking-uri", uri, "--out", str(tmp_path / "cli")]) == 0
+    assert "Gain over the defaults" in capsys.readouterr().out
+    with pytest.raises(ReportError, match="tune-eval"):
+        load_sweep(client, children[0].info.run_id)
