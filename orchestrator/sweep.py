@@ -16,7 +16,11 @@ Sweeps (Optuna TPE + ASHA over a search space) and ablations (every arm x seed, 
 Directory layout of a sweep, ``<storage path>/<sweep name>/``: ``tune/`` (the Tune experiment), ``train/``
 (Ray Train storage of the trials), ``trials/<run name>/`` (each trial's ``output_dir``), and the results:
 ``best_config.yaml``, ``summary.md``, ``importances.png``, ``parallel_coordinates.png`` (sweeps),
-``ablation.md``, ``ablation.png`` (ablations).
+``ablation.md``, ``ablation.png`` (ablations). With a filesystem URI (``--storage-path s3://bucket/prefix``,
+what a multi-node cluster needs) only ``tune/`` and ``train/`` go there, to ``<URI>/<sweep name>/``: all that
+must outlive a node, what ``--resume`` and re-running the command restore from; the trials' output
+directories and the results stay local, in ``<output_dir>/sweeps/<sweep name>/``. The URI is checked
+(scheme, bucket) before anything starts.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from orchestrator.progress import SweepProgress
 from orchestrator.resources import TRIAL_CPUS, derive_max_concurrent
 from orchestrator.sweep_settings import SweepError, SweepSettings
 from orchestrator.sweep_space import SearchSpace, load_search_space
+from orchestrator.train import StorageError, check_storage_path, is_storage_uri, storage_join
 from orchestrator.trial import (
     ControllerLedger,
     SweepPlan,
@@ -60,6 +65,7 @@ from trainer.config import (
     config_to_dict,
     flatten_config,
 )
+from trainer.metric_units import UNIT_LABEL
 from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
@@ -185,27 +191,38 @@ def run_sweep(
     check_input_files(config)  # the data and weights files, before Ray and MLflow
     sweep_name = _check_name(settings.name) if settings.name else None
     sweep_name = sweep_name or sweep_name_for(kind, config, definition_text, settings.identity())
-    storage_path = settings.storage_path
-    base_storage = Path(storage_path).expanduser() if storage_path else Path(config.output_dir) / "sweeps"
+    storage_path = str(settings.storage_path).strip() if settings.storage_path else None
+    remote = is_storage_uri(storage_path)
+    if remote:
+        # What must outlive a node (the Tune experiment, the trials' Ray Train runs) goes to the URI; the
+        # trials' logs and the report files stay on this machine, under output_dir/sweeps.
+        try:
+            check_storage_path(storage_path)
+        except StorageError as err:
+            raise SweepError(str(err)) from err
+        base_storage = Path(config.output_dir) / "sweeps"
+    else:
+        base_storage = Path(storage_path).expanduser() if storage_path else Path(config.output_dir) / "sweeps"
     if settings.fresh and not settings.name:  # a new sweep beside the old one: nothing is overwritten
         sweep_name = f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (base_storage / sweep_name).resolve()
-    tune_dir = sweep_dir / "tune"
+    storage_dir = storage_join(storage_path.rstrip("/"), sweep_name) if remote else str(sweep_dir)
+    tune_dir = storage_join(storage_dir, "tune")
     # One rule for train, tune and ablate: re-running the same command continues it; --fresh starts over.
-    restorable = (tune_dir / "tuner.pkl").is_file()
+    restorable = _storage_is_file(storage_join(tune_dir, "tuner.pkl"))
     if settings.resume and not restorable:
         raise SweepError(
-            f"--resume: no interrupted sweep {sweep_name!r} in {sweep_dir} (no tune/tuner.pkl); "
+            f"--resume: no interrupted sweep {sweep_name!r} in {storage_dir} (no tune/tuner.pkl); "
             "run without --resume to start it, or pass the --name of the sweep to resume"
         )
-    if settings.fresh and tune_dir.exists():
+    if settings.fresh and _storage_exists(tune_dir):
         raise SweepError(
-            f"--fresh: sweep {sweep_name!r} already exists in {sweep_dir}: pass another --name, or leave out "
-            "--fresh to continue it"
+            f"--fresh: sweep {sweep_name!r} already exists in {storage_dir}: pass another --name, or leave "
+            "out --fresh to continue it"
         )
-    if not restorable and tune_dir.exists():
+    if not restorable and _storage_exists(tune_dir):
         raise SweepError(
-            f"sweep {sweep_name!r} in {sweep_dir} has a tune/ directory but no saved Tune state "
+            f"sweep {sweep_name!r} in {storage_dir} has a tune/ directory but no saved Tune state "
             "(tune/tuner.pkl) to continue from: pass --fresh to start a new sweep beside it"
         )
     resume = restorable
@@ -225,6 +242,7 @@ def run_sweep(
         gpus_per_trial=float(gpus_per_trial),
         space=space,
         arms={arm.key: arm for arm in arms},
+        storage_dir=storage_dir if remote else "",
     )
     _validate_trial_configs(plan, str(definition_path))
     seed_values = [config.seed + i for i in range(settings.seeds)]
@@ -240,6 +258,7 @@ def run_sweep(
         extra={
             tracking.TAG_SWEEP_KIND: kind,
             tracking.TAG_SWEEP_DIR: str(sweep_dir),
+            tracking.TAG_STORAGE_PATH: storage_dir,
             tracking.TAG_METRIC: metric,
             tracking.TAG_MODE: mode,
             tracking.TAG_DEFINITION_FILE: str(definition_path),
@@ -376,7 +395,7 @@ def sweep_description(kind: str, config: TrainConfig, settings: SweepSettings, p
         f"{'Ablation' if kind == 'ablate' else 'Sweep'}: {what}. Data: {where}. Model: "
         f"{config.model.backbone} at {height}x{width} (h x w), {config.epochs} epochs, batch "
         f"{config.batch_size} x {config.num_workers} worker(s), lr {config.optim.lr:g}. Metrics are "
-        "fractions in [0, 1]; best/ metrics are the best epoch's."
+        f"{UNIT_LABEL}; best/ metrics are the best epoch's."
     )
 
 
@@ -456,11 +475,14 @@ def _fit(
     print_fn(f"each trial's worker output: {Path(plan.sweep_dir) / 'trials' / '<trial>' / 'train.log'}")
     run_config = tune.RunConfig(
         name="tune",
-        storage_path=plan.sweep_dir,
+        storage_path=plan.storage_root,
         callbacks=[status_callback, *(callbacks or [])],
         progress_reporter=reporter if settings.verbose else None,
         verbose=1 if settings.verbose else 0,
-        failure_config=tune.FailureConfig(max_failures=0),
+        # A trial whose actor dies (its node went away) is started again, as many times as the config's
+        # max_failures: its Train run continues from its checkpoint in storage. A trial whose training
+        # failed is not trained again by Tune (Ray Train has already retried it: see trial.run_trial).
+        failure_config=tune.FailureConfig(max_failures=base.max_failures),
     )
 
     if settings.resume:
@@ -490,8 +512,53 @@ def _fit(
         trial_id = (result.metrics or {}).get("trial_id") or trial_id_from_path(result.path)
         statuses[str(trial_id)] = "ERROR" if result.error is not None else "TERMINATED"
     # The experiment state is the authority on trials that never reported (PENDING or errored early).
-    statuses.update(trial_statuses_from_state(plan.tune_dir))
+    statuses.update(_tune_state_statuses(plan.tune_dir))
     return concurrent, statuses
+
+
+def _tune_state_statuses(tune_dir: str) -> dict[str, str]:
+    """``trial_statuses_from_state`` of a local Tune experiment directory or of one at a storage URI (its
+    ``experiment_state-*.json`` files read through pyarrow into a temporary directory)."""
+    if not is_storage_uri(tune_dir):
+        return trial_statuses_from_state(tune_dir)
+    import tempfile
+
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(tune_dir)
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        with tempfile.TemporaryDirectory(prefix="fowkal_tune_state_") as tmp:
+            for info in infos:
+                if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"):
+                    with filesystem.open_input_stream(info.path) as stream:
+                        (Path(tmp) / info.base_name).write_bytes(stream.read())
+            return trial_statuses_from_state(tmp)
+    except OSError as err:
+        logger.warning("could not read the Tune experiment state in %s: %s", tune_dir, err)
+        return {}
+
+
+def _storage_is_file(path: str) -> bool:
+    if not is_storage_uri(path):
+        return Path(path).is_file()
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    return filesystem.get_file_info(inner).type == pyarrow.fs.FileType.File
+
+
+def _storage_exists(path: str) -> bool:
+    """A local path, or an object or a prefix with objects under it at a storage URI."""
+    if not is_storage_uri(path):
+        return Path(path).exists()
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
+        return True
+    selector = pyarrow.fs.FileSelector(inner, allow_not_found=True, recursive=False)
+    return bool(filesystem.get_file_info(selector))
 
 
 def _tune_config(plan: SweepPlan, settings: SweepSettings, concurrent: int):
@@ -567,9 +634,9 @@ def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
     if plan.kind == "ablate":
         rows = report.ablation_rows(record)
         table = report.ablation_markdown(rows)
-        # Per arm, the mean over its finished seeds (fractions, as the children's val/ metrics).
+        # Per arm, the mean over its finished seeds (percent, as the children's val/ metrics).
         summary = {
-            f"{row.key}-{row.name}/{metric}": value / 100.0
+            f"{row.key}-{row.name}/{metric}": value
             for row in rows
             for metric, value in row.mean.items()
         }

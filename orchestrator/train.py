@@ -50,7 +50,7 @@ from orchestrator.metric_spool import (
 )
 from orchestrator.run_outputs import BEST_METRIC, log_run_outputs
 from trainer.config import config_digest
-from trainer.preflight import check_input_files
+from trainer.preflight import InputFileError, check_input_files
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,46 @@ def default_storage_path(config) -> str:
 def is_storage_uri(path: str | None) -> bool:
     """True for a pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``), not a local path."""
     return path is not None and "://" in str(path) and not str(path).startswith("file://")
+
+
+class StorageError(InputFileError):
+    """``--storage-path`` is a URI that cannot serve as Ray storage (unknown scheme, missing bucket, server
+    unreachable); found before Ray or MLflow start (exit 2, as a missing input file)."""
+
+
+def check_storage_path(storage: str, flag: str = "--storage-path") -> None:
+    """Raise :class:`StorageError` naming ``flag`` and the URI if ``storage`` is a filesystem URI that pyarrow
+    cannot open or whose bucket (the first component of its path) does not exist. Local paths pass."""
+    if not is_storage_uri(storage):
+        return
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+    except ValueError as err:  # pyarrow's ArrowInvalid: an unknown scheme or a malformed URI
+        raise StorageError(
+            f"{flag} {storage!r}: not a filesystem URI that Ray storage (pyarrow) can open: {err}"
+        ) from err
+    except OSError as err:  # e.g. S3 resolving the bucket's region: no server, or no such bucket
+        raise StorageError(f"{flag} {storage!r}: cannot reach the storage: {err}") from err
+    bucket = path.strip("/").split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"{flag} {storage!r}: the URI names no bucket (e.g. s3://bucket/prefix)")
+    try:
+        info = filesystem.get_file_info(bucket)
+    except OSError as err:
+        raise StorageError(f"{flag} {storage!r}: cannot reach bucket {bucket!r}: {err}") from err
+    if info.type == pyarrow.fs.FileType.NotFound:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        where = f"{filesystem.type_name}" + (f" at {endpoint}" if endpoint else "")
+        raise StorageError(f"{flag} {storage!r}: no bucket {bucket!r} on {where}: create it first")
+
+
+def storage_join(root: str, *parts: str) -> str:
+    """``root/part/...`` for a local path or a filesystem URI alike."""
+    if is_storage_uri(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return str(Path(root).joinpath(*parts))
 
 
 def resolve_storage_path(storage_path: str | None, config) -> str:
@@ -284,6 +324,7 @@ def run_training(
     config_dict = config_to_dict(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, config.output_dir)
     storage = resolve_storage_path(storage_path, config)
+    check_storage_path(storage)  # an unknown scheme or a missing bucket, before MLflow and Ray start
     name = stable_run_name(config)
     if not resume:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

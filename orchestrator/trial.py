@@ -49,19 +49,33 @@ class SweepPlan:
     gpus_per_trial: float = 0.0
     space: SearchSpace | None = None
     arms: dict[str, AblationArm] = field(default_factory=dict)
+    # Where what must outlive a node lives (the Tune experiment, the trials' Ray Train runs): a filesystem
+    # URI (``s3://bucket/prefix/<sweep name>``) or, by default, ``sweep_dir`` itself. ``sweep_dir`` is
+    # always local: the trials' output directories (logs, metric spools) and the sweep's report files.
+    storage_dir: str = ""
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage_dir or self.sweep_dir
 
     @property
     def tune_dir(self) -> str:
-        return str(Path(self.sweep_dir) / "tune")
+        return _join(self.storage_root, "tune")
 
     @property
     def train_storage(self) -> str:
-        return str(Path(self.sweep_dir) / "train")
+        return _join(self.storage_root, "train")
 
     @property
     def ledger_name(self) -> str:
         """Name of the sweep's :class:`ControllerLedger` actor."""
         return f"fowkal-ledger-{self.sweep_id}"
+
+
+def _join(root: str, name: str) -> str:
+    if "://" in root and not root.startswith("file://"):
+        return f"{root.rstrip('/')}/{name}"
+    return str(Path(root) / name)
 
 
 def trial_resume_key(sweep_id: str, trial_id: str) -> str:
@@ -120,10 +134,22 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     run_name = context.get_trial_name() or trial_run_name(plan, trial_config)
+    earlier = _earlier_failure(plan, trial_id)
+    if earlier is not None:
+        # Tune restarts a trial whose actor died (its node went away) so that its Train run continues from
+        # its checkpoint; a trial whose training itself failed (after Ray Train's own retries) is not run
+        # again: its child run keeps the first error.
+        raise TrialFailed(f"{earlier} (the trial failed earlier in this sweep; not run again)")
     cfg = trial_train_config(plan, trial_config, run_name)
     client = tracking.make_client(plan.tracking_uri)
     arm = plan.arms.get(trial_config.get("arm")) if plan.kind == "ablate" else None
-    extra = {tracking.TAG_TRIAL_ID: trial_id, tracking.TAG_SWEEP_KIND: plan.kind}
+    extra = {
+        tracking.TAG_TRIAL_ID: trial_id,
+        tracking.TAG_SWEEP_KIND: plan.kind,
+        # The trial's Ray Train run: <storage path>/<ray run name> holds its checkpoints.
+        tracking.TAG_RAY_RUN_NAME: trial_id,
+        tracking.TAG_STORAGE_PATH: plan.train_storage,
+    }
     if arm is not None:
         extra.update({tracking.TAG_ARM_KEY: arm.key, tracking.TAG_ARM_LABEL: arm.label})
     run_id = tracking.start_run(
@@ -169,6 +195,7 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             # KILLED): not a failure.
             return
         tracking.end_run(run_id, "FAILED", client=client, error=err)
+        _record_failure(plan, trial_id, err)
         raise
     # The Train run trained every epoch: the child run is FINISHED whatever Tune does next.
     try:
@@ -207,6 +234,14 @@ class ControllerLedger:
     def __init__(self):
         self._controllers: dict[str, Any] = {}
         self._aborted: set[str] = set()
+        self._failed: dict[str, str] = {}
+
+    def mark_failed(self, trial_id: str, error: str) -> None:
+        """The trial's training failed (not its actor): a restart of it by Tune fails at once."""
+        self._failed[trial_id] = error
+
+    def failure(self, trial_id: str) -> str | None:
+        return self._failed.get(trial_id)
 
     def register(self, trial_id: str, controller) -> None:
         self._controllers[trial_id] = controller
@@ -260,6 +295,29 @@ class ControllerRegistrar(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions):
         pass
+
+
+class TrialFailed(RuntimeError):
+    """A restarted trial whose training had already failed in this sweep (see :func:`run_trial`)."""
+
+
+def _record_failure(plan: SweepPlan, trial_id: str, err: BaseException) -> None:
+    try:
+        import ray
+
+        text = tracking.error_summary(err)
+        ray.get(ray.get_actor(plan.ledger_name).mark_failed.remote(trial_id, text[:2000]), timeout=30)
+    except Exception as record_err:  # without it a Tune restart trains the failing trial once more
+        logger.warning("could not record the failure of trial %s: %s", trial_id, record_err)
+
+
+def _earlier_failure(plan: SweepPlan, trial_id: str) -> str | None:
+    try:
+        import ray
+
+        return ray.get(ray.get_actor(plan.ledger_name).failure.remote(trial_id), timeout=30)
+    except Exception:
+        return None
 
 
 def was_aborted(plan: SweepPlan, trial_id: str) -> bool:

@@ -201,3 +201,159 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
 
 def tracking_last_step(client, run_id: str) -> int:
     return int(max(m.step for m in client.get_metric_history(run_id, "train/loss")))
+
+
+def test_bad_storage_uri_is_an_error_before_ray(s3, tmp_path):
+    from orchestrator.sweep import SweepError, run_sweep
+    from trainer.config import load_config
+
+    from orchestrator.ray_utils import shutdown_ray
+
+    shutdown_ray()
+    arms = _two_arms(tmp_path)
+    config = load_config(SMOKE, _tiny(tmp_path))
+    for storage, expected in (
+        ("nosuchscheme://bucket/prefix", "not a filesystem URI"),
+        ("s3://no-such-bucket-here/prefix", "no bucket 'no-such-bucket-here'"),
+    ):
+        with pytest.raises(SweepError, match="--storage-path") as failed:
+            run_sweep(
+                "ablate",
+                config,
+                arms_path=str(arms),
+                storage_path=storage,
+                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                verbose=0,
+                print_fn=lambda _: None,
+            )
+        assert expected in str(failed.value) and storage in str(failed.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists()  # nothing created
+
+
+def _two_arms(tmp: Path) -> Path:
+    arms = tmp / "arms.yaml"
+    arms.write_text(
+        "arms:\n"
+        "  - {key: a, name: mse, label: (a) MSE, table: '2', overrides: {loss.variant: mse},\n"
+        "     paper: {wholebody_AP: 58.2}}\n"
+        "  - {key: f, name: fowkal, label: (f) FoWKAL, table: '2', overrides: {loss.variant: fowkal},\n"
+        "     paper: {wholebody_AP: 61.6}}\n"
+    )
+    return arms
+
+
+def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_path):
+    """Two trials across a 2-CPU head and a 1-CPU worker node (3 CPU: both trials at once, so the worker node
+    holds a part of a running trial: a Train worker or trial actors). The worker node is removed after the
+    first epoch reached MLflow; the trial it hit restarts on the head from its checkpoint in S3 (Ray Train's
+    retry of the worker group, or Tune's restart of a trial whose actor died) and finishes."""
+    import threading
+    import time
+
+    from ray import tune
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.ray_utils import init_ray, shutdown_ray
+    from orchestrator.sweep import run_sweep
+    from trainer.config import load_config
+
+    epochs = 3
+    cfg = load_config(SMOKE, _tiny(tmp_path, epochs=epochs, eval_interval=epochs, max_failures=2))
+    arms = _two_arms(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"s3://{BUCKET}/sweeps"
+
+    class Recoveries(tune.Callback):
+        def __init__(self):
+            self.trials: list[str] = []
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.trials.append(trial.trial_id)
+
+    recoveries = Recoveries()
+    shutdown_ray()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
+    worker_node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    removed = threading.Event()
+    stop = threading.Event()
+
+    def remove_after_first_epoch():
+        client = tracking.make_client(uri)
+        while not stop.is_set():
+            try:
+                experiment = client.get_experiment_by_name("fowkal-ablate")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            except Exception:
+                runs = []
+            if any("train/loss" in run.data.metrics for run in runs):
+                cluster.remove_node(worker_node, allow_graceful=False)
+                removed.set()
+                return
+            time.sleep(0.5)
+
+    remover = threading.Thread(target=remove_after_first_epoch, daemon=True)
+    try:
+        init_ray(address=cluster.address)
+        remover.start()
+        run = {
+            "arms_path": str(arms),
+            "seeds": 1,
+            "tracking_uri": uri,
+            "storage_path": storage,
+            "verbose": 0,
+            "print_fn": lambda _: None,
+        }
+        outcome = run_sweep("ablate", cfg, callbacks=[recoveries], **run)
+        assert removed.is_set(), "the worker node was never removed"
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+        # The same command again: restored from the Tune state in S3, nothing trains again.
+        again = run_sweep("ablate", cfg, **run)
+    finally:
+        stop.set()
+        shutdown_ray()
+        cluster.shutdown()
+
+    assert sorted(outcome.trial_statuses.values()) == ["TERMINATED", "TERMINATED"], outcome.trial_statuses
+    assert sorted(outcome.run_statuses.values()) == ["FINISHED", "FINISHED"], outcome.run_statuses
+    assert again.parent_run_id == outcome.parent_run_id and again.trial_statuses == outcome.trial_statuses
+    client = tracking.make_client(uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name("fowkal-ablate").experiment_id],
+        filter_string=f"tags.`{tracking.TAG_PARENT_RUN_ID}` = '{outcome.parent_run_id}'",
+    )
+    assert len(children) == 2
+    hit = []
+    for child in children:
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED"
+        # Every epoch once: the trial that lost its node continued after its checkpoint, it did not redo it.
+        for metric in ("train/loss", "time/epoch_s"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [1, 2, 3], metric
+        assert [m.step for m in client.get_metric_history(run_id, "val/wholebody_AP")] == [epochs]
+        assert tracking.BEST_CHECKPOINT_ARTIFACT in {a.path for a in client.list_artifacts(run_id)}
+        trial_id = child.data.tags[tracking.TAG_TRIAL_ID]
+        if tracking.TAG_LAST_WORKER_ERROR in child.data.tags or trial_id in recoveries.trials:
+            hit.append(child.info.run_name)
+        # The trial's Ray Train run (its checkpoints) is in the bucket, under the sweep's prefix.
+        train_storage = child.data.tags[tracking.TAG_STORAGE_PATH]
+        assert train_storage == f"{storage}/{outcome.sweep_id}/train"
+        keys = s3.keys(BUCKET, f"sweeps/{outcome.sweep_id}/train/{trial_id}/")
+        assert any(key.endswith("checkpoint.pt") for key in keys), keys
+    assert hit, "the node removal hit no trial (no worker error, no Tune restart)"
+    assert s3.keys(BUCKET, f"sweeps/{outcome.sweep_id}/tune/tuner.pkl")
+    # Nothing of the trials' storage on this machine: only their logs and the reports.
+    sweep_dir = Path(outcome.sweep_dir)
+    assert sweep_dir.is_dir() and (sweep_dir / "summary.md").is_file()
+    assert not (sweep_dir / "train").exists() and not (sweep_dir / "tune").exists()
+    assert not list(Path(cfg.output_dir).rglob("checkpoint.pt"))
+    assert not (Path(cfg.output_dir) / "ray_results").exists()
