@@ -2,7 +2,8 @@
 swept and ablated on a Ray cluster, tracked in MLflow.
 
 Re-running the same train, tune or ablate command continues it where it stopped; --fresh starts over.
-APs and ARs are fractions in [0, 1] in MLflow and in the console; the reports show percent, as the paper.
+APs and ARs are in percent (0-100) everywhere: MLflow metrics, the console, fowkal eval, the reports (as the
+paper; runs logged by versions before 0.2 hold fractions, which the reports convert).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import sys
 from orchestrator.sweep_settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
 from orchestrator.tracking import EMBEDDED_DEFAULT_STORE
 from trainer.arguments import add_config_arguments
+
+# Stated in the help of every command that logs or shows AP (trainer.metric_units).
+UNIT_NOTE = (
+    "COCO-WholeBody AP and AR are in percent (0-100) in MLflow, on the console and in the reports;\n"
+    "-1 means no labelled ground truth."
+)
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -553,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_report)
     _add_eval_and_show(sub)
     _add_tune_eval(sub)
+    for name in ("train", "tune", "ablate", "report", "eval", "tune-eval"):
+        sub.choices[name].epilog = UNIT_NOTE
     return parser
 
 

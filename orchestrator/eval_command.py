@@ -6,9 +6,10 @@ The model side (checkpoint -> model with its own config, inference, scoring) is 
 With ``--run RUN_ID``
     The run's ``best_checkpoint`` artifact (how ``orchestrator/train.py`` logs the best checkpoint) and its
     ``config.yaml`` are downloaded to a temporary directory; after evaluation the metrics are logged to that
-    run as ``eval/<part>_<stat>`` (e.g. ``eval/wholebody_AP``, ``eval/hand_AP``; step = the checkpoint's
-    epoch), the results file as the artifact ``eval/<file name>``, and the evaluation settings as ``eval.*``
-    tags. The store is ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
+    run as ``eval/<part>_<stat>`` in percent (``trainer.metric_units``; e.g. ``eval/wholebody_AP``,
+    ``eval/hand_AP``; step = the checkpoint's epoch), the results file as the artifact
+    ``eval/<file name>``, and the evaluation settings as ``eval.*`` tags. The store is
+    ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
 
 Protocol
     Top-down inference on the ground-truth boxes, or with ``--det-file`` on person detections with
@@ -36,6 +37,7 @@ from orchestrator.tracking import BEST_CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT
 from trainer.checkpoint import CheckpointMismatchError, EvalError, LoadedCheckpoint, load_checkpoint_model
 from trainer.codec import FLIP_MODES
 from trainer.inference import EvalOutcome, apply_eval_settings, evaluate_model, score_results_file
+from trainer.metric_units import UNIT_LABEL, metrics_to_percent
 
 EVAL_PREFIX = "eval/"
 DEFAULT_RESULTS_FILE = "wholebody_results.json"
@@ -132,11 +134,12 @@ def download_run_checkpoint(
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """The COCO-WholeBody table: AP, AP50, AP75, AR per row (whole-body, body, foot, face, hand)."""
+    """The COCO-WholeBody table: AP, AP50, AP75, AR per row (whole-body, body, foot, face, hand), in the
+    metrics' own unit (percent as ``run_eval`` passes them)."""
 
     def cell(key: str) -> str:
         value = metrics.get(key)
-        return "    -" if value is None or value < 0 else f"{value:.3f}"
+        return "    -" if value is None or value < 0 else f"{value:.2f}"
 
     lines = [f"{'':<11} {'AP':>6} {'AP50':>6} {'AP75':>6} {'AR':>6}"]
     for label, part in TABLE_ROWS:
@@ -191,7 +194,8 @@ def run_eval(
     overrides: Sequence[str] = (),
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """What ``fowkal eval`` does (see the module docstring); returns the ``evaluate_wholebody`` metrics.
+    """What ``fowkal eval`` does (see the module docstring); returns the ``evaluate_wholebody`` metrics in
+    percent (``trainer.metric_units``), as printed and logged.
 
     Exactly one of ``checkpoint`` and ``run_id`` names the model, or ``results_file`` an existing results
     file to score (with ``run_id`` it is then only the run to log to).
@@ -267,8 +271,9 @@ def run_eval(
         protocol = (
             "" if results_file is not None else (", flip test" if flip_test else ", no flip test") + ", DARK"
         )
-        print_fn(f"COCO-WholeBody on {ann_file} ({boxes}: {outcome.num_boxes}{protocol})")
-        print_fn(format_table(outcome.metrics))
+        metrics = metrics_to_percent(outcome.metrics)
+        print_fn(f"COCO-WholeBody on {ann_file} ({boxes}: {outcome.num_boxes}{protocol}); {UNIT_LABEL}")
+        print_fn(format_table(metrics))
         if client is not None:
             tags = {
                 "eval.ann_file": str(ann_file),
@@ -278,9 +283,9 @@ def run_eval(
             }
             if results_file is None:
                 tags.update({f"eval.{k}": str(v) for k, v in asdict(config.eval).items() if k != "flip_mode"})
-            log_eval_to_run(client, run_id, outcome.metrics, out_path, tags, step=epoch or 0)
+            log_eval_to_run(client, run_id, metrics, out_path, tags, step=epoch or 0)
             print_fn(f"logged {EVAL_PREFIX}* metrics and {EVAL_PREFIX}{out_path.name} to MLflow run {run_id}")
-    return outcome.metrics
+    return metrics
 
 
 __all__ = [

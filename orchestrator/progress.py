@@ -15,6 +15,7 @@ from collections.abc import Callable
 from ray.tune import ProgressReporter
 
 from orchestrator.trial import SweepPlan, trial_run_name
+from trainer.metric_units import is_ap_metric
 
 _ENDED = ("TERMINATED", "ERROR")
 
@@ -104,11 +105,12 @@ class SweepProgress(ProgressReporter):
     # ---- output
 
     def _format_value(self, value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
+        # AP/AR in percent (trainer.metric_units): two decimals keep a smoke run's 0.21 readable.
+        return "-" if value is None else f"{value:.2f}" if is_ap_metric(self.plan.metric) else f"{value:.4g}"
 
     def table(self, trials) -> str:
         """The table as text (one row per trial, then the sweep's time left)."""
-        metric = self.plan.metric.split("/")[-1]
+        metric = self.plan.metric.split("/")[-1] + (" (%)" if is_ap_metric(self.plan.metric) else "")
         header = ("trial", "status", "epoch", f"last {metric}", f"best {metric} (epoch)", "time left")
         rows = []
         left = []
@@ -122,7 +124,7 @@ class SweepProgress(ProgressReporter):
                     trial.status,
                     f"{self._epoch(trial)}/{self.epochs}",
                     self._format_value(self._last.get(trial.trial_id)),
-                    "-" if best is None else f"{best[0]:.4f} ({best[1]})",
+                    "-" if best is None else f"{self._format_value(best[0])} ({best[1]})",
                     format_duration(trial_left),
                 )
             )
@@ -153,7 +155,11 @@ class SweepProgress(ProgressReporter):
                     outcome = "finished"
                 else:
                     outcome = "stopped early by the scheduler"
-                score = "" if best is None else f", best {self.plan.metric} {best[0]:.4f} at epoch {best[1]}"
+                score = (
+                    ""
+                    if best is None
+                    else f", best {self.plan.metric} {self._format_value(best[0])} at epoch {best[1]}"
+                )
                 self.print_fn(f"{self._label(trial)}: {outcome} after epoch {self._epoch(trial)}{score}")
         now = time.monotonic()
         table = self.table(trials)

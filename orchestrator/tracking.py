@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer.metric_units import METRIC_UNIT
+
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 # MLflow limits (mlflow.utils.validation): values longer than this are rejected, and log_batch takes at most
@@ -62,6 +64,9 @@ TAG_FAILED_TRIALS = "fowkal.failed_trials"  # "k of n" on a sweep's parent run
 TAG_RAY_RUN_NAME = "fowkal.ray_run_name"
 TAG_STORAGE_PATH = "fowkal.storage_path"
 TAG_LAST_WORKER_ERROR = "fowkal.last_worker_error"
+# The unit of the run's AP/AR metrics (trainer.metric_units.METRIC_UNIT); absent on runs of earlier versions,
+# which logged fractions.
+TAG_METRIC_UNIT = "fowkal.metric_unit"
 
 # Keys of a report that are its step, not metrics; and the metric whose steps say which epochs were reported.
 STEP_KEYS = ("epoch",)
@@ -265,7 +270,7 @@ def start_run(
     """
     if not run_name or not str(run_name).strip():
         raise ValueError(f"run_name must be a non-empty string, got {run_name!r}")
-    all_tags = dict(tags or {})
+    all_tags = {TAG_METRIC_UNIT: METRIC_UNIT, **(tags or {})}
     run_id = None
     if resume_key is not None:
         all_tags[TAG_RESUME_KEY] = resume_key

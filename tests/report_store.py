@@ -70,15 +70,18 @@ def make_parent(client, experiment_id, name, kind, metric="val/wholebody_AP", mo
     return tracking.start_run(client, experiment_id, name, tags=tags)
 
 
-def make_child(client, experiment_id, parent_id, name, tags, params, history, status, best=None):
+def make_child(
+    client, experiment_id, parent_id, name, tags, params, history, status, best=None, unit="fraction"
+):
     """A child run with one ``history`` entry per epoch (1, 2, ...) and, given ``best`` (epoch, metrics),
-    the best/ metrics a trial logs at the end."""
+    the best/ metrics a trial logs at the end. The APs here are fractions, as runs of versions before 0.2
+    logged them (tagged so; the report converts them to percent); ``unit="percent"`` for today's runs."""
     run_id = tracking.start_run(
         client,
         experiment_id,
         name,
         params=params,
-        tags={tracking.TAG_PARENT_RUN_ID: parent_id, **tags},
+        tags={tracking.TAG_PARENT_RUN_ID: parent_id, tracking.TAG_METRIC_UNIT: unit, **tags},
     )
     for epoch, metrics in enumerate(history, start=1):
         tracking.log_epoch_metrics(run_id, {"epoch": epoch, **metrics}, epoch, client=client)

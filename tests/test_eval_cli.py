@@ -118,12 +118,13 @@ def test_eval_with_detections_end_to_end(tiny_checkpoint, tmp_path, capsys):
         f for f, _ in ANNOTATION_KEYPOINT_FIELDS
     }
     _assert_same_results(written, expected)
-    # The printed table holds evaluate_wholebody's numbers of the same predictions.
+    # The printed table holds evaluate_wholebody's numbers of the same predictions, in percent.
     metrics = evaluate_wholebody(ANN, expected)
+    assert "AP/AR in %" in printed
     for label, part in (("whole-body", "wholebody"), ("body", "body"), ("foot", "foot"), ("hand", "hand")):
         values = _table_row(printed, label)
         for value, stat in zip(values, ("AP", "AP50", "AP75", "AR"), strict=True):
-            assert value == pytest.approx(max(metrics[f"{part}/{stat}"], 0.0), abs=5e-4)
+            assert value == pytest.approx(100 * max(metrics[f"{part}/{stat}"], 0.0), abs=5e-3)
     assert "118" in printed and "flip test" in printed and "config stored in the checkpoint" in printed
 
 
@@ -167,8 +168,8 @@ def test_eval_results_file_numbers_equal_evaluate_wholebody(tmp_path, capsys):
     assert expected["wholebody/AP"] > 0.1  # a non-trivial number to compare
     for label, part in (("whole-body", "wholebody"), ("body", "body"), ("face", "face"), ("hand", "hand")):
         ap, ap50, ap75, ar = _table_row(printed, label)
-        assert ap == pytest.approx(max(expected[f"{part}/AP"], 0), abs=5e-4)
-        assert ar == pytest.approx(max(expected[f"{part}/AR"], 0), abs=5e-4)
+        assert ap == pytest.approx(100 * max(expected[f"{part}/AP"], 0), abs=5e-3)  # percent, 2 decimals
+        assert ar == pytest.approx(100 * max(expected[f"{part}/AR"], 0), abs=5e-3)
 
 
 def test_results_file_with_unknown_image_ids_is_named(tmp_path, capsys):
@@ -277,7 +278,7 @@ def test_eval_run_logs_metrics_and_results_to_mlflow(tmp_path, capsys):
     run = client.get_run(run_id)
     for key in ("wholebody/AP", "wholebody/AR", "body/AP", "foot/AP", "face/AP", "hand/AP", "lefthand/AP50"):
         name = "eval/" + key.replace("/", "_")
-        assert run.data.metrics[name] == pytest.approx(expected[key])
+        assert run.data.metrics[name] == pytest.approx(100 * expected[key])  # percent
     history = client.get_metric_history(run_id, "eval/wholebody_AP")
     assert [m.step for m in history] == [7]  # the checkpoint's epoch
     artifacts = [a.path for a in client.list_artifacts(run_id, "eval")]

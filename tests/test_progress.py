@@ -41,21 +41,22 @@ def test_table_and_one_line_per_finished_trial():
     progress = SweepProgress(_plan(), epochs=4, concurrency=2, interval_s=3600, print_fn=lines.append)
     a = FakeTrial("t1", {"arm": "a", "seed": 0})
     f = FakeTrial("t2", {"arm": "f", "seed": 0}, status="PENDING")
-    a.last_result = {"epoch": 2, "val/wholebody_AP": 0.02, "time/epoch_s": 10.0}
+    a.last_result = {"epoch": 2, "val/wholebody_AP": 2.0, "time/epoch_s": 10.0}  # percent
     progress.report([a, f], done=False)
     assert len(lines) == 1
     table = lines[0]
     assert "(a) MSE (baseline) s0" in table and "(f) KAL + FWAHR = FoWKAL s0" in table
-    assert "2/4" in table and "0.0200 (2)" in table and "20s" in table  # 2 epochs x 10 s left
+    assert "wholebody_AP (%)" in table  # the unit in the header
+    assert "2/4" in table and "2.00 (2)" in table and "20s" in table  # 2 epochs x 10 s left
     # Epoch 3 without evaluation: the last and best AP stay those of epoch 2; throttled, no new table.
     a.last_result = {"epoch": 3, "time/epoch_s": 10.0}
     progress.report([a, f], done=False)
     assert len(lines) == 1
-    a.status, a.last_result = "TERMINATED", {"epoch": 4, "val/wholebody_AP": 0.015, "time/epoch_s": 10.0}
+    a.status, a.last_result = "TERMINATED", {"epoch": 4, "val/wholebody_AP": 1.5, "time/epoch_s": 10.0}
     progress.report([a, f], done=False)
     progress.report([a, f], done=False)
     ended = [line for line in lines if line.startswith("(a)")]
-    assert ended == ["(a) MSE (baseline) s0: finished after epoch 4, best val/wholebody_AP 0.0200 at epoch 2"]
+    assert ended == ["(a) MSE (baseline) s0: finished after epoch 4, best val/wholebody_AP 2.00 at epoch 2"]
     f.status, f.last_result = "ERROR", {"epoch": 1}
     progress.report([a, f], done=True)
     assert any("FoWKAL s0: failed" in line for line in lines)

@@ -211,7 +211,7 @@ def test_sweep_ranking_best_child_and_importances(sweep, tmp_path):
     assert "tpe-017" not in [c.name for c in ranked]
     by_name = {c.name: c for c in record.children}
     for name, x, y, _ in trials:
-        assert by_name[name].score == pytest.approx(x)  # best over epochs: the last (x > x / 3)
+        assert by_name[name].score == pytest.approx(100 * x)  # percent; best epoch: the last (x > x / 3)
         assert by_name[name].sampled == {"loss.x": pytest.approx(x), "loss.y": pytest.approx(y)}
     best = report.best_child(record)  # the best trial that trained to the end
     finished_order = [
@@ -258,7 +258,7 @@ def test_best_epoch_metrics_and_which_epoch(own):
         assert rows[arm].best_epochs == [(s, BEST_EPOCH, EPOCHS) for s in SEEDS]
     child = next(c for c in record.children if c.name == "d-kal-s0")
     assert child.best_epoch == BEST_EPOCH and child.epochs == EPOCHS
-    assert child.last_metrics["val/wholebody_AP"] == pytest.approx(0.9 * OWN_BEST_AP["d"][0])
+    assert child.last_metrics["val/wholebody_AP"] == pytest.approx(100 * 0.9 * OWN_BEST_AP["d"][0])  # percent
     markdown = report.ablation_markdown(list(rows.values()))
     assert "Best epoch" in markdown and f"| 3, 3, 3 of {EPOCHS} |" in markdown
 
@@ -458,3 +458,24 @@ def test_sweep_report_ranks_explains_and_links(sweep, tmp_path):
     assert len(markdown.split("## Runs", 1)[1].strip().splitlines()) == 2 + len(record.children)
     for child in record.children:
         assert f"/#/experiments/{record.experiment_id}/runs/{child.run_id}" in page
+
+
+def test_percent_runs_and_fraction_runs_of_earlier_versions_read_alike(store):
+    """Today's runs log AP in percent (fowkal.metric_unit=percent); runs of versions before 0.2 logged
+    fractions (tag fraction, or no tag at all). The report reads all of them in percent."""
+    _, client = store
+    experiment_id = tracking.get_or_create_experiment(client, "report-units")
+    parent = make_parent(client, experiment_id, "units-sweep", "tune")
+    history = [{"val/wholebody_AP": 12.5, "val/body_AP": -1.0, "train/loss": 0.5}]
+    make_child(client, experiment_id, parent, "percent", {}, {}, history, "FINISHED", unit="percent")
+    history = [{"val/wholebody_AP": 0.125, "val/body_AP": -1.0, "train/loss": 0.5}]
+    make_child(client, experiment_id, parent, "fraction", {}, {}, history, "FINISHED")
+    untagged = make_child(client, experiment_id, parent, "untagged", {}, {}, history, "FINISHED")
+    client.delete_tag(untagged, tracking.TAG_METRIC_UNIT)
+    record = report.load_sweep(client, parent)
+    assert {c.name for c in record.children} == {"percent", "fraction", "untagged"}
+    for child in record.children:
+        assert child.metrics["val/wholebody_AP"] == pytest.approx(12.5), child.name
+        assert child.score == pytest.approx(12.5) and child.curve == {1: pytest.approx(12.5)}
+        assert child.metrics["val/body_AP"] == -1.0  # no ground truth stays -1
+        assert child.metrics["train/loss"] == 0.5  # not an AP: unchanged

@@ -43,10 +43,11 @@ from trainer.evaluate import WholeBodyEvaluator
 from trainer.inference import autocast_dtype, predict_keypoints, results_from_predictions
 from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.losses import HeatmapLoss
+from trainer.metric_units import to_percent
 from trainer.model import build_pose_model
 
 PARTS = tuple(COCO_WHOLEBODY_PARTS)  # body, foot, face, hand
-# evaluate_wholebody key -> reported metric name
+# evaluate_wholebody key -> reported metric name (reported in percent: trainer.metric_units)
 VAL_METRICS = {
     "wholebody/AP": "val/wholebody_AP",
     "wholebody/AR": "val/wholebody_AR",
@@ -443,7 +444,7 @@ def train_loop_per_worker(
                 # The val annotation file is parsed at the first evaluation of the run, then reused.
                 evaluator = WholeBodyEvaluator.for_file(paths["val_ann"])
                 scores = evaluator.evaluate(results_from_predictions(predictions, cfg.eval))
-                val_metrics = [{name: scores[key] for key, name in VAL_METRICS.items()}]
+                val_metrics = [{name: to_percent(scores[key]) for key, name in VAL_METRICS.items()}]
             if distributed:  # every worker reports the same numbers and tracks the same best AP
                 torch.distributed.broadcast_object_list(val_metrics, src=0)
             metrics.update(val_metrics[0])
