@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from orchestrator import tracking
 from trainer.losses import LOSS_VARIANTS
 
 BEST_METRIC = "val/wholebody_AP"
+DATASET_INPUT_ATTEMPTS = 3
 # trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
 KAF_HISTORY_FILE = "kaf_history.npy"
 
@@ -76,10 +78,18 @@ def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunO
 
     loss_variant = config.loss.variant
     outputs = RunOutputs(artifacts=[tracking.CONFIG_ARTIFACT])
-    try:
-        log_dataset_inputs(client, run_id, config.data)
-    except Exception as err:  # a digest of an unreadable file must not cost the run its checkpoints
-        print_fn(f"could not log the data set inputs: {err}")
+    for attempt in range(DATASET_INPUT_ATTEMPTS):
+        try:
+            log_dataset_inputs(client, run_id, config.data)
+            break
+        except Exception as err:  # a digest of an unreadable file must not cost the run its checkpoints
+            # Trials of one sweep log the same data sets at about the same time: the store creates each
+            # data set once per experiment, so all but one of them can fail on its unique key. A retry
+            # finds the data set and only links it to the run.
+            if attempt + 1 == DATASET_INPUT_ATTEMPTS:
+                print_fn(f"could not log the data set inputs: {err}")
+            else:
+                time.sleep(0.5 * (attempt + 1))
     best_ckpt, best_metrics = pick_best(result.best_checkpoints)
     if best_ckpt is not None:
         with best_ckpt.as_directory() as local_dir:
