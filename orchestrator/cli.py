@@ -302,6 +302,20 @@ def _cmd_tune_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# The model and data arguments of eval, show and tune-eval, written once.
+RUN_HELP = "MLflow run (its best checkpoint): a run id, a run name (a-mse-s0) or SWEEP/NAME"
+CHECKPOINT_HELP = "checkpoint .pt file or Ray checkpoint directory"
+EXPERIMENT_LOOKUP_HELP = "look a --run name up in this MLflow experiment only"
+
+
+def _add_data_arguments(parser, images_required: bool, det_file: bool = True) -> None:
+    """--ann, --images and (unless ``det_file=False``) --det-file."""
+    parser.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
+    parser.add_argument("--images", required=images_required, default=None, help="image directory")
+    if det_file:
+        parser.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
+
+
 def _add_tune_eval(sub) -> None:
     """The ``tune-eval`` subcommand."""
     parser = sub.add_parser(
@@ -310,11 +324,9 @@ def _add_tune_eval(sub) -> None:
         "OKS-NMS, detection threshold): the network runs once, each Ray Tune trial only decodes and scores",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", default=None, metavar="RUN", help="MLflow run (id, name or SWEEP/NAME)")
-    source.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint file or directory")
-    parser.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
-    parser.add_argument("--images", required=True, help="image directory")
-    parser.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
+    source.add_argument("--run", default=None, metavar="RUN", help=RUN_HELP)
+    source.add_argument("--checkpoint", default=None, metavar="CKPT", help=CHECKPOINT_HELP)
+    _add_data_arguments(parser, images_required=True)
     parser.add_argument("--space", required=True, help="search space (search_spaces/eval_space.yaml)")
     parser.add_argument("--samples", type=int, required=True, help="trials (the first: the defaults)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
@@ -352,20 +364,13 @@ def _add_eval_and_show(sub) -> None:
         "eval",
         help="COCO-WholeBody AP/AR of a checkpoint or MLflow run (flip test, DARK, rescoring, OKS-NMS)",
     )
-    evaluate.add_argument(
-        "--checkpoint", default=None, help="checkpoint .pt file or Ray checkpoint directory"
-    )
-    run_help = "MLflow run: its best checkpoint; a run id, a run name (a-mse-s0) or SWEEP/NAME"
-    evaluate.add_argument("--run", default=None, metavar="RUN", help=run_help)
-    evaluate.add_argument(
-        "--experiment", default=None, help="look a --run name up in this MLflow experiment only"
-    )
+    evaluate.add_argument("--checkpoint", default=None, metavar="CKPT", help=CHECKPOINT_HELP)
+    evaluate.add_argument("--run", default=None, metavar="RUN", help=RUN_HELP)
+    evaluate.add_argument("--experiment", default=None, help=EXPERIMENT_LOOKUP_HELP)
     evaluate.add_argument(
         "--results", default=None, metavar="FILE", help="score this results file instead of running a model"
     )
-    evaluate.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
-    evaluate.add_argument("--images", default=None, help="image directory")
-    evaluate.add_argument("--det-file", default=None, help="person detections JSON (default: GT boxes)")
+    _add_data_arguments(evaluate, images_required=False)
     evaluate.add_argument(
         "--det-score-thr",
         type=float,
@@ -416,21 +421,18 @@ def _add_eval_and_show(sub) -> None:
         action="append",
         type=lambda value: ("run", value),
         metavar="RUN",
-        help="MLflow run id, run name or SWEEP/NAME (give two --run/--checkpoint to compare; left to right)",
+        help=RUN_HELP + " (give two --run/--checkpoint to compare; left to right)",
     )
-    show.add_argument(
-        "--experiment", default=None, help="look a --run name up in this MLflow experiment only"
-    )
+    show.add_argument("--experiment", default=None, help=EXPERIMENT_LOOKUP_HELP)
     show.add_argument(
         "--checkpoint",
         dest="models",
         action="append",
         type=lambda value: ("checkpoint", value),
         metavar="CKPT",
-        help="checkpoint file or directory, in place of a --run",
+        help=CHECKPOINT_HELP + ", in place of a --run",
     )
-    show.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
-    show.add_argument("--images", required=True, help="image directory")
+    _add_data_arguments(show, images_required=True, det_file=False)
     show.add_argument("--out", required=True, help="output directory for the PNGs")
     show.add_argument("--n", type=int, default=16, help="number of images")
     show.add_argument("--log", action="store_true", help="log the PNGs as MLflow artifacts of the run(s)")
