@@ -16,11 +16,26 @@ during an outage, the run's spool) shows that an epoch was reported:
   (non-zero, naming the server); the same command is run again and must complete the record;
 - worker-kill: a RayTrainWorker is SIGKILLed after epoch 2 (max_failures=2): Ray Train restarts it from the
   last checkpoint;
-- ctrl-c: SIGINT to `fowkal train` after epoch 2 (exit 130), then the same command again (resume).
+- ctrl-c: SIGINT to `fowkal train` after epoch 2 (exit 130), then the same command again (resume);
+- node-removal: a two-node local cluster (``ray.cluster_utils.Cluster``, one CPU each) that `fowkal train
+  --address` joins with two workers (one per node); the worker node is removed (its processes SIGKILLed)
+  after epoch 2 and a new one-CPU node joins `--replace-after` s later: Ray Train restarts the worker group
+  from the last checkpoint (max_failures=2).
 
-Per scenario: outcome, epochs in MLflow / expected (distinct steps of train/loss), duplicates (values logged
-twice at one step), the run's status and fowkal.replayed_values tag, and wall time (all commands of the
-scenario) vs the baseline. "nothing lost" = every epoch once, FINISHED.
+Sweeps (`fowkal ablate` over two arms x one seed, `fowkal tune` with two TPE samples, `--sweep-epochs`
+epochs of `--sweep-images` images each, the local Ray the command starts) against the same kind of server:
+
+- ablate-baseline, tune-baseline: no fault (what the sweep rows are compared with);
+- ablate-driver-kill, tune-driver-kill: the driver (`fowkal ablate` / `fowkal tune`) is SIGKILLed once a
+  trial has reported epoch 2 (the local Ray it started is killed after it), then the same command is run
+  again: Tune's state is restored, the interrupted trial continues from its checkpoint;
+- nan-trial: an ablation whose second arm diverges (`optim.lr: 1e30` in the arms file): that trial must be
+  FAILED with the non-finite-loss error, the other FINISHED, and the parent must say how many failed.
+
+Per scenario: outcome, epochs in MLflow / expected (distinct steps of train/loss; for sweeps summed over the
+child runs), duplicates (values logged twice at one step), the run's status and fowkal.replayed_values tag
+(sweeps: the parent's status and the children's), and wall time (all commands of the scenario) vs the
+baseline of its kind. "nothing lost" = every epoch once, FINISHED.
 """
 
 from __future__ import annotations
@@ -43,7 +58,40 @@ from services import MlflowServer  # noqa: E402
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 VENV_BIN = Path(sys.executable).parent
-SCENARIOS = ("baseline", "outage-short", "outage-long", "end-down", "worker-kill", "ctrl-c")
+TRAIN_SCENARIOS = (
+    "baseline",
+    "outage-short",
+    "outage-long",
+    "end-down",
+    "worker-kill",
+    "ctrl-c",
+    "node-removal",
+)
+SWEEP_SCENARIOS = ("ablate-baseline", "ablate-driver-kill", "tune-baseline", "tune-driver-kill", "nan-trial")
+SCENARIOS = TRAIN_SCENARIOS + SWEEP_SCENARIOS
+TUNE_SPACE = """\
+metric: val/wholebody_AP
+mode: max
+parameters:
+  loss.variant: fowkal
+  loss.omega: {distribution: uniform, low: 5.0, high: 30.0, paper: 14.0}
+"""
+ARMS = """\
+arms:
+  - {key: a, name: mse, label: (a) MSE, table: '2', overrides: {loss.variant: mse},
+     paper: {wholebody_AP: 58.2}}
+  - {key: f, name: fowkal, label: (f) FoWKAL, table: '2', overrides: {loss.variant: fowkal%s},
+     paper: {wholebody_AP: 61.6}}
+"""
+
+
+def baseline_of(name: str) -> str:
+    """The no-fault scenario a scenario's wall time is compared with."""
+    if name.startswith("tune-"):
+        return "tune-baseline"
+    if name.startswith("ablate-") or name == "nan-trial":
+        return "ablate-baseline"
+    return "baseline"
 
 
 def _client(uri: str):
@@ -70,6 +118,54 @@ def _steps(uri: str, experiment: str) -> tuple[str | None, list[int]]:
         return None, []
 
 
+def _sweep_runs(uri: str, experiment: str) -> tuple[object | None, list]:
+    """(parent run, child runs) of the experiment's sweep; (None, []) while none or unreachable."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None, []
+        runs = client.search_runs([exp.experiment_id])
+    except Exception:
+        return None, []
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return (parents[0] if parents else None), children
+
+
+def _max_child_step(uri: str, experiment: str) -> int:
+    _, children = _sweep_runs(uri, experiment)
+    return max((_last_step(uri, c.info.run_id) for c in children), default=0)
+
+
+def _last_step(uri: str, run_id: str) -> int:
+    try:
+        return max((m.step for m in _client(uri).get_metric_history(run_id, "train/loss")), default=0)
+    except Exception:
+        return 0
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_all(processes) -> None:
+    import psutil
+
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 def _spooled_steps(output_dir: Path) -> set[int]:
     from orchestrator.metric_spool import MetricSpool
 
@@ -91,17 +187,36 @@ class Scenario:
         self.output_dir = self.dir / "out"
         self.exits: list[int] = []
         self.wall = 0.0
+        self.sweep = name in SWEEP_SCENARIOS
+        self.kind = "tune" if name.startswith("tune-") else "ablate"
+        self.address: str | None = None  # node-removal: the local two-node cluster's
+        self.epochs = args.sweep_epochs if self.sweep else args.epochs
 
     def command(self) -> list[str]:
         sets = {
             "output_dir": self.output_dir,
             "data.synthetic_dir": self.args.data_dir,
-            "epochs": self.args.epochs,
-            "eval_interval": self.args.epochs,
-            "data.synthetic_train_images": self.args.images,
-            "max_failures": 2,
+            "epochs": self.epochs,
+            "eval_interval": self.epochs,
+            "data.synthetic_train_images": self.args.sweep_images if self.sweep else self.args.images,
+            "max_failures": 0 if self.sweep else 2,
         }
-        command = [str(VENV_BIN / "fowkal"), "train", "--config", str(SMOKE)]
+        if self.name == "node-removal":
+            sets["num_workers"] = 2
+        if not self.sweep:
+            command = [str(VENV_BIN / "fowkal"), "train", "--config", str(SMOKE)]
+            if self.address:
+                command += ["--address", self.address]
+        elif self.kind == "tune":
+            space = self.dir / "space.yaml"
+            space.write_text(TUNE_SPACE)
+            command = [str(VENV_BIN / "fowkal"), "tune", "--config", str(SMOKE), "--space", str(space)]
+            command += ["--samples", "2", "--quiet"]
+        else:
+            arms = self.dir / "arms.yaml"
+            arms.write_text(ARMS % (", optim.lr: 1.0e+30" if self.name == "nan-trial" else ""))
+            command = [str(VENV_BIN / "fowkal"), "ablate", "--config", str(SMOKE), "--arms", str(arms)]
+            command += ["--seeds", "1", "--quiet"]
         command += ["--tracking-uri", self.server.uri, "--experiment", self.experiment]
         for key, value in sets.items():
             command += ["--set", f"{key}={value}"]
@@ -144,9 +259,97 @@ class Scenario:
     def run(self) -> dict:
         self.server.start()
         try:
-            return self._run()
+            if self.name == "node-removal":
+                return self._node_removal()
+            return self._sweep() if self.sweep else self._run()
         finally:
             self.server.stop()
+
+    def _node_removal(self) -> dict:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # the nodes' workers inherit it
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        self.address = cluster.address
+
+        def remove_node(process):
+            if self.wait_for_epoch(process, 2):
+                cluster.remove_node(node, allow_graceful=False)
+                deadline = time.monotonic() + self.args.replace_after
+                while time.monotonic() < deadline and process.poll() is None:
+                    time.sleep(0.5)
+                cluster.add_node(num_cpus=1)
+
+        try:
+            self.run_once(remove_node)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        return self._train_row()
+
+    def _sweep(self) -> dict:
+        def kill_driver(process):
+            while process.poll() is None and _max_child_step(self.server.uri, self.experiment) < 2:
+                time.sleep(0.5)
+            leftovers = _descendants(process.pid)  # the local Ray this driver started outlives it
+            process.kill()
+            process.wait()
+            time.sleep(2)
+            _kill_all(leftovers)
+
+        if self.name.endswith("driver-kill"):
+            self.run_once(kill_driver)
+        self.run_once(None)
+        parent, children = _sweep_runs(self.server.uri, self.experiment)
+        client = _client(self.server.uri)
+        epochs = self.epochs
+        found = expected = duplicates = 0
+        lost: list[str] = []
+        statuses = Counter()
+        failed_errors = []
+        for child in children:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+            counts = Counter(steps)
+            statuses[child.info.status] += 1
+            duplicates += sum(n - 1 for n in counts.values() if n > 1)
+            if child.info.status == "FAILED":
+                failed_errors.append(child.data.tags.get("fowkal.error", ""))
+                continue  # a diverged trial has no epoch to keep
+            expected += epochs
+            found += len(set(steps) & set(range(1, epochs + 1)))
+            missing = sorted(set(range(1, epochs + 1)) - set(steps))
+            if missing:
+                lost.append(f"{child.info.run_name} {missing}")
+        trials = 2
+        parent_status = parent.info.status if parent else "-"
+        failed_tag = parent.data.tags.get("fowkal.failed_trials", "") if parent else ""
+        if self.name == "nan-trial":
+            diverged = len(failed_errors) == 1 and failed_errors[0].startswith(
+                "FloatingPointError: non-finite"
+            )
+            ok = diverged and statuses["FINISHED"] == trials - 1 and failed_tag == f"1 of {trials}"
+        else:
+            ok = statuses["FINISHED"] == trials
+        ok = ok and not lost and not duplicates and len(children) == trials and parent_status == "FINISHED"
+        outcome = "nothing lost" if ok else (f"LOST {'; '.join(lost)}" if lost else "CHECK")
+        if self.name == "nan-trial":
+            error = failed_errors[0][:60] if failed_errors else "no FAILED trial"
+            outcome += f"; 1 FAILED ({error}...), parent: failed_trials={failed_tag!r}"
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(statuses.items()))
+        status = f"parent {parent_status}, children {counts}"
+        return {
+            "scenario": self.name,
+            "exits": ",".join(str(code) for code in self.exits),
+            "outcome": outcome,
+            "epochs": f"{found}/{expected}",
+            "duplicates": duplicates,
+            "status": status,
+            "replayed": ",".join(c.data.tags.get("fowkal.replayed_values", "0") for c in children) or "-",
+            "wall_s": self.wall,
+        }
 
     def _run(self) -> dict:
         epochs, outage = self.args.epochs, self.args.outage
@@ -195,6 +398,10 @@ class Scenario:
         elif self.name == "ctrl-c":
             self.run_once(interrupt)
             self.run_once(None)
+        return self._train_row()
+
+    def _train_row(self) -> dict:
+        epochs = self.epochs
         run_id, steps = _steps(self.server.uri, self.experiment)
         run = _client(self.server.uri).get_run(run_id) if run_id else None
         self.server.stop()
@@ -225,13 +432,24 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=128, help="synthetic training images")
     parser.add_argument("--outage", type=float, default=60.0, help="seconds the server is down mid-training")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument("--sweep-epochs", type=int, default=6, help="epochs of each sweep trial")
+    parser.add_argument("--sweep-images", type=int, default=32, help="synthetic training images of sweeps")
+    parser.add_argument(
+        "--replace-after", type=float, default=10.0, help="node-removal: seconds until a new node joins"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="do not add the no-fault run of each scenario's kind"
+    )
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
-    if "baseline" not in names:
-        names.insert(0, "baseline")
+    if not args.no_baseline:
+        for base_name in dict.fromkeys(baseline_of(n) for n in list(names)):
+            if base_name not in names:
+                names.insert(0, base_name)
+        names.sort(key=lambda n: (SCENARIOS.index(baseline_of(n)), n != baseline_of(n)))
     root = Path(tempfile.mkdtemp(prefix="fowkal_faults_"))
     args.data_dir = root / "synthetic"
     rows = []
@@ -239,20 +457,24 @@ def main() -> int:
         row = Scenario(name, args, root).run()
         rows.append(row)
         print(row, flush=True)
-    base = rows[0]["wall_s"]
-    print(f"\n{args.epochs} epochs x {args.images} images, outage {args.outage:.0f} s; work dir {root}\n")
+    walls = {row["scenario"]: row["wall_s"] for row in rows}
+    print(
+        f"\ntrain: {args.epochs} epochs x {args.images} images, outage {args.outage:.0f} s; sweeps: 2 trials "
+        f"x {args.sweep_epochs} epochs x {args.sweep_images} images; work dir {root}\n"
+    )
     print(
         "| scenario | outcome | epochs in MLflow / expected | duplicates | status | replayed values "
         "| exits | wall time vs no fault |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ratio = f"{row['wall_s']:.0f} s ({row['wall_s'] / base:.2f}x)"
+        base = walls.get(baseline_of(row["scenario"]))
+        ratio = f"{row['wall_s']:.0f} s" + (f" ({row['wall_s'] / base:.2f}x)" if base else "")
         print(
             f"| {row['scenario']} | {row['outcome']} | {row['epochs']} | {row['duplicates']} "
             f"| {row['status']} | {row['replayed']} | {row['exits']} | {ratio} |"
         )
-    return 0 if all(row["outcome"] == "nothing lost" for row in rows) else 1
+    return 0 if all(row["outcome"].startswith("nothing lost") for row in rows) else 1
 
 
 if __name__ == "__main__":
