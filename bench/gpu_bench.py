@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -40,7 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.train_throughput import _median, measure_steps  # noqa: E402
+from bench.train_throughput import (  # noqa: E402
+    _median,
+    measure_plain_in_fresh_process,
+    measure_steps,
+    measure_under_ray_train,
+)
 
 MINI = Path(os.environ.get("FOWKAL_MINI_DIR", REPO.parent / "shared" / "data" / "coco_wholebody_mini"))
 NUM_KEYPOINTS = 133
@@ -59,35 +63,12 @@ def measure_bf16_steps(config: dict) -> dict:
 
 
 def plain_in_fresh_process(config: dict) -> dict:
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_bf16_steps, (config,))
+    return measure_plain_in_fresh_process(config, step_fn=measure_bf16_steps)
 
 
 def ray_train_in_fresh_worker(config: dict) -> dict:
     """One Train V2 worker (a fresh actor of a local Ray started for this measurement) runs the same step."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.ray_utils import init_ray
-
-    init_ray()
-    use_gpu = config["device"] == "cuda"
-    resources = {"CPU": int(config["threads"])}
-    if use_gpu:
-        resources["GPU"] = 1
-    with tempfile.TemporaryDirectory(prefix="fowkal_gpu_bench_") as storage:
-        trainer = TorchTrainer(
-            measure_bf16_steps,
-            train_loop_config={**config, "under_ray": True},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name="gpu-bench", storage_path=storage),
-        )
-        result = trainer.fit()
-    ray.shutdown()
-    return dict(result.return_value)
+    return measure_under_ray_train(config, step_fn=measure_bf16_steps, name="gpu-bench")
 
 
 def section_ratio(settings: dict) -> dict:

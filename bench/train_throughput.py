@@ -92,8 +92,9 @@ def _ray_worker(config: dict) -> dict:
     return measure_steps(config)
 
 
-def measure_under_ray_train(config: dict) -> dict:
-    """Run ``measure_steps`` as a one-worker Ray Train (V2) run and return the metrics it reported."""
+def measure_under_ray_train(config: dict, step_fn=_ray_worker, name: str = "bench-train") -> dict:
+    """Run ``step_fn(config)`` (default ``measure_steps``; a module-level function, so that the worker can
+    import it) as a one-worker Ray Train (V2) run of a local Ray started for it; return what it returned."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -106,24 +107,24 @@ def measure_under_ray_train(config: dict) -> dict:
     resources = {"CPU": int(config["threads"])}
     if use_gpu:
         resources["GPU"] = 1
-    with tempfile.TemporaryDirectory(prefix="fowkal_bench_train_") as storage:
+    with tempfile.TemporaryDirectory(prefix=f"fowkal_{name}_") as storage:
         trainer = TorchTrainer(
-            _ray_worker,
+            step_fn,
             train_loop_config={**config, "under_ray": True},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name="bench-train", storage_path=storage),
+            run_config=RunConfig(name=name, storage_path=storage),
         )
         result = trainer.fit()
     ray.shutdown()
     return dict(result.return_value)
 
 
-def measure_plain_in_fresh_process(config: dict) -> dict:
-    """``measure_steps`` in a spawned interpreter: the same fresh-process start the Ray Train worker gets."""
+def measure_plain_in_fresh_process(config: dict, step_fn=measure_steps) -> dict:
+    """``step_fn(config)`` in a spawned interpreter: the fresh-process start the Ray Train worker gets."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_steps, (config,))
+        return pool.apply(step_fn, (config,))
 
 
 def _median(values: list[float]) -> float:
