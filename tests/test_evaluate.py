@@ -265,11 +265,15 @@ def test_detections_to_results_rescoring_and_nms_per_image():
 @pytest.mark.parametrize("processes", [1, 2])
 def test_scoring_prints_nothing_even_through_a_patched_print(annotations, monkeypatch, capsys, processes):
     # Ray Train's workers replace builtins.print with one that logs; xtcocotools' progress lines must not
-    # reach the console either way.
+    # reach the console either way (the numpy engine prints nothing of its own).
     import builtins
+
+    from trainer.evaluate import WholeBodyEvaluator
 
     printed = []
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
     metrics = evaluate_wholebody(MINI_ANN, ground_truth_results(annotations), processes=processes)
     assert metrics["wholebody/AP"] == pytest.approx(1.0)
+    reference = WholeBodyEvaluator(MINI_ANN, processes=processes, engine="xtcocotools")
+    assert reference.evaluate(ground_truth_results(annotations)) == metrics
     assert printed == [] and capsys.readouterr().out == ""

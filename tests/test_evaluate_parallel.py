@@ -1,5 +1,6 @@
-"""Validation at scale (trainer/evaluate.py): parallel passes, the parse-once evaluator and the vectorised
-OKS-NMS give today's serial numbers, on the mini set and on a synthetic val-like set."""
+"""Validation at scale (trainer/evaluate.py): the numpy engine, the xtcocotools engine's parallel passes, the
+parse-once evaluator and the vectorised OKS-NMS give today's serial numbers, on the mini set and on a
+synthetic val-like set."""
 
 from __future__ import annotations
 
@@ -126,11 +127,14 @@ def test_mini_numbers_equal_the_ones_recorded_before_the_change():
         zip(golden["eval/metric_names"].tolist(), golden["eval/metric_values"].tolist(), strict=True)
     )
     evaluator = WholeBodyEvaluator(ANN, processes=2)
+    reference = WholeBodyEvaluator(ANN, processes=2, engine="xtcocotools")
     for metrics in (
         evaluate_wholebody(ANN, results, processes=1),
         evaluate_wholebody(ANN, results),
         evaluator.evaluate(results),
         evaluator.evaluate(results),  # the evaluator is reusable: same numbers the second time
+        reference.evaluate(results),
+        reference.evaluate(results),
     ):
         _assert_same(metrics, recorded)
 
@@ -149,9 +153,10 @@ def test_synthetic_val_set_parallel_equals_serial_and_nms_equals_the_reference(t
     assert 0.3 * len(scores) < len(results) == len(kept) < len(scores)  # NMS both keeps and suppresses
     np.testing.assert_array_equal([r["image_id"] for r in results], predictions["image_ids"][kept])
     np.testing.assert_array_equal([r["score"] for r in results], scores[kept])
-    serial = WholeBodyEvaluator(ann_file, processes=1).evaluate(results)
-    parallel = WholeBodyEvaluator(ann_file, processes=3).evaluate(results)
+    serial = WholeBodyEvaluator(ann_file, processes=1, engine="xtcocotools").evaluate(results)
+    parallel = WholeBodyEvaluator(ann_file, processes=3, engine="xtcocotools").evaluate(results)
     _assert_same(parallel, serial)
+    _assert_same(WholeBodyEvaluator(ann_file).evaluate(results), serial)
     assert 0 < serial["wholebody/AP"] < 1
 
 
@@ -188,19 +193,28 @@ def test_oks_nms_matrix_equals_one_to_many_greedy_on_random_clusters():
 
 
 @needs_mini
-def test_evaluator_parses_the_file_once_and_checks_its_inputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["numpy", "xtcocotools"])
+def test_evaluator_parses_the_file_once_and_checks_its_inputs(tmp_path, monkeypatch, engine):
     import xtcocotools.coco
 
-    calls = []
+    from trainer import keypoint_eval
+
+    calls, arrays = [], []
     real_init = xtcocotools.coco.COCO.__init__
+    real_ground_truth = keypoint_eval.ground_truth_from_dataset
 
     def counting(self, *args, **kwargs):
         calls.append(args)
         real_init(self, *args, **kwargs)
 
+    def counting_ground_truth(dataset):
+        arrays.append(1)
+        return real_ground_truth(dataset)
+
     monkeypatch.setattr(xtcocotools.coco.COCO, "__init__", counting)
-    evaluator = WholeBodyEvaluator(ANN)
-    parsed = len(calls)
+    monkeypatch.setattr(keypoint_eval, "ground_truth_from_dataset", counting_ground_truth)
+    evaluator = WholeBodyEvaluator(ANN, engine=engine)
+    parsed = len(calls) if engine == "xtcocotools" else len(arrays)
     truth = json.loads(ANN.read_text())["annotations"]
     results = [
         {"image_id": a["image_id"], "category_id": 1, "score": 1.0, **{f: a[f] for f in FIELDS}}
@@ -208,11 +222,14 @@ def test_evaluator_parses_the_file_once_and_checks_its_inputs(tmp_path, monkeypa
     ]
     for _ in range(3):
         evaluator.evaluate(results)
-    assert len([c for c in calls if c and isinstance(c[0], str)]) == parsed == 1  # loadRes builds COCO() too
+    if engine == "xtcocotools":
+        assert len([c for c in calls if c and isinstance(c[0], str)]) == parsed == 1  # loadRes builds COCO()
+    else:
+        assert len(arrays) == parsed == 1 and calls == []  # the numpy engine never builds a COCO
     with pytest.raises(ValueError, match="123456789"):
         evaluator.evaluate([dict(results[0], image_id=123456789)])
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        WholeBodyEvaluator(tmp_path / "nope.json")
+        WholeBodyEvaluator(tmp_path / "nope.json", engine=engine)
     assert evaluator.evaluate([])["wholebody/AP"] == -1.0
 
 
@@ -235,7 +252,7 @@ def test_passes_fork_only_from_a_single_threaded_process(tmp_path, monkeypatch):
 
     ann_file, predictions = synthetic_val_set(tmp_path)
     results = _results(predictions)
-    serial = WholeBodyEvaluator(ann_file, processes=1).evaluate(results)
+    serial = WholeBodyEvaluator(ann_file, processes=1, engine="xtcocotools").evaluate(results)
     forks = []
     real_get_context = multiprocessing.get_context
 
@@ -248,13 +265,17 @@ def test_passes_fork_only_from_a_single_threaded_process(tmp_path, monkeypatch):
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait, daemon=True)
     worker.start()
+    forking = WholeBodyEvaluator(ann_file, processes=3, engine="xtcocotools")
     try:
-        _assert_same(WholeBodyEvaluator(ann_file, processes=3).evaluate(results), serial)
+        _assert_same(forking.evaluate(results), serial)
     finally:
         stop.set()
         worker.join()
     assert forks == []
     # A single-threaded process forks its pass workers.
     monkeypatch.setattr(evaluate.threading, "active_count", lambda: 1)
+    _assert_same(forking.evaluate(results), serial)
+    assert forks == ["fork"]
+    # The numpy engine forks nothing.
     _assert_same(WholeBodyEvaluator(ann_file, processes=3).evaluate(results), serial)
     assert forks == ["fork"]

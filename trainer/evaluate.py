@@ -1,10 +1,11 @@
-"""COCO-WholeBody evaluation with xtcocotools, plus the detection-box post-processing (rescoring, OKS-NMS).
+"""COCO-WholeBody evaluation, plus the detection-box post-processing (rescoring, OKS-NMS).
 
 The protocol is COCO-WholeBody v1.0's (Jin et al. 2020, as MMPose runs it): one ``COCOeval`` pass per part
 (``keypoints_body``, ``keypoints_foot``, ``keypoints_face``, ``keypoints_lefthand``, ``keypoints_righthand``)
 with that part's OKS sigmas, and one ``keypoints_wholebody`` pass with all 133 sigmas, all with
 ``use_area=True`` (OKS normalised by the ground-truth segmentation area). Every pass ranks detections by the
-result's ``score``.
+result's ``score``. Two engines give the same numbers: ``numpy`` (``trainer.keypoint_eval``, array
+operations, the default) and ``xtcocotools`` (its ``COCOeval``, per-image Python; the reference).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer import keypoint_eval
+from trainer.config import EvalConfig
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RANGES, SIGMAS
+
+# Evaluation engines: "numpy" (trainer.keypoint_eval) and "xtcocotools" (the reference, and a fallback).
+ENGINES: tuple[str, ...] = ("numpy", "xtcocotools")
 
 # Part name -> (xtcocotools iouType, result/annotation field). Whole-body concatenates all five fields.
 _PART_IOU_TYPES: dict[str, str] = {
@@ -62,7 +68,13 @@ def _part_sigmas(part: str) -> np.ndarray:
     return sigmas[start:stop]
 
 
-def _load_results(results) -> list[dict]:
+def _part_slice(part: str) -> slice:
+    return slice(0, NUM_KEYPOINTS) if part == "wholebody" else slice(*PART_RANGES[part])
+
+
+def _load_results(results, copy_lists: bool = True) -> list[dict]:
+    """The checked result list; with ``copy_lists`` a copy of the result-format fields only (what xtcocotools
+    may modify), else the caller's dicts themselves (the numpy engine only reads them)."""
     if isinstance(results, (str, Path)):
         path = Path(results)
         try:
@@ -91,6 +103,8 @@ def _load_results(results) -> list[dict]:
                     f"results[{index}] (image_id {result['image_id']!r}): field {field!r} must have "
                     f"{3 * length} values (x, y, score for {length} keypoints), got {len(result[field])}"
                 )
+        if not copy_lists:
+            continue
         # Keep only the result-format fields: xtcocotools' loadRes treats a 'bbox' key as a box result.
         # A copy (flat lists of numbers: a list copy is a deep one), so xtcocotools' additions stay off them.
         checked.append(
@@ -99,33 +113,42 @@ def _load_results(results) -> list[dict]:
                 for field in _RESULT_FIELDS
             }
         )
-    return checked
+    return checked if copy_lists else results
 
 
 class WholeBodyEvaluator:
     """COCO-WholeBody evaluation against one annotation file, parsed once (e.g. once per training run).
 
-    ``evaluate(results)`` runs the six xtcocotools passes (five parts and whole-body); they are independent,
-    so with ``processes > 1`` they run in forked worker processes that inherit the parsed ground truth and
-    results (nothing is pickled but the ten statistics of each pass), when the calling process runs no
-    other thread (forking a threaded process can deadlock the child); otherwise in this process. Same
-    numbers as one process: each pass recomputes every flag it reads (``ignore``, the score key) from the
-    annotations.
+    ``evaluate(results)`` runs the six passes (five parts and whole-body). With ``engine="numpy"`` (the
+    default) they are ``trainer.keypoint_eval``'s array operations, in this process (seconds at val scale).
+    With ``engine="xtcocotools"`` they are xtcocotools' ``COCOeval``: with ``processes > 1`` in forked
+    worker processes that inherit the parsed ground truth and results (nothing is pickled but the ten
+    statistics of each pass), when the calling process runs no other thread (forking a threaded process can
+    deadlock the child); otherwise in this process. Same numbers either way (to 1e-12; identical on the
+    tested sets).
     """
 
-    def __init__(self, ann_file, processes: int | None = None) -> None:
-        from xtcocotools.coco import COCO
-
+    def __init__(self, ann_file, processes: int | None = None, *, engine: str = "numpy") -> None:
         self.ann_file = Path(ann_file)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"annotation file {self.ann_file} does not exist")
-        # One process per pass, at most one per core; 1 runs the passes here.
+        self.engine = engine
+        # xtcocotools engine: one process per pass, at most one per core; 1 runs the passes here.
         self.processes = (
             min(len(_PART_IOU_TYPES), os.cpu_count() or 1) if processes is None else int(processes)
         )
-        with _silenced():  # xtcocotools prints progress to stdout
-            self.coco_gt = COCO(str(self.ann_file))
-        self._known_ids = set(self.coco_gt.getImgIds())
+        if engine == "numpy":
+            with self.ann_file.open() as handle:
+                self.ground_truth = keypoint_eval.ground_truth_from_dataset(json.load(handle))
+            self._known_ids = set(self.ground_truth.image_ids)
+        else:
+            from xtcocotools.coco import COCO
+
+            with _silenced():  # xtcocotools prints progress to stdout
+                self.coco_gt = COCO(str(self.ann_file))
+            self._known_ids = set(self.coco_gt.getImgIds())
 
     @classmethod
     def for_file(cls, ann_file) -> WholeBodyEvaluator:
@@ -141,7 +164,7 @@ class WholeBodyEvaluator:
 
     def evaluate(self, results) -> dict[str, float]:
         """Metrics of ``results``; arguments, return value and errors as ``evaluate_wholebody``."""
-        return self._evaluate_checked(_load_results(results))
+        return self._evaluate_checked(_load_results(results, copy_lists=self.engine == "xtcocotools"))
 
     def _evaluate_checked(self, checked: list[dict]) -> dict[str, float]:
         unknown_ids = sorted({result["image_id"] for result in checked} - self._known_ids, key=str)
@@ -153,6 +176,14 @@ class WholeBodyEvaluator:
         metrics: dict[str, float] = {}
         if not checked:
             all_stats = {part: np.full(len(_STAT_NAMES), -1.0) for part in _PART_IOU_TYPES}
+        elif self.engine == "numpy":
+            detections = keypoint_eval.detections_from_results(self.ground_truth, checked)
+            all_stats = {
+                part: keypoint_eval.evaluate_part(
+                    self.ground_truth, detections, _part_slice(part), _part_sigmas(part)
+                )
+                for part in _PART_IOU_TYPES
+            }
         else:
             with _silenced(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*not found, use 'score' instead.*")
@@ -222,7 +253,8 @@ def evaluate_wholebody(ann_file, results, processes: int | None = None) -> dict[
             ``face_kpts`` 68x3, ``lefthand_kpts`` 21x3, ``righthand_kpts`` 21x3, flattened, with a keypoint
             score as third value, and ``score``), or the path of a JSON file holding that list. Other keys
             are ignored. The inputs are not modified.
-        processes: worker processes for the six passes (None: one per core, at most 6; 1: this process).
+        processes: worker processes for the six passes of the xtcocotools engine (None: one per core, at
+            most 6; 1: this process); the default numpy engine runs them in this process.
 
     Returns:
         ``{part}/{stat}`` for part in body, foot, face, lefthand, righthand, wholebody and stat in AP, AP50,
@@ -236,7 +268,8 @@ def evaluate_wholebody(ann_file, results, processes: int | None = None) -> dict[
     ann_path = Path(ann_file)
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file {ann_path} does not exist")
-    checked = _load_results(results)  # malformed results are reported before the file is parsed
+    # Malformed results are reported before the file is parsed (the numpy engine only reads the dicts).
+    checked = _load_results(results, copy_lists=False)
     return WholeBodyEvaluator(ann_path, processes=processes)._evaluate_checked(checked)
 
 
@@ -281,7 +314,9 @@ def keypoints_to_results(image_ids, keypoints_133x3, scores, category_id: int = 
     return results
 
 
-def rescore_instances(box_scores, keypoint_scores, keypoint_score_thr: float = 0.2) -> np.ndarray:
+def rescore_instances(
+    box_scores, keypoint_scores, keypoint_score_thr: float = EvalConfig.rescore_keypoint_thr
+) -> np.ndarray:
     """Instance score = box score x mean of the keypoint scores above a threshold (MMPose's rescoring).
 
     Args:
@@ -329,7 +364,7 @@ def _greedy_keep(oks: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
     return keep
 
 
-def oks_nms(instances: Sequence[dict], thr: float = 0.9, sigmas=SIGMAS) -> list[int]:
+def oks_nms(instances: Sequence[dict], thr: float = EvalConfig.nms_thr, sigmas=SIGMAS) -> list[int]:
     """Greedy non-maximum suppression by object keypoint similarity, within one image.
 
     Args:
@@ -366,8 +401,8 @@ def detections_to_results(
     keypoint_scores,
     box_scores,
     areas,
-    keypoint_score_thr: float = 0.2,
-    nms_thr: float = 0.9,
+    keypoint_score_thr: float = EvalConfig.rescore_keypoint_thr,
+    nms_thr: float = EvalConfig.nms_thr,
     sigmas=SIGMAS,
     category_id: int = 1,
 ) -> list[dict]:
