@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune.search.optuna import OptunaSearch
+
 from orchestrator import tracking
 from orchestrator.ablation_arms import AblationArm, load_ablation_arms
 from orchestrator.definition_file import SearchSpaceError
@@ -581,9 +583,8 @@ def _tune_config(plan: SweepPlan, settings: SweepSettings, concurrent: int):
         )
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(
+    searcher = EvaluationEpochOptunaSearch(
         space=plan.space.optuna_define_by_run,
         metric=plan.metric,
         mode=plan.mode,
@@ -607,6 +608,17 @@ def _tune_config(plan: SweepPlan, settings: SweepSettings, concurrent: int):
         trial_name_creator=name_creator,
         trial_dirname_creator=dirname_creator,
     )
+
+
+class EvaluationEpochOptunaSearch(OptunaSearch):
+    """Optuna TPE that hears only the results holding the metric: a validation metric is reported at the
+    evaluation epochs alone (``eval_interval``), and OptunaSearch fails on the others with a KeyError that
+    ends the whole sweep (ASHA skips them by itself)."""
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
 
 
 def _param_space(plan: SweepPlan, seed_values: list[int]) -> dict:
