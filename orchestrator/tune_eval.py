@@ -11,8 +11,11 @@ no training, and with the heatmaps kept no forward pass either:
   heatmaps of every box (down to the lowest detection score the space can ask for) under
   ``<storage>/heatmap_cache/<key>``; a later tune-eval of the same checkpoint and data reuses them.
 - Each Tune trial (:func:`run_eval_trial`) decodes, rescores, suppresses and scores the cached heatmaps with
-  its settings, in its own MLflow child run under the sweep's parent. The first trial is the checkpoint
-  config's own settings (the defaults), so the gain over them is measured, not assumed.
+  its settings, in its own MLflow child run under the sweep's parent. Decoding depends only on the flip
+  mode and the kernel: the first trial of a flip mode decodes every box for every kernel of the space and
+  keeps the keypoints under ``<sweep>/decoded``; later trials of that mode only select, rescore and score.
+  The first trial is the checkpoint config's own settings (the defaults), so the gain over them is
+  measured, not assumed.
 - Parent run: in the evaluated run's experiment and nested under it with ``--run``; else in
   ``--experiment`` (``fowkal-tune-eval``). Children end FINISHED (scored), FAILED (error) or KILLED (the
   sweep ended before they were scored), the status rules of sweeps (``orchestrator.trial_status``).
@@ -80,10 +83,16 @@ class EvalSweepPlan:
     space: SearchSpace
     metric: str = DEFAULT_METRIC
     mode: str = "max"
+    decode_kernels: tuple[int, ...] = ()  # the blur kernels a trial can ask for: decoded in one pass
 
     @property
     def tune_dir(self) -> str:
         return str(Path(self.sweep_dir) / "tune")
+
+    @property
+    def decoded_dir(self) -> str:
+        """Where trials keep the decoded keypoints per (flip mode, kernel), for the sweep's other trials."""
+        return str(Path(self.sweep_dir) / "decoded")
 
 
 @dataclass
@@ -154,6 +163,19 @@ def lowest_det_score_thr(space: SearchSpace, base: float) -> float:
         candidates.append(param.low)
     candidates += [p["data.det_score_thr"] for p in space.extra_points if "data.det_score_thr" in p]
     return float(min(candidates))
+
+
+def blur_kernels(space: SearchSpace, base: int) -> tuple[int, ...]:
+    """Every ``eval.blur_kernel`` a trial can ask for (odd values of an int range), with the base one."""
+    param = space.parameters.get("eval.blur_kernel")
+    values = {int(base)}
+    if param is not None and param.distribution == "constant":
+        values.add(int(param.value))
+    elif param is not None and param.distribution == "categorical":
+        values.update(int(c) for c in param.choices)
+    elif param is not None and param.distribution == "int":
+        values.update(k for k in range(int(param.low), int(param.high) + 1) if k % 2 == 1)
+    return tuple(sorted(values))
 
 
 def base_settings(config) -> dict[str, Any]:
@@ -239,7 +261,13 @@ def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, f
     settings, det_score_thr = trial_settings(plan, trial_config)
     evaluator = WholeBodyEvaluator.for_file(plan.ann_file)
     metrics, boxes = _cache(plan.cache_dir).evaluate(
-        settings, det_score_thr, evaluator, plan.flip_test, plan.batch_size
+        settings,
+        det_score_thr,
+        evaluator,
+        plan.flip_test,
+        plan.batch_size,
+        kernels=plan.decode_kernels,
+        memo_dir=plan.decoded_dir,
     )
     return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
 
@@ -597,6 +625,7 @@ def run_tune_eval(
         space=space,
         metric=space.metric,
         mode=space.mode,
+        decode_kernels=blur_kernels(space, settings["eval.blur_kernel"]),
     )
     try:
         client.log_text(parent_run_id, Path(space_path).read_text(), Path(space_path).name)
@@ -770,6 +799,7 @@ __all__ = [
     "TuneEvalFailed",
     "TuneEvalOutcome",
     "base_settings",
+    "blur_kernels",
     "defaults_point",
     "evaluate_trial",
     "open_trial_run",

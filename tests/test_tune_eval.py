@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from test_eval_cli import ANN, DET, MINI, TINY_CONFIG, _save_checkpoint, _tiny_model
 
@@ -158,6 +159,52 @@ def test_cache_is_reused_selects_boxes_and_refuses_thresholds_it_cannot_answer(
     (high.path / "boxes.npz").unlink()
     with pytest.raises(ValueError, match=str(high.path)):
         HeatmapCache.open(high.path)
+
+
+def test_decoded_keypoints_are_kept_per_flip_mode_and_kernel(det_cache, tmp_path, monkeypatch):
+    from trainer.heatmap_cache import HeatmapCache
+    from trainer.inference import decode_heatmaps
+
+    calls = []
+    original = HeatmapCache.decode
+
+    def counting(self, flip_mode, kernels, batch_size=64):
+        calls.append((flip_mode, tuple(sorted(kernels))))
+        return original(self, flip_mode, kernels, batch_size)
+
+    monkeypatch.setattr(HeatmapCache, "decode", counting)
+    memo = tmp_path / "decoded"
+    first = HeatmapCache.open(det_cache.path)  # a trial process
+    keypoints, scores = first.decoded("exact", 5, True, 32, kernels=(3, 5, 11), memo_dir=memo)
+    # Every box, as decode_heatmaps gives them in batches of 32.
+    rows = slice(32, 64)
+    mirrored = torch.from_numpy(np.array(det_cache.mirrored[rows]))
+    expected = decode_heatmaps(
+        torch.from_numpy(np.array(det_cache.plain[rows])),
+        mirrored,
+        det_cache.center[rows],
+        det_cache.scale[rows],
+        "exact",
+        det_cache.stride,
+        5,
+    )
+    assert np.array_equal(keypoints[rows], expected[0]) and np.array_equal(scores[rows], expected[1])
+    assert calls == [("exact", (3, 5, 11))]  # one pass for the three kernels of the space
+    assert sorted(p.name for p in memo.glob("*.npz")) == [f"flip-exact-k{k}.npz" for k in (11, 3, 5)]
+    first.decoded("exact", 3, True, 32, kernels=(3, 5, 11), memo_dir=memo)  # from memory
+    second = HeatmapCache.open(det_cache.path)  # another trial process: from the files
+    again = second.decoded("exact", 11, True, 32, kernels=(3, 5, 11), memo_dir=memo)
+    assert len(calls) == 1
+    assert np.array_equal(again[0], first.decoded("exact", 11, True, 32, memo_dir=memo)[0])
+    # Another flip mode, or no flip test, is decoded (once).
+    second.decoded("shift", 11, True, 32, kernels=(3, 5, 11), memo_dir=memo)
+    second.decoded("exact", 11, False, 32, memo_dir=memo)
+    second.decoded("shift", 5, True, 32, kernels=(3, 5, 11), memo_dir=memo)
+    assert calls[1:] == [("shift", (3, 5, 11)), (None, (11,))]
+    # A damaged file is decoded again, not read.
+    (memo / "flip-exact-k3.npz").write_bytes(b"not a zip")
+    HeatmapCache.open(det_cache.path).decoded("exact", 3, True, 32, memo_dir=memo)
+    assert calls[-1] == ("exact", (3,))
 
 
 # ----------------------------------------------------------------------------------------------------------

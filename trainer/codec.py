@@ -181,12 +181,32 @@ def _peaks_and_patches(flat: torch.Tensor, height: int, width: int, reach: int):
     return argmax, scores, patches, row0 - (py - reach), col0 - (px - reach)
 
 
-def decode_dark(heatmaps, blur_kernel: int = 11):
+def _blur_stencil(patch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows^T @ patch @ cols`` per map (``[B, P, P]``, ``[B, P, 5]`` twice -> ``[B, 5, 5]``), summed term
+    by term in a fixed order (elementwise products and sums, exact IEEE operations wherever they run).
+
+    Not a batched ``@``: BLAS picks its kernel by the batch's size and the data's alignment, so a box's
+    keypoints moved in the last bits with the boxes decoded beside it (up to 1.6e-5 image px on noisy maps)
+    and a cached tune-eval trial could not equal ``fowkal eval`` at another box selection. Here a map's
+    result depends on that map alone.
+    """
+    size = patch.shape[-1]
+    inner = patch[:, :, 0, None] * cols[:, None, 0, :]  # [B, P, 5]: patch @ cols
+    for j in range(1, size):
+        inner += patch[:, :, j, None] * cols[:, None, j, :]
+    out = rows[:, 0, :, None] * inner[:, 0, None, :]  # [B, 5, 5]: rows^T @ inner
+    for i in range(1, size):
+        out += rows[:, i, :, None] * inner[:, i, None, :]
+    return out
+
+
+def decode_dark(heatmaps, blur_kernel: int | None = None):
     """DARK decoding (Zhang et al. 2020): argmax, Gaussian modulation, log, Taylor refinement at the maximum.
 
     Args:
         heatmaps: ``[N, K, H, W]`` NumPy array or torch tensor (any device).
-        blur_kernel: odd size of the modulating Gaussian kernel (sigma derived as OpenCV does: 2.0 for 11).
+        blur_kernel: odd size of the modulating Gaussian kernel (sigma derived as OpenCV does: 2.0 for 11);
+            None is ``trainer.config.EvalConfig.blur_kernel``, the evaluation default.
 
     Returns:
         ``(coords [N, K, 2], scores [N, K])`` of the same kind as the input (NumPy arrays, or tensors on the
@@ -201,6 +221,10 @@ def decode_dark(heatmaps, blur_kernel: int = 11):
     from the 15x15 (for an 11 kernel) patch around it. The rescaling uses the maximum of those 5x5 blurred
     values; it only matters where the 1e-10 floor before the log applies, i.e. never near a real peak.
     """
+    if blur_kernel is None:
+        from trainer.config import EvalConfig  # lazily: trainer.config imports this module
+
+        blur_kernel = EvalConfig.blur_kernel
     is_numpy = not isinstance(heatmaps, torch.Tensor)
     tensor = torch.from_numpy(np.ascontiguousarray(heatmaps)) if is_numpy else heatmaps.detach()
     if tensor.ndim != 4:
@@ -231,7 +255,7 @@ def decode_dark(heatmaps, blur_kernel: int = 11):
     offsets = torch.arange(size, device=device) + size
     blur_rows = blur.index_select(0, (offsets + row_shift[:, None]).reshape(-1)).reshape(batch, size, 5)
     blur_cols = blur.index_select(0, (offsets + col_shift[:, None]).reshape(-1)).reshape(batch, size, 5)
-    blurred = blur_rows.transpose(1, 2) @ (patch @ blur_cols)  # [B, 5, 5], centred on the argmax
+    blurred = _blur_stencil(patch, blur_rows, blur_cols)  # [B, 5, 5], centred on the argmax
     blurred_max = blurred.amax(dim=(1, 2))
     ratio = torch.where(blurred_max > 0, scores / blurred_max.clamp_min(torch.finfo(dtype).tiny), 1.0)
     log_map = torch.log((blurred * ratio[:, None, None]).clamp_min(_LOG_FLOOR))
@@ -343,6 +367,18 @@ def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True, mode: str 
             f"flip_index must be a permutation of 0..{num_kpts - 1} (heatmaps have K={num_kpts}), "
             f"got length {len(index)}"
         )
+    on_cpu = tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16  # (NumPy has no bfloat16)
+    if resolved != "exact" and on_cpu:
+        return _permute_channels(tensor, index, resolved, is_numpy)
+    if resolved == "exact" and on_cpu:
+        # The matrix's rows do not mix channels: reverse-and-move first (one product over the batch as it
+        # lies), then swap the channels in one copy.
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        moved = tensor.to(dtype) @ _exact_flip_matrix(tensor.shape[-1], stride, dtype, tensor.device)
+        flipped = _permute_channels(moved, index, "keep", False)
+        if tensor.dtype == torch.float16:
+            flipped = flipped.to(tensor.dtype)
+        return flipped.numpy() if is_numpy else flipped
     index_tensor = torch.as_tensor(index, dtype=torch.long, device=tensor.device)
     swapped = tensor.index_select(1, index_tensor)
     if resolved == "exact":
@@ -356,6 +392,24 @@ def flip_back_heatmaps(heatmaps, flip_index=None, shift: bool = True, mode: str 
         if resolved == "shift":
             flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
     return flipped.numpy() if is_numpy else flipped
+
+
+def _permute_channels(tensor: torch.Tensor, index: list[int], columns: str, is_numpy: bool):
+    """Output channel ``c`` is input channel ``index[c]``, its columns reversed and moved one to the right
+    (``"shift"``: column 0 is kept), reversed (``"none"``) or as they are (``"keep"``), on the CPU in one pass
+    through NumPy's reversed views. The values of ``index_select`` + ``flip`` + ``cat`` (a copy moves no
+    bits), without their intermediate copies of the batch (figures: bench/RESULTS.md, "Flip test")."""
+    source = tensor.detach().numpy()
+    out = np.empty(source.shape, dtype=source.dtype)
+    for channel, mirror in enumerate(index):
+        if columns == "shift":
+            out[:, channel, :, 1:] = source[:, mirror, :, :0:-1]
+            out[:, channel, :, 0] = source[:, mirror, :, -1]
+        elif columns == "none":
+            out[:, channel] = source[:, mirror, :, ::-1]
+        else:
+            out[:, channel] = source[:, mirror]
+    return out if is_numpy else torch.from_numpy(out)
 
 
 def heatmap_to_image_coords(coords, center, scale, heatmap_size) -> np.ndarray:

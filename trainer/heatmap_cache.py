@@ -8,6 +8,13 @@ selects the boxes of a detection-score threshold and decodes them through ``trai
 decoding path (``decode_heatmaps``), batch by batch as ``predict_keypoints`` does, so a trial at a run's
 settings gives exactly the numbers of ``fowkal eval`` on it.
 
+Decoding costs more than the evaluation of a trial at val scale (the flip test's average and DARK over
+every box), and depends only on the flip mode and the blur kernel: ``HeatmapCache.decoded`` decodes every
+box once per (flip mode, kernel), keeps the keypoints in memory and, given a ``memo_dir`` (``fowkal
+tune-eval`` gives its sweep directory), on disk for the other trial processes; one pass over the heatmaps of
+a flip mode decodes every kernel a sweep can ask for (the average is the costly part, DARK on the patch
+around each peak is cheap). A trial then only selects its boxes, rescores, suppresses and scores.
+
 A cache directory holds ``plain.npy`` and ``mirrored.npy`` (``[N, K, H, W]``, memory-mapped when read),
 ``boxes.npz`` (image ids, crop centres and scales, box scores, OKS-NMS areas) and ``info.json`` (what it was
 computed from, and its key). It is written under a temporary name and renamed, so a reader never sees half
@@ -16,12 +23,15 @@ of one; a directory whose key differs is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.checkpoint import LoadedCheckpoint
+from trainer.codec import flip_back_heatmaps
 from trainer.config import EvalConfig
 from trainer.evaluate import WholeBodyEvaluator
 from trainer.inference import (
@@ -45,6 +56,8 @@ from trainer.inference import (
 CACHE_DTYPE = np.float32
 _BOX_FIELDS = ("image_ids", "center", "scale", "box_scores", "areas")
 _FORMAT = 1
+# Decoded (flip mode, kernel) pairs an opened cache keeps in memory (45,000 boxes: 72 MB each).
+MEMO_ENTRIES = 8
 
 
 def _file_identity(path: str | os.PathLike | None) -> list | None:
@@ -94,6 +107,8 @@ class HeatmapCache:
     box_scores: np.ndarray
     areas: np.ndarray
     info: dict
+    # (flip mode or None without the flip test, kernel) -> (keypoints [N, K, 2], scores [N, K]) of every box
+    memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def stride(self) -> float:
@@ -127,39 +142,98 @@ class HeatmapCache:
             )
         return np.flatnonzero(self.box_scores >= np.float32(det_score_thr))
 
+    def decode(
+        self, flip_mode: str | None, kernels, batch_size: int = 64
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Every box decoded, per kernel of ``kernels``: kernel -> (image keypoints ``[N, K, 2]``, scores
+        ``[N, K]``), ``batch_size`` boxes at a time. ``flip_mode`` None: no flip test. The flip-test average
+        is computed once per batch for all kernels, then each kernel goes through ``decode_heatmaps`` (the
+        one decoding path), so each kernel's keypoints are those of ``predict_keypoints``."""
+        kernels = sorted({int(k) for k in kernels})
+        num, num_kpts = self.plain.shape[:2]
+        out = {
+            k: (np.empty((num, num_kpts, 2), np.float32), np.empty((num, num_kpts), np.float32))
+            for k in kernels
+        }
+        for start in range(0, num, batch_size):
+            rows = slice(start, start + batch_size)
+            maps = torch.from_numpy(np.array(self.plain[rows], dtype=np.float32))
+            if flip_mode is not None:  # the average of decode_heatmaps, once for every kernel
+                mirrored = torch.from_numpy(np.array(self.mirrored[rows], dtype=np.float32))
+                maps = 0.5 * (maps + flip_back_heatmaps(mirrored, mode=flip_mode, stride=self.stride))
+            for kernel in kernels:
+                keypoints, scores = decode_heatmaps(
+                    maps, None, self.center[rows], self.scale[rows], "shift", self.stride, kernel
+                )
+                out[kernel][0][rows], out[kernel][1][rows] = keypoints, scores
+        return out
+
+    def decoded(
+        self,
+        flip_mode: str,
+        blur_kernel: int,
+        flip_test: bool = True,
+        batch_size: int = 64,
+        *,
+        kernels=(),
+        memo_dir: str | os.PathLike | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Image keypoints ``[N, K, 2]`` and scores ``[N, K]`` of every box for one (flip mode, kernel),
+        decoded once: from memory, else from ``memo_dir`` (written by another trial process), else decoded
+        now together with the other ``kernels`` of the same flip mode (what a sweep can ask for next), and
+        kept in both. A lock file in ``memo_dir`` makes concurrent processes decode a flip mode once."""
+        mode = flip_mode if flip_test else None
+        key = (mode, int(blur_kernel))
+        if key in self.memo:
+            self.memo.move_to_end(key)
+            return self.memo[key]
+        wanted = sorted({int(blur_kernel), *(int(k) for k in kernels)})
+        if memo_dir is None:
+            decoded = self.decode(mode, wanted, batch_size)
+        else:
+            memo = Path(memo_dir)
+            memo.mkdir(parents=True, exist_ok=True)
+            stem = "noflip" if mode is None else f"flip-{mode}"
+            with _locked(memo / f"{stem}.lock"):
+                paths = {k: memo / f"{stem}-k{k}.npz" for k in wanted}
+                decoded = {k: _read_decoded(p) for k, p in paths.items() if p.is_file()}
+                missing = [k for k in wanted if decoded.get(k) is None]
+                if int(blur_kernel) in missing:
+                    for k, value in self.decode(mode, missing, batch_size).items():
+                        _write_decoded(paths[k], *value)
+                        decoded[k] = value
+        for kernel, value in decoded.items():
+            if value is not None:
+                self.memo[(mode, kernel)] = value
+        while len(self.memo) > MEMO_ENTRIES:
+            self.memo.popitem(last=False)
+        return decoded[int(blur_kernel)]
+
     def predictions(
         self,
         settings: EvalConfig,
         det_score_thr: float = 0.0,
         flip_test: bool = True,
         batch_size: int = 64,
+        *,
+        kernels=(),
+        memo_dir: str | os.PathLike | None = None,
     ) -> dict[str, np.ndarray]:
         """``predict_keypoints``'s output for the boxes of ``det_score_thr``, decoded with ``settings``
-        (``flip_mode``, ``blur_kernel``), ``batch_size`` boxes at a time."""
+        (``flip_mode``, ``blur_kernel``; once per pair, :meth:`decoded`)."""
         indices = self.select(det_score_thr)
-        keypoints, scores = [], []
-        for start in range(0, len(indices), batch_size):
-            rows = indices[start : start + batch_size]
-            plain = torch.from_numpy(np.asarray(self.plain[rows], dtype=np.float32))
-            mirrored = (
-                torch.from_numpy(np.asarray(self.mirrored[rows], dtype=np.float32)) if flip_test else None
-            )
-            kpts, kpt_scores = decode_heatmaps(
-                plain,
-                mirrored,
-                self.center[rows],
-                self.scale[rows],
-                settings.flip_mode,
-                self.stride,
-                settings.blur_kernel,
-            )
-            keypoints.append(kpts)
-            scores.append(kpt_scores)
-        num_kpts, height, width = self.plain.shape[1:]
+        keypoints, scores = self.decoded(
+            settings.flip_mode,
+            settings.blur_kernel,
+            flip_test,
+            batch_size,
+            kernels=kernels,
+            memo_dir=memo_dir,
+        )
         return {
             "image_ids": self.image_ids[indices],
-            "keypoints": np.concatenate(keypoints) if keypoints else np.zeros((0, num_kpts, 2), np.float32),
-            "keypoint_scores": np.concatenate(scores) if scores else np.zeros((0, num_kpts), np.float32),
+            "keypoints": keypoints[indices],
+            "keypoint_scores": scores[indices],
             "box_scores": self.box_scores[indices].astype(np.float64),
             "areas": self.areas[indices],
         }
@@ -171,12 +245,41 @@ class HeatmapCache:
         evaluator: WholeBodyEvaluator,
         flip_test: bool = True,
         batch_size: int = 64,
+        *,
+        kernels=(),
+        memo_dir: str | os.PathLike | None = None,
     ) -> tuple[dict[str, float], int]:
-        """COCO-WholeBody metrics of one setting (decode, rescoring, OKS-NMS, xtcocotools) and the number of
-        boxes it used."""
-        predictions = self.predictions(settings, det_score_thr, flip_test, batch_size)
+        """COCO-WholeBody metrics of one setting (decode or the memo, rescoring, OKS-NMS, xtcocotools) and
+        the number of boxes it used."""
+        predictions = self.predictions(
+            settings, det_score_thr, flip_test, batch_size, kernels=kernels, memo_dir=memo_dir
+        )
         results = results_from_predictions(predictions, settings)
         return evaluator.evaluate(results), len(predictions["image_ids"])
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_decoded(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path) as data:
+            return data["keypoints"], data["scores"]
+    except (OSError, ValueError, KeyError):
+        return None  # damaged: decoded again
+
+
+def _write_decoded(path: Path, keypoints: np.ndarray, scores: np.ndarray) -> None:
+    scratch = path.with_name(f".{path.stem}-{os.getpid()}.npz")
+    np.savez(scratch, keypoints=keypoints, scores=scores)
+    os.replace(scratch, path)
 
 
 @torch.no_grad()
