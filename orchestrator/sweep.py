@@ -484,7 +484,7 @@ def _fit(
         # A trial whose actor dies (its node went away) is started again, as many times as the config's
         # max_failures: its Train run continues from its checkpoint in storage. A trial whose training
         # failed is not trained again by Tune (Ray Train has already retried it: see trial.run_trial).
-        failure_config=tune.FailureConfig(max_failures=base.max_failures),
+        failure_config=tune.FailureConfig(max_failures=trial_restarts(base.max_failures)),
     )
 
     if settings.resume:
@@ -516,6 +516,17 @@ def _fit(
     # The experiment state is the authority on trials that never reported (PENDING or errored early).
     statuses.update(_tune_state_statuses(plan.tune_dir))
     return concurrent, statuses
+
+
+# Tune's restarts of a trial whose actor died, when the config says max_failures: -1 (retry forever): finite,
+# because a restarted trial whose training had failed fails again at once (trial.run_trial) and Tune would
+# restart it without end.
+TRIAL_RESTARTS_CAP = 10
+
+
+def trial_restarts(max_failures: int) -> int:
+    """Tune's ``FailureConfig.max_failures`` for trials of a config with ``max_failures``."""
+    return TRIAL_RESTARTS_CAP if max_failures < 0 else max_failures
 
 
 def _tune_state_statuses(tune_dir: str) -> dict[str, str]:

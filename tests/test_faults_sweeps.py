@@ -20,3 +20,21 @@ def test_tpe_ignores_results_without_the_validation_metric():
     searcher.on_trial_complete("t1", {"epoch": 2, "val/wholebody_AP": 0.1, "training_iteration": 2})
     [trial] = searcher._ot_study.trials
     assert trial.value == 0.1 and trial.intermediate_values == {2: 0.1}
+
+
+def test_tune_restarts_a_trial_within_the_configs_budget_and_never_forever():
+    from orchestrator.sweep import TRIAL_RESTARTS_CAP, trial_restarts
+
+    assert trial_restarts(0) == 0 and trial_restarts(2) == 2
+    assert trial_restarts(-1) == TRIAL_RESTARTS_CAP > 0  # a failed trial's instant re-failure must end
+
+
+def test_a_trial_whose_training_failed_is_not_trained_again_by_a_restart():
+    """Tune restarts a trial whose actor died; a trial whose training failed is recorded in the sweep's
+    ledger and its restart fails at once with the first error (Ray Train had already retried it)."""
+    from orchestrator.trial import ControllerLedger
+
+    ledger = ControllerLedger()
+    assert ledger.failure("t1") is None
+    ledger.mark_failed("t1", "FloatingPointError: non-finite training loss nan at epoch 1")
+    assert ledger.failure("t1").startswith("FloatingPointError") and ledger.failure("t2") is None
