@@ -37,12 +37,10 @@ from trainer.codec import (  # noqa: E402
     flip_back_heatmaps,
     heatmap_to_image_coords,
 )
-from trainer.config import config_from_dict, load_config  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 from trainer.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations  # noqa: E402
 from trainer.evaluate import detections_to_results, evaluate_wholebody  # noqa: E402
 from trainer.keypoints import NUM_KEYPOINTS  # noqa: E402
-from trainer.losses import LOSS_VARIANTS  # noqa: E402
-from trainer.model import build_pose_model  # noqa: E402
 
 MINI = ROOT.parent / "shared" / "data" / "coco_wholebody_mini"
 MINI_ANN = MINI / "test_coco_wholebody.json"
@@ -138,29 +136,18 @@ def train_smoke(directory: Path, epochs: int | None) -> Path:
 
 @torch.no_grad()
 def checkpoint_ap(checkpoint_path: Path) -> None:
-    from trainer.loop import (
-        load_training_checkpoint,
-        predict_keypoints,
-        resolve_datasets,
-        results_from_predictions,
-    )
+    from trainer.checkpoint import load_checkpoint_model
+    from trainer.inference import build_eval_dataset
+    from trainer.loop import predict_keypoints, resolve_datasets, results_from_predictions
 
-    state = load_training_checkpoint(checkpoint_path)
-    cfg = config_from_dict(state["config"], source=str(checkpoint_path))
-    model = build_pose_model(
-        cfg.model.backbone, NUM_KEYPOINTS, with_kaf=LOSS_VARIANTS[cfg.loss.variant].needs_kaf
-    )
-    model.load_state_dict(state["model"])
-    model.eval()
+    # The project's one checkpoint loader and evaluation dataset (the run's pipeline, cache_dir,
+    # gt_instances, detection file and threshold), as fowkal eval builds them.
+    loaded = load_checkpoint_model(checkpoint_path)
+    cfg, model = loaded.config, loaded.model.eval()
     paths = resolve_datasets(cfg.data)
     pipeline = cfg.data.pipeline
-    val_set = WholeBodyTopDownDataset(
-        paths["val_ann"],
-        paths["val_images"],
-        config=pipeline,
-        train=False,
-        det_file=paths["val_det"],
-        det_score_thr=cfg.data.det_score_thr,
+    val_set = build_eval_dataset(
+        cfg, paths["val_ann"], paths["val_images"], paths["val_det"], cfg.data.det_score_thr
     )
     loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, shuffle=False, num_workers=0)
     stride = pipeline.input_size[0] / pipeline.heatmap_size[0]
@@ -192,7 +179,7 @@ def checkpoint_ap(checkpoint_path: Path) -> None:
     }
     moved = np.linalg.norm(image_coords["exact"] - image_coords["shift"], axis=-1)
     print(
-        f"## Smoke-trained checkpoint ({checkpoint_path.name}, epoch {state.get('epoch')}, "
+        f"## Smoke-trained checkpoint ({checkpoint_path.name}, epoch {loaded.epoch}, "
         f"{cfg.model.backbone}, {pipeline.input_size[0]}x{pipeline.input_size[1]}, {len(val_set)} val boxes "
         f"on {len(np.unique(image_ids))} images)\n"
     )

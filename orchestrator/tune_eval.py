@@ -10,8 +10,9 @@ no training, and with the heatmaps kept no forward pass either:
 - The network runs once: ``trainer.heatmap_cache.build_heatmap_cache`` keeps the plain and mirrored
   heatmaps of every box (down to the lowest detection score the space can ask for) under
   ``<storage>/heatmap_cache/<key>``; a later tune-eval of the same checkpoint and data reuses them.
-- Each Tune trial (:func:`run_eval_trial`) decodes, rescores, suppresses and scores the cached heatmaps with
-  its settings, in its own MLflow child run under the sweep's parent. Decoding depends only on the flip
+- Each Tune trial (``orchestrator.tune_eval_trial``: ``run_eval_trial``, importable from here as every
+  public name of the trial side) decodes, rescores, suppresses and scores the cached heatmaps with its
+  settings, in its own MLflow child run under the sweep's parent. Decoding depends only on the flip
   mode and the kernel: the first trial of a flip mode decodes every box for every kernel of the space and
   keeps the keypoints under ``<sweep>/decoded``; later trials of that mode only select, rescore and score.
   The first trial is the checkpoint config's own settings (the defaults), so the gain over them is
@@ -45,14 +46,23 @@ from orchestrator.report_records import (  # the tags and file fowkal report rea
     TAG_TUNE_EVAL,
 )
 from orchestrator.sweep_space import SearchSpace, load_search_space
-from orchestrator.trial_status import MlflowTrialStatusCallback
-from trainer.config import EVAL_SETTING_KEYS, EvalConfig
+from orchestrator.tune_eval_trial import (  # the trial side; importable from here as before
+    DEFAULT_METRIC,
+    EVAL_PREFIX,
+    EvalSweepPlan,
+    EvalTrialStatusCallback,
+    evaluate_trial,
+    open_trial_run,
+    reconcile_eval_runs,
+    run_eval_trial,
+    trial_run_name,
+    trial_settings,
+)
+from trainer.config import EVAL_SETTING_KEYS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "fowkal-tune-eval"
-DEFAULT_METRIC = "eval/wholebody_AP"
-EVAL_PREFIX = "eval/"
 SUMMARY_FILE = "summary.md"
 # CPUs a trial holds: one decode + one xtcocotools evaluation at a time.
 TRIAL_CPUS = 1.0
@@ -64,35 +74,6 @@ class TuneEvalError(ValueError):
 
 class TuneEvalFailed(RuntimeError):
     """Every trial failed; the parent run is FAILED with the first error."""
-
-
-@dataclass
-class EvalSweepPlan:
-    """What every trial receives (plain, picklable data)."""
-
-    sweep_id: str
-    sweep_dir: str
-    cache_dir: str
-    ann_file: str
-    base_settings: dict  # the checkpoint config's EvalConfig fields + data.det_score_thr, dotted keys
-    flip_test: bool
-    batch_size: int
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    space: SearchSpace
-    metric: str = DEFAULT_METRIC
-    mode: str = "max"
-    decode_kernels: tuple[int, ...] = ()  # the blur kernels a trial can ask for: decoded in one pass
-
-    @property
-    def tune_dir(self) -> str:
-        return str(Path(self.sweep_dir) / "tune")
-
-    @property
-    def decoded_dir(self) -> str:
-        """Where trials keep the decoded keypoints per (flip mode, kernel), for the sweep's other trials."""
-        return str(Path(self.sweep_dir) / "decoded")
 
 
 @dataclass
@@ -203,14 +184,6 @@ def defaults_point(space: SearchSpace, settings: dict[str, Any], path) -> dict[s
     return point
 
 
-def trial_settings(plan: EvalSweepPlan, trial_config: dict) -> tuple[EvalConfig, float]:
-    """The trial's ``EvalConfig`` and detection-score threshold: base settings + the sampled values."""
-    values = dict(plan.base_settings)
-    values.update(plan.space.to_overrides(trial_config, ignore_unknown=True))
-    settings = EvalConfig(**{key[5:]: value for key, value in values.items() if key.startswith("eval.")})
-    return settings, float(values["data.det_score_thr"])
-
-
 def check_det_file(det_file) -> None:
     """The detection file is read now (``DatasetError`` names file, entry and field) so that a bad one
     fails before Ray, not in every trial."""
@@ -232,122 +205,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# one trial
-
-
-_OPEN: dict[str, Any] = {}  # per trial process: the opened cache (memory-mapped), reused by later trials
-
-
-def _cache(path: str):
-    from trainer.heatmap_cache import HeatmapCache
-
-    if _OPEN.get("path") != path:
-        _OPEN.update(path=path, cache=HeatmapCache.open(path))
-    return _OPEN["cache"]
-
-
-def trial_run_name(experiment_tag: str) -> str:
-    head = str(experiment_tag).split("_", 1)[0]
-    return f"ev-{int(head) if head.isdigit() else 0:03d}"
-
-
-def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, float], int]:
-    """``eval/*`` metrics of one trial's settings on the cached heatmaps, and the boxes used."""
-    from trainer.evaluate import WholeBodyEvaluator
-
-    settings, det_score_thr = trial_settings(plan, trial_config)
-    evaluator = WholeBodyEvaluator.for_file(plan.ann_file)
-    metrics, boxes = _cache(plan.cache_dir).evaluate(
-        settings,
-        det_score_thr,
-        evaluator,
-        plan.flip_test,
-        plan.batch_size,
-        kernels=plan.decode_kernels,
-        memo_dir=plan.decoded_dir,
-    )
-    return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
-
-
-def open_trial_run(plan: EvalSweepPlan, client, trial_id: str, run_name: str, trial_config: dict) -> str:
-    """The trial's MLflow child run under the parent (params: every setting; reopened by trial id)."""
-    overrides = plan.space.to_overrides(trial_config, ignore_unknown=True)
-    return tracking.start_run(
-        client,
-        plan.experiment_id,
-        run_name,
-        params={**plan.base_settings, **overrides},
-        tags=tracking.build_run_tags(
-            commit=tracking.git_commit(),
-            parent_run_id=plan.parent_run_id,
-            sweep_id=plan.sweep_id,
-            extra={tracking.TAG_TRIAL_ID: trial_id, TAG_TUNE_EVAL: "trial"},
-        ),
-        resume_key=f"{plan.sweep_id}/{trial_id}",
-    )
-
-
-def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
-    """One Tune trial: open the child run, score the settings on the cached heatmaps, report, end FINISHED."""
-    import ray.tune
-
-    context = ray.tune.get_context()
-    client = tracking.make_client(plan.tracking_uri)
-    run_id = open_trial_run(
-        plan, client, context.get_trial_id(), context.get_trial_name() or "ev-000", trial_config
-    )
-    try:
-        start = time.perf_counter()
-        metrics, boxes = evaluate_trial(plan, trial_config)
-        metrics["eval/boxes"] = float(boxes)
-        metrics["time/trial_s"] = time.perf_counter() - start
-        tracking.log_epoch_metrics(run_id, metrics, 0, client=client)
-    except BaseException as err:
-        tracking.end_run(run_id, "FAILED", client=client, error=err)
-        raise
-    tracking.end_run(run_id, "FINISHED", client=client)
-    ray.tune.report(metrics)
-
-
-class EvalTrialStatusCallback(MlflowTrialStatusCallback):
-    """The sweeps' status rules for evaluation trials: FINISHED once scored (the trial reported its
-    metric), FAILED on an error, KILLED when the sweep ended before the trial was scored."""
-
-    def _status(self, trial) -> str:
-        return "FINISHED" if self.plan.metric in (trial.last_result or {}) else "KILLED"
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, self._status(trial), "finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED", "error")
-
-    def on_experiment_end(self, trials, **info):
-        for trial in trials:
-            if trial.status == "ERROR":
-                self._end(trial, "FAILED", "error")
-            elif trial.status == "TERMINATED":
-                self._end(trial, self._status(trial), "reconciled at the end of the sweep")
-            else:
-                self._end(trial, "KILLED", f"sweep ended with the trial {trial.status}")
-
-
-def reconcile_eval_runs(plan: EvalSweepPlan, client) -> dict[str, str]:
-    """End every child still RUNNING (FINISHED if it logged the metric, else KILLED); name -> status."""
-    from orchestrator.report_records import child_runs
-
-    statuses = {}
-    for run in child_runs(client, plan.experiment_id, plan.parent_run_id):
-        status = run.info.status
-        if status == "RUNNING":
-            status = "FINISHED" if plan.metric in run.data.metrics else "KILLED"
-            client.set_tag(run.info.run_id, tracking.TAG_END_REASON, "reconciled at the end of the sweep")
-            tracking.end_run(run.info.run_id, status, client=client)
-        statuses[run.info.run_name or run.info.run_id] = status
-    return statuses
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -793,6 +650,7 @@ def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose
 __all__ = [
     "BEST_EVAL_FILE",
     "DEFAULT_EXPERIMENT",
+    "DEFAULT_METRIC",
     "EvalSweepPlan",
     "EvalTrialStatusCallback",
     "TuneEvalError",
@@ -806,7 +664,9 @@ __all__ = [
     "load_eval_space",
     "lowest_det_score_thr",
     "parameter_importances",
+    "reconcile_eval_runs",
     "run_eval_trial",
     "run_tune_eval",
+    "trial_run_name",
     "trial_settings",
 ]

@@ -537,3 +537,51 @@ def test_report_of_a_tune_eval_best_settings_gain_importances_links(
     assert "Gain over the defaults" in capsys.readouterr().out
     with pytest.raises(ReportError, match="tune-eval"):
         load_sweep(client, children[0].info.run_id)
+
+
+def test_eval_trial_status_callback_ends_children_by_the_sweeps_rules(tmp_path):
+    """Without Ray: trials as Tune hands them to the callback at the end of a sweep. A scored trial's run
+    ends FINISHED, an unscored one KILLED, an errored one FAILED, and a FAILED run stays FAILED."""
+    from types import SimpleNamespace
+
+    from orchestrator import tracking
+    from orchestrator.tune_eval import (
+        EvalSweepPlan,
+        EvalTrialStatusCallback,
+        base_settings,
+        defaults_point,
+        load_eval_space,
+        open_trial_run,
+        reconcile_eval_runs,
+    )
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.make_client(uri)
+    experiment_id = tracking.get_or_create_experiment(client, "status")
+    parent = tracking.start_run(client, experiment_id, "sweep")
+    space = load_eval_space(EVAL_SPACE)
+    plan = EvalSweepPlan(
+        "sweep-1", str(tmp_path), str(tmp_path), str(ANN), base_settings(config_from_dict({})), True, 8,
+        uri, experiment_id, parent, space,
+    )  # fmt: skip
+    point = defaults_point(space, plan.base_settings, EVAL_SPACE)
+    runs = {t: open_trial_run(plan, client, t, f"ev-{t}", point) for t in ("t1", "t2", "t3", "t4", "t5")}
+    tracking.end_run(runs["t4"], "FAILED", client=client, error="decoding failed")
+
+    def trial(trial_id, status, result):
+        return SimpleNamespace(trial_id=trial_id, status=status, last_result=result, config={})
+
+    scored = {plan.metric: 0.1}
+    trials = [
+        trial("t1", "TERMINATED", scored),
+        trial("t2", "TERMINATED", {}),
+        trial("t3", "ERROR", {}),
+        trial("t4", "TERMINATED", scored),
+        trial("t6", "PENDING", None),  # never started: no run
+    ]
+    EvalTrialStatusCallback(plan).on_experiment_end(trials)
+    status = {t: client.get_run(r).info.status for t, r in runs.items()}
+    assert status == {"t1": "FINISHED", "t2": "KILLED", "t3": "FAILED", "t4": "FAILED", "t5": "RUNNING"}
+    # What no trial settled (t5: Tune lost it) is settled at the end: unscored, KILLED.
+    statuses = reconcile_eval_runs(plan, client)
+    assert statuses["ev-t5"] == "KILLED" and client.get_run(runs["t5"]).info.status == "KILLED"

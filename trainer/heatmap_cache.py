@@ -158,9 +158,12 @@ class HeatmapCache:
         for start in range(0, num, batch_size):
             rows = slice(start, start + batch_size)
             maps = torch.from_numpy(np.array(self.plain[rows], dtype=np.float32))
-            if flip_mode is not None:  # the average of decode_heatmaps, once for every kernel
+            if flip_mode is not None:
+                # decode_heatmaps' 0.5 * (maps + flipped back), once for every kernel; in place (a sum
+                # commutes exactly, halving is exact), so without two allocations of the batch's size.
                 mirrored = torch.from_numpy(np.array(self.mirrored[rows], dtype=np.float32))
-                maps = 0.5 * (maps + flip_back_heatmaps(mirrored, mode=flip_mode, stride=self.stride))
+                flipped = flip_back_heatmaps(mirrored, mode=flip_mode, stride=self.stride)
+                maps = flipped.add_(maps).mul_(0.5)
             for kernel in kernels:
                 keypoints, scores = decode_heatmaps(
                     maps, None, self.center[rows], self.scale[rows], "shift", self.stride, kernel
