@@ -364,6 +364,44 @@ def _greedy_keep(oks: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
     return keep
 
 
+# Size of one batch of OKS terms [images, M, M, K] in float64: bounds the NMS temporaries.
+_NMS_BATCH_BYTES = 32 * 2**20
+
+
+def _nms_keep_per_image(image_ids, keypoints, scores, areas, variances, thr) -> np.ndarray:
+    """Sorted indices kept by greedy OKS-NMS within each image: per image what ``_greedy_keep`` keeps on
+    ``_oks_matrix`` (the same operations, batched over the images with the same number of candidates)."""
+    by_image = np.argsort(image_ids, kind="stable")  # each image's candidates together, in input order
+    if not len(by_image):
+        return np.zeros(0, dtype=np.int64)
+    sorted_ids = image_ids[by_image]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    counts = np.diff(np.r_[starts, len(by_image)])
+    keep = np.zeros(len(by_image), dtype=bool)
+    for count in np.unique(counts).tolist():
+        members = by_image[starts[counts == count][:, None] + np.arange(count)]  # [images, M]
+        per_batch = max(1, _NMS_BATCH_BYTES // (count * count * keypoints.shape[1] * 8))
+        for first in range(0, len(members), per_batch):
+            batch = members[first : first + per_batch]
+            points, batch_areas = keypoints[batch], areas[batch]
+            difference = points[:, None, :] - points[:, :, None]
+            # x^2 + y^2 written out: the same sum as .sum(axis=-1) over the pair, without a 2-long reduction
+            squared_distance = difference[..., 0] ** 2 + difference[..., 1] ** 2
+            mean_area = (batch_areas[:, :, None] + batch_areas[:, None, :]) / 2 + np.spacing(1)
+            exponent = squared_distance / variances / mean_area[..., None] / 2
+            oks = np.exp(-exponent).mean(axis=-1)  # [images, M, M]
+            order = np.argsort(-scores[batch], axis=1, kind="stable")
+            rows = np.arange(len(batch))[:, None]
+            ranked = oks[rows[:, :, None], order[:, :, None], order[:, None, :]]  # rows, columns by score
+            suppressed = np.zeros((len(batch), count), dtype=bool)
+            kept = np.zeros_like(suppressed)
+            for rank in range(count):
+                kept[:, rank] = live = ~suppressed[:, rank]
+                suppressed |= live[:, None] & (ranked[:, rank] > thr)
+            keep[batch[rows, order][kept]] = True
+    return np.flatnonzero(keep)
+
+
 def oks_nms(instances: Sequence[dict], thr: float = EvalConfig.nms_thr, sigmas=SIGMAS) -> list[int]:
     """Greedy non-maximum suppression by object keypoint similarity, within one image.
 
@@ -435,16 +473,6 @@ def detections_to_results(
     sigmas = np.asarray(sigmas, dtype=np.float64)
     if keypoints.shape[1] != sigmas.shape[0]:
         raise ValueError(f"keypoints have {keypoints.shape[1]} keypoints but sigmas has {sigmas.shape[0]}")
-    variances = (2 * sigmas) ** 2
-    # Per image (grouped by one stable sort), one OKS matrix and a greedy pass over it.
-    by_image = np.argsort(image_ids, kind="stable")
-    sorted_ids = image_ids[by_image]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(by_image) else []
-    kept: list[int] = []
-    for start, stop in zip(starts, [*starts[1:], len(by_image)], strict=True):
-        indices = by_image[start:stop]
-        oks = _oks_matrix(keypoints[indices], areas[indices], variances)
-        kept.extend(indices[_greedy_keep(oks, scores[indices], nms_thr)].tolist())
-    kept.sort()
+    kept = _nms_keep_per_image(image_ids, keypoints, scores, areas, (2 * sigmas) ** 2, nms_thr)
     keypoints_133x3 = np.concatenate([keypoints[kept], keypoint_scores[kept][..., None]], axis=-1)
     return keypoints_to_results(image_ids[kept], keypoints_133x3, scores[kept], category_id)
