@@ -204,10 +204,9 @@ def tracking_last_step(client, run_id: str) -> int:
 
 
 def test_bad_storage_uri_is_an_error_before_ray(s3, tmp_path):
+    from orchestrator.ray_utils import shutdown_ray
     from orchestrator.sweep import SweepError, run_sweep
     from trainer.config import load_config
-
-    from orchestrator.ray_utils import shutdown_ray
 
     shutdown_ray()
     arms = _two_arms(tmp_path)
@@ -245,9 +244,10 @@ def _two_arms(tmp: Path) -> Path:
 
 def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_path):
     """Two trials across a 2-CPU head and a 1-CPU worker node (3 CPU: both trials at once, so the worker node
-    holds a part of a running trial: a Train worker or trial actors). The worker node is removed after the
-    first epoch reached MLflow; the trial it hit restarts on the head from its checkpoint in S3 (Ray Train's
-    retry of the worker group, or Tune's restart of a trial whose actor died) and finishes."""
+    holds a part of a running trial: a Train worker or trial actors). The worker node is removed once both
+    trials have an epoch in MLflow and neither is at its last; the trial it hit restarts on the head from its
+    checkpoint in S3 (Ray Train's retry of the worker group, or Tune's restart of a trial whose actor died)
+    and finishes."""
     import threading
     import time
 
@@ -258,7 +258,7 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
     from orchestrator.sweep import run_sweep
     from trainer.config import load_config
 
-    epochs = 3
+    epochs = 4
     cfg = load_config(SMOKE, _tiny(tmp_path, epochs=epochs, eval_interval=epochs, max_failures=2))
     arms = _two_arms(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -287,21 +287,28 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
     removed = threading.Event()
     stop = threading.Event()
 
-    def remove_after_first_epoch():
+    def remove_when_both_trials_train():
+        # Both trials between their first and their last epoch: every CPU of the cluster is held by them, so
+        # the worker node holds a part of a running trial.
         client = tracking.make_client(uri)
         while not stop.is_set():
             try:
                 experiment = client.get_experiment_by_name("fowkal-ablate")
                 runs = client.search_runs([experiment.experiment_id]) if experiment else []
+                trials = [r for r in runs if tracking.TAG_TRIAL_ID in r.data.tags]
+                reached = [
+                    max((m.step for m in client.get_metric_history(r.info.run_id, "train/loss")), default=0)
+                    for r in trials
+                ]
             except Exception:
-                runs = []
-            if any("train/loss" in run.data.metrics for run in runs):
+                reached = []
+            if len(reached) == 2 and all(1 <= step < epochs for step in reached):
                 cluster.remove_node(worker_node, allow_graceful=False)
                 removed.set()
                 return
-            time.sleep(0.5)
+            time.sleep(0.3)
 
-    remover = threading.Thread(target=remove_after_first_epoch, daemon=True)
+    remover = threading.Thread(target=remove_when_both_trials_train, daemon=True)
     try:
         init_ray(address=cluster.address)
         remover.start()
@@ -338,7 +345,8 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
         assert child.info.status == "FINISHED"
         # Every epoch once: the trial that lost its node continued after its checkpoint, it did not redo it.
         for metric in ("train/loss", "time/epoch_s"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [1, 2, 3], metric
+            steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
+            assert steps == list(range(1, epochs + 1)), (metric, steps)
         assert [m.step for m in client.get_metric_history(run_id, "val/wholebody_AP")] == [epochs]
         assert tracking.BEST_CHECKPOINT_ARTIFACT in {a.path for a in client.list_artifacts(run_id)}
         trial_id = child.data.tags[tracking.TAG_TRIAL_ID]
@@ -350,6 +358,7 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
         keys = s3.keys(BUCKET, f"sweeps/{outcome.sweep_id}/train/{trial_id}/")
         assert any(key.endswith("checkpoint.pt") for key in keys), keys
     assert hit, "the node removal hit no trial (no worker error, no Tune restart)"
+    print(f"node removal hit {hit}; Tune restarted {recoveries.trials}")
     assert s3.keys(BUCKET, f"sweeps/{outcome.sweep_id}/tune/tuner.pkl")
     # Nothing of the trials' storage on this machine: only their logs and the reports.
     sweep_dir = Path(outcome.sweep_dir)
