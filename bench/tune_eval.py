@@ -9,10 +9,14 @@ whether the heatmap cache could be float16.
 3. ``fowkal tune-eval --samples N`` as a subprocess (the command a user runs, Ray start-up included): wall
    time, and from the parent run the time of the checks, the one forward pass, the Tune part, the
    defaults' and the best AP, the gain, the importances; per trial, the median evaluation time.
-4. Per-trial decode cost at the paper's size (64x48 heatmaps, 133 keypoints), to put a val-scale trial
-   (45,000 detections) next to the evaluation itself (bench/scale.py measures that).
+4. Decoding at val scale (45,000 boxes of 133 maps of 64x48), before and now in the same run: before,
+   every trial flipped back, averaged and DARK-decoded every box (the old flip-back and the batched DARK
+   blur, kept here as the reference); now, one pass per flip mode decodes all 7 kernels of the space and a
+   trial reads its (mode, kernel) keypoints and selects its boxes. Per 1,000 boxes and per trial, next to
+   the evaluation itself (bench/scale.py measures that).
 
     .venv/bin/python bench/tune_eval.py [--checkpoint CKPT.pt | --keep DIR] [--epochs N] [--samples 32]
+    .venv/bin/python bench/tune_eval.py --decode-only
 
 Prints Markdown (for bench/RESULTS.md, "Inference-time sweeps").
 """
@@ -88,28 +92,119 @@ def float16_error(cache) -> list[tuple[str, int, float, float]]:
     return rows
 
 
-def decode_cost(boxes: int = 256) -> dict[str, float]:
-    """Seconds per 1,000 boxes to flip back, average and DARK-decode 133 maps of 64x48 (one thread)."""
-    rng = np.random.default_rng(0)
-    ys, xs = np.mgrid[0:64, 0:48]
-    centres = rng.uniform([8, 8], [56, 40], size=(boxes, 133, 2))
-    maps = np.exp(-((xs - centres[..., 1, None, None]) ** 2 + (ys - centres[..., 0, None, None]) ** 2) / 8.0)
-    plain = torch.from_numpy(maps.astype(np.float32))
-    mirrored = plain.flip(-1).contiguous()
-    center = np.tile([[100.0, 100.0]], (boxes, 1))
+def _realistic_maps(boxes: int, seed: int) -> torch.Tensor:
+    """133 sigma-2 Gaussians of 64x48 per box at sub-pixel places, amplitudes 0.05-1, low noise."""
+    from trainer.codec import encode_unbiased
+
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform([-3.0, -3.0], [50.0, 66.0], size=(boxes, 133, 2))
+    maps, _ = encode_unbiased(centres, np.ones((boxes, 133)), (48, 64), 2.0)
+    maps *= rng.uniform(0.05, 1.0, size=(boxes, 133, 1, 1)).astype(np.float32)
+    maps += rng.normal(0.0, 0.01, maps.shape).astype(np.float32)
+    return torch.from_numpy(maps)
+
+
+def _decode_before(plain, mirrored, center, scale, mode, kernel):
+    """decode_heatmaps as it was before the batched path: index_select + flip + cat (or the exact matrix
+    after index_select), and DARK's stencil blur as two batched products over the whole batch."""
+    import trainer.codec as codec
+    from trainer.keypoints import flip_index
+
+    swapped = mirrored.index_select(1, torch.as_tensor(flip_index()))
+    if mode == "exact":
+        flipped = swapped @ codec._exact_flip_matrix(48, 4.0, torch.float32, torch.device("cpu"))
+    else:
+        flipped = swapped.flip(-1)
+        if mode == "shift":
+            flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+    maps = 0.5 * (plain + flipped)
+    original = codec._blur_stencil
+    codec._blur_stencil = lambda patch, rows, cols: rows.transpose(1, 2) @ (patch @ cols)
+    try:
+        coords, scores = codec.decode_dark(maps, kernel)
+    finally:
+        codec._blur_stencil = original
+    return codec.heatmap_to_image_coords(coords, center, scale, (48, 64)), scores.numpy()
+
+
+def decode_cost(boxes: int = 256, trials: int = 32) -> list[tuple[str, float | None, float]]:
+    """(what, seconds per 1,000 boxes or None, seconds per trial at 45,000 boxes), one thread, 64 boxes a
+    batch: the decoding a trial did before (every trial decodes), and now (once per flip mode, for the 7
+    kernels of eval_space.yaml, then every trial of that mode reads the keypoints and selects its boxes)."""
+    from trainer.heatmap_cache import HeatmapCache, _read_decoded, _write_decoded
+
+    plain, mirrored = _realistic_maps(boxes, 0), _realistic_maps(boxes, 1)
+    center = np.random.default_rng(2).uniform(100.0, 500.0, size=(boxes, 2))
     scale = np.tile([[192.0, 256.0]], (boxes, 1))
+    kernels = (3, 5, 7, 9, 11, 13, 15)
+    cache = HeatmapCache(
+        Path("."), plain.numpy(), mirrored.numpy(), np.arange(boxes), center, scale,
+        np.ones(boxes), np.ones(boxes), info={"stride": 4.0, "det_file": None},
+    )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {}
-    try:
-        for mode in ("shift", "exact"):
-            start = time.perf_counter()
+    rows = []
+
+    def per_1000(run) -> float:
+        run()  # warm-up (first-call allocations)
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) / boxes * 1000
+
+    def batched(decode):
+        def run():
             for first in range(0, boxes, 64):
-                rows = slice(first, first + 64)
-                decode_heatmaps(plain[rows], mirrored[rows], center[rows], scale[rows], mode, 4.0, 11)
-            out[mode] = (time.perf_counter() - start) / boxes * 1000  # seconds per 1,000 boxes
+                part = slice(first, first + 64)
+                decode(plain[part], mirrored[part], center[part], scale[part])
+
+        return run
+
+    try:
+        before = {}
+        for mode in ("shift", "exact"):
+            before[mode] = per_1000(
+                batched(lambda p, m, c, s, mode=mode: _decode_before(p, m, c, s, mode, 11))
+            )
+            rows.append(
+                (f"before: flip `{mode}` + average + DARK (kernel 11), every trial", before[mode], 0.0)
+            )
+        for mode in ("shift", "exact"):
+            seconds = per_1000(
+                batched(lambda p, m, c, s, mode=mode: decode_heatmaps(p, m, c, s, mode, 4.0, 11))
+            )
+            rows.append((f"now, the same decoding of one (flip `{mode}`, kernel 11)", seconds, 0.0))
+        passes = {}
+        for mode in ("shift", "exact"):
+            passes[mode] = per_1000(lambda mode=mode: cache.decode(mode, kernels, 64))
+            rows.append(
+                (f"now: one pass of flip `{mode}` for all 7 kernels (once per sweep)", passes[mode], 0.0)
+            )
+        # A trial of a decoded flip mode: read the (mode, kernel) keypoints of 45,000 boxes, select its boxes.
+        with tempfile.TemporaryDirectory(prefix="bench_decoded_") as tmp:
+            path = Path(tmp) / "flip-shift-k11.npz"
+            rng = np.random.default_rng(3)
+            keypoints = rng.uniform(0, 640, size=(45000, 133, 2)).astype(np.float32)
+            _write_decoded(path, keypoints, rng.uniform(size=(45000, 133)).astype(np.float32))
+            selected = np.flatnonzero(rng.uniform(size=45000) >= 0.2)
+            samples = []
+            for _ in range(3):
+                start = time.perf_counter()
+                read = _read_decoded(path)
+                read[0][selected], read[1][selected]
+                samples.append(time.perf_counter() - start)
+            hit = float(np.median(samples))
+        rows.append(("now: a trial of a decoded flip mode (read 45,000 boxes' keypoints, select)", None, hit))
     finally:
         torch.set_num_threads(threads)
+    out = []
+    for what, seconds, _ in rows:
+        out.append((what, seconds, seconds * 45 if seconds is not None else hit))
+    # A sweep of `trials` trials over the three flip modes, per trial: before, every trial decodes; now,
+    # three passes (exact's cost for it, shift's for the other two) and a read per trial.
+    mean_before = (2 * before["shift"] + before["exact"]) / 3 * 45
+    now = ((2 * passes["shift"] + passes["exact"]) * 45 + trials * hit) / trials
+    out.append((f"before: decoding per trial of a {trials}-trial sweep (3 flip modes)", None, mean_before))
+    out.append((f"now: decoding per trial of a {trials}-trial sweep, the passes shared", None, now))
     return out
 
 
@@ -173,24 +268,8 @@ def run_cli(checkpoint: Path, samples: int, work: Path) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of training one")
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="smoke training epochs (default: the config's)"
-    )
-    parser.add_argument("--samples", type=int, default=32, help="tune-eval trials")
-    parser.add_argument(
-        "--keep", type=Path, help="train the smoke checkpoint into this directory and keep it"
-    )
-    parser.add_argument("--untrained", action="store_true", help="time it on the untrained smoke model")
-    args = parser.parse_args(argv)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n"
-    )
+def sweep_section(args) -> None:
+    """The tune-eval command on a smoke checkpoint and the float16 question."""
     with tempfile.TemporaryDirectory(prefix="bench_tune_eval_") as tmp:
         work = Path(tmp)
         if args.untrained:
@@ -227,13 +306,35 @@ def main(argv=None) -> None:
         for mode, kernel, image_px, heatmap_px in float16_error(cache):
             print(f"| {mode} | {kernel} | {image_px:.2e} | {heatmap_px:.2e} |")
         print()
-    cost = decode_cost()
-    print("## Decode cost at the paper's size (133 x 64x48 maps per box, one thread)\n")
-    for mode, seconds in cost.items():
-        print(
-            f"- flip `{mode}` + DARK (kernel 11): {seconds:.2f} s per 1,000 boxes -> {seconds * 45:.0f} s "
-            "for 45,000 boxes"
-        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of training one")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="smoke training epochs (default: the config's)"
+    )
+    parser.add_argument("--samples", type=int, default=32, help="tune-eval trials")
+    parser.add_argument(
+        "--keep", type=Path, help="train the smoke checkpoint into this directory and keep it"
+    )
+    parser.add_argument("--untrained", action="store_true", help="time it on the untrained smoke model")
+    parser.add_argument("--decode-only", action="store_true", help="only the val-scale decoding rows")
+    args = parser.parse_args(argv)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n"
+    )
+    if not args.decode_only:
+        sweep_section(args)
+    print(
+        f"## Decoding at val scale (133 maps of 64x48 per box, one thread, load {os.getloadavg()[0]:.1f})\n"
+    )
+    print("| decoding | s per 1,000 boxes | s per trial at 45,000 boxes |\n|---|---|---|")
+    for what, seconds, per_trial in decode_cost(trials=args.samples):
+        print(f"| {what} | {'-' if seconds is None else f'{seconds:.2f}'} | {per_trial:.3g} |")
     size = 45000 * 133 * 64 * 48 * 4 * 2 / 2**30
     print(f"- cache size at val scale (45,000 boxes, plain + mirrored, float32): {size:.0f} GiB")
     print(f"\n(defaults: {EvalConfig()})")
