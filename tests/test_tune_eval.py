@@ -362,8 +362,10 @@ def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     children = child_runs(client, parent.info.experiment_id, outcome.parent_run_id)
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert set(outcome.trial_statuses.values()) == {"TERMINATED"}
-    # The first trial is the checkpoint's own settings, scored like fowkal eval scores them.
-    first = min(children, key=lambda c: c.info.start_time)
+    # The first trial (ev-001: with two at once, not necessarily the first run to start) is the
+    # checkpoint's own settings, scored like fowkal eval scores them, and the parent names it.
+    first = next(c for c in children if c.info.run_name == "ev-001")
+    assert parent.data.tags["fowkal.defaults_run"] == f"ev-001 ({first.info.run_id})"
     assert first.data.params["eval.nms_thr"] == "0.9" and first.data.params["eval.flip_mode"] == "shift"
     defaults = run_eval(
         ann_file=str(ANN),
