@@ -359,6 +359,11 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
         assert any(key.endswith("checkpoint.pt") for key in keys), keys
     assert hit, "the node removal hit no trial (no worker error, no Tune restart)"
     print(f"node removal hit {hit}; Tune restarted {recoveries.trials}")
+    # fowkal eval --run SWEEP/NAME of the trial that lost its node: its best checkpoint, back from the store.
+    from orchestrator.eval_command import download_run_checkpoint
+
+    loaded = download_run_checkpoint(client, f"{outcome.sweep_id}/{hit[0]}", uri, tmp_path / "eval")
+    assert loaded.epoch == epochs and loaded.config.loss.variant in ("mse", "fowkal")
     assert s3.keys(BUCKET, f"sweeps/{outcome.sweep_id}/tune/tuner.pkl")
     # Nothing of the trials' storage on this machine: only their logs and the reports.
     sweep_dir = Path(outcome.sweep_dir)
