@@ -378,18 +378,25 @@ def _nms_keep_per_image(image_ids, keypoints, scores, areas, variances, thr) -> 
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     counts = np.diff(np.r_[starts, len(by_image)])
     keep = np.zeros(len(by_image), dtype=bool)
+    xs, ys = np.ascontiguousarray(keypoints[..., 0]), np.ascontiguousarray(keypoints[..., 1])
     for count in np.unique(counts).tolist():
         members = by_image[starts[counts == count][:, None] + np.arange(count)]  # [images, M]
         per_batch = max(1, _NMS_BATCH_BYTES // (count * count * keypoints.shape[1] * 8))
         for first in range(0, len(members), per_batch):
             batch = members[first : first + per_batch]
-            points, batch_areas = keypoints[batch], areas[batch]
-            difference = points[:, None, :] - points[:, :, None]
-            # x^2 + y^2 written out: the same sum as .sum(axis=-1) over the pair, without a 2-long reduction
-            squared_distance = difference[..., 0] ** 2 + difference[..., 1] ** 2
+            x, y, batch_areas = xs[batch], ys[batch], areas[batch]
             mean_area = (batch_areas[:, :, None] + batch_areas[:, None, :]) / 2 + np.spacing(1)
-            exponent = squared_distance / variances / mean_area[..., None] / 2
-            oks = np.exp(-exponent).mean(axis=-1)  # [images, M, M]
+            # _oks_matrix's operations in place ([images, M, M, K]; dx^2 + dy^2 is its sum over the pair).
+            terms = np.subtract(x[:, None, :], x[:, :, None])
+            dy = np.subtract(y[:, None, :], y[:, :, None])
+            np.square(terms, out=terms)
+            np.add(terms, np.square(dy, out=dy), out=terms)
+            del dy
+            np.divide(terms, variances, out=terms)
+            np.divide(terms, mean_area[..., None], out=terms)
+            np.divide(terms, 2, out=terms)
+            np.exp(np.negative(terms, out=terms), out=terms)
+            oks = terms.mean(axis=-1)  # [images, M, M]
             order = np.argsort(-scores[batch], axis=1, kind="stable")
             rows = np.arange(len(batch))[:, None]
             ranked = oks[rows[:, :, None], order[:, :, None], order[:, None, :]]  # rows, columns by score
