@@ -519,7 +519,7 @@ def tune_eval_settings_table(
                 "sampled" if key in record.sampled_names else "fixed",
             ]
         )
-    return ["Setting", "Defaults", "Best", "", "In the sweep"], rows
+    return ["Setting", "Defaults", "Best", "vs defaults", "In the sweep"], rows
 
 
 def _percent(value: float | None) -> str:
