@@ -204,7 +204,8 @@ def run_sweep(
             raise SweepError(str(err)) from err
         base_storage = Path(config.output_dir) / "sweeps"
     else:
-        base_storage = Path(storage_path).expanduser() if storage_path else Path(config.output_dir) / "sweeps"
+        local = storage_path.removeprefix("file://") if storage_path else None
+        base_storage = Path(local).expanduser() if local else Path(config.output_dir) / "sweeps"
     if settings.fresh and not settings.name:  # a new sweep beside the old one: nothing is overwritten
         sweep_name = f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (base_storage / sweep_name).resolve()

@@ -371,3 +371,27 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
     assert not (sweep_dir / "train").exists() and not (sweep_dir / "tune").exists()
     assert not list(Path(cfg.output_dir).rglob("checkpoint.pt"))
     assert not (Path(cfg.output_dir) / "ray_results").exists()
+
+
+def test_a_sweeps_tune_state_and_train_runs_go_to_the_storage_uri():
+    from orchestrator.train import storage_join
+    from orchestrator.trial import SweepPlan
+
+    common = {
+        "kind": "ablate",
+        "sweep_id": "s-ablate-1234abcd",
+        "sweep_dir": "/local/out/sweeps/s-ablate-1234abcd",
+        "base_config": {"name": "s", "output_dir": "/local/out"},
+        "tracking_uri": "sqlite:///x.db",
+        "experiment_id": "1",
+        "parent_run_id": "p",
+        "metric": "val/wholebody_AP",
+        "mode": "max",
+    }
+    remote = SweepPlan(**common, storage_dir="s3://bucket/prefix/s-ablate-1234abcd")
+    assert remote.tune_dir == "s3://bucket/prefix/s-ablate-1234abcd/tune"
+    assert remote.train_storage == "s3://bucket/prefix/s-ablate-1234abcd/train"
+    local = SweepPlan(**common)
+    assert local.tune_dir == "/local/out/sweeps/s-ablate-1234abcd/tune"
+    assert local.train_storage == "/local/out/sweeps/s-ablate-1234abcd/train"
+    assert storage_join("s3://b/p/", "x", "y") == "s3://b/p/x/y" and storage_join("/a", "x") == "/a/x"
