@@ -293,7 +293,7 @@ def sweep_section(args) -> None:
         )
         print(f"| child runs / their statuses | {result['children']} / {', '.join(result['statuses'])} |")
         for key in ("defaults/eval/wholebody_AP", "best/eval/wholebody_AP", "gain/eval/wholebody_AP"):
-            print(f"| {key} | {m.get(key, float('nan')):.4f} |")
+            print(f"| {key} (%, points) | {m.get(key, float('nan')):.2f} |")
         print()
         print(result["summary"])
 

@@ -486,7 +486,7 @@ def _tune_eval_blocks(record: SweepRecord, tracking_uri: str, tmp: Path) -> list
     else:
         _, _, gain = tune_eval_gain(record, best, defaults)[record.metric]
         text = (
-            f"Best {_code(record.metric)}: **{100.0 * best.score:.2f}%** "
+            f"Best {_code(record.metric)}: **{best.score:.2f}%** "
             f"({_run_link(store, record.experiment_id, best)}); the defaults (the checkpoint's own settings, "
             f"the first trial): "
         )
@@ -494,8 +494,8 @@ def _tune_eval_blocks(record: SweepRecord, tracking_uri: str, tmp: Path) -> list
             text += "not scored, so no gain over them can be stated."
         else:
             text += (
-                f"{100.0 * defaults.metrics[record.metric]:.2f}% "
-                f"({_run_link(store, record.experiment_id, defaults)}), gain **{100.0 * gain:+.2f}** points."
+                f"{defaults.metrics[record.metric]:.2f}% "
+                f"({_run_link(store, record.experiment_id, defaults)}), gain **{gain:+.2f}** points."
             )
         blocks.append(Block("p", text))
         header, rows = tune_eval_settings_table(record, best)
@@ -551,7 +551,7 @@ def tune_eval_runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
             [
                 child.name + (" (defaults)" if child is defaults else ""),
                 child.status,
-                "—" if value is None else f"{100.0 * value:.2f}",
+                "—" if value is None else f"{value:.2f}",
                 "—" if boxes is None else str(int(boxes)),
                 "—" if seconds is None else f"{seconds:.2f}",
                 _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),

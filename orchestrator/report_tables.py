@@ -523,11 +523,12 @@ def tune_eval_settings_table(
 
 
 def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100.0 * value:.2f}"
+    return "—" if value is None else f"{value:.2f}"  # load_sweep gives AP/AR in percent
 
 
 def tune_eval_gain(record: SweepRecord, best: ChildRecord | None, defaults: ChildRecord | None) -> dict:
-    """Metric -> (defaults' value, best's value, best minus defaults), fractions; None where not logged."""
+    """Metric -> (defaults' value, best's value, best minus defaults), in percent (as ``load_sweep`` reads
+    AP/AR); None where not logged."""
     names = [m for m, _ in TUNE_EVAL_GAIN_METRICS]
     if record.metric not in names:
         names.insert(0, record.metric)
@@ -547,7 +548,7 @@ def tune_eval_gain_table(
     rows = []
     for name, (d, b, gain) in tune_eval_gain(record, best, defaults).items():
         label = labels.get(name, f"`{name}`") + (" (the sweep's metric)" if name == record.metric else "")
-        rows.append([label, _percent(d), _percent(b), "—" if gain is None else f"{100.0 * gain:+.2f}"])
+        rows.append([label, _percent(d), _percent(b), "—" if gain is None else f"{gain:+.2f}"])
     return ["Metric", "Defaults (%)", "Best (%)", "Gain (points)"], rows
 
 
@@ -561,7 +562,7 @@ def tune_eval_trials_table(record: SweepRecord, top: int = 10) -> tuple[list[str
         rank = ranked.index(child) + 1
         mark = " (defaults)" if child is defaults else ""
         values = [format_value(setting_value(child.params.get(name))) for name in record.sampled_names]
-        rows.append([str(rank), child.name + mark, f"{100.0 * child.score:.2f}", *values])
+        rows.append([str(rank), child.name + mark, f"{child.score:.2f}", *values])
     return ["Rank", "Trial", f"{record.metric} (%)", *[f"`{n}`" for n in record.sampled_names]], rows
 
 

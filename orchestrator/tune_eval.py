@@ -282,16 +282,16 @@ def write_results(
         set_args = " ".join(f"--set {k}={v}" for k, v in best["values"].items())
         header = (
             f"# Best evaluation settings of tune-eval {plan.sweep_id} (MLflow run {best['run_id']}, "
-            f"{best['name']}): {plan.metric} = {best['score']:.4f}"
-            + (f" (defaults {default_trial['score']:.4f}, gain {gain:+.4f})" if default_trial else "")
+            f"{best['name']}): {plan.metric} = {best['score']:.2f}%"
+            + (f" (defaults {default_trial['score']:.2f}%, gain {gain:+.2f} points)" if default_trial else "")
             + f"\n# fowkal eval {source_args} {set_args}\n"
         )
         best_path = out / BEST_EVAL_FILE
         best_path.write_text(header + yaml.safe_dump(_settings_yaml(best["values"]), sort_keys=False))
         lines += [
-            f"Best {plan.metric}: **{best['score']:.4f}** ({best['name']}); defaults "
+            f"Best {plan.metric}: **{best['score']:.2f}%** ({best['name']}); defaults "
             + (
-                f"{default_trial['score']:.4f} ({default_trial['name']}), gain **{gain:+.4f}**."
+                f"{default_trial['score']:.2f}% ({default_trial['name']}), gain **{gain:+.2f}** points."
                 if default_trial
                 else "not scored."
             ),
@@ -300,7 +300,7 @@ def write_results(
             "",
         ]
     names = list(plan.space.sampled_names)
-    lines += ["| trial | " + " | ".join(names) + f" | {plan.metric} |", "|---" * (len(names) + 2) + "|"]
+    lines += ["| trial | " + " | ".join(names) + f" | {plan.metric} (%) |", "|---" * (len(names) + 2) + "|"]
     for trial in ranked[:10] + (
         [default_trial] if default_trial and default_trial not in ranked[:10] else []
     ):
@@ -311,7 +311,7 @@ def write_results(
             else f"{trial['values'][n]:.4g}"
             for n in names
         ]
-        lines.append(f"| {trial['name']}{mark} | " + " | ".join(cells) + f" | {trial['score']:.4f} |")
+        lines.append(f"| {trial['name']}{mark} | " + " | ".join(cells) + f" | {trial['score']:.2f} |")
     lines += ["", "Parameter importances (Optuna, fANOVA):", ""]
     if importances:
         lines += ["| parameter | importance |", "|---|---|"]

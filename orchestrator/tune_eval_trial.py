@@ -24,6 +24,7 @@ from orchestrator.report_records import TAG_TUNE_EVAL
 from orchestrator.sweep_space import SearchSpace
 from orchestrator.trial_status import MlflowTrialStatusCallback
 from trainer.config import EvalConfig
+from trainer.metric_units import metrics_to_percent
 
 DEFAULT_METRIC = "eval/wholebody_AP"
 EVAL_PREFIX = "eval/"
@@ -83,7 +84,8 @@ def trial_run_name(experiment_tag: str) -> str:
 
 
 def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, float], int]:
-    """``eval/*`` metrics of one trial's settings on the cached heatmaps, and the boxes used."""
+    """``eval/*`` metrics (AP/AR in percent) of one trial's settings on the cached heatmaps, and the boxes
+    used."""
     from trainer.evaluate import WholeBodyEvaluator
 
     settings, det_score_thr = trial_settings(plan, trial_config)
@@ -97,6 +99,8 @@ def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, f
         kernels=plan.decode_kernels,
         memo_dir=plan.decoded_dir,
     )
+    # AP/AR in percent, the project's one unit (trainer.metric_units), as fowkal eval logs them.
+    metrics = metrics_to_percent(metrics)
     return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
 
 

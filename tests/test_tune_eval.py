@@ -413,8 +413,8 @@ def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     )
     text = md_path.read_text()
     assert f"| {first.info.run_name} (defaults) | FINISHED |" in text
-    gain = parent.data.metrics["gain/eval/wholebody_AP"]
-    assert f"gain **{100 * gain:+.2f}** points" in text and first.info.run_id in text
+    gain = parent.data.metrics["gain/eval/wholebody_AP"]  # in points: trials log AP in percent
+    assert f"gain **{gain:+.2f}** points" in text and first.info.run_id in text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,10 +431,11 @@ BEST_POINT = {
 
 
 def _made_up_metrics(values: dict) -> dict[str, float]:
-    exact = 0.01 if values["eval.flip_mode"] == "exact" else 0.0
-    ap = 0.30 - (values["eval.nms_thr"] - 0.6) ** 2 + exact
+    """AP/AR in percent, as trials log them."""
+    exact = 1.0 if values["eval.flip_mode"] == "exact" else 0.0
+    ap = 30.0 - 100.0 * (values["eval.nms_thr"] - 0.6) ** 2 + exact
     metrics = {f"eval/{part}_AP": ap for part in ("body", "foot", "lefthand", "righthand", "hand")}
-    metrics.update({"eval/wholebody_AP": ap, "eval/face_AP": ap + 4 * exact, "eval/wholebody_AR": ap + 0.1})
+    metrics.update({"eval/wholebody_AP": ap, "eval/face_AP": ap + 4 * exact, "eval/wholebody_AR": ap + 10.0})
     return {**metrics, "eval/boxes": 100.0, "time/trial_s": 0.5}
 
 
@@ -490,8 +491,10 @@ def test_report_of_a_tune_eval_best_settings_gain_importances_links(
         verbose=0,
         print_fn=lambda _: None,
     )
-    # Defaults (nms 0.9, shift): 0.30 - 0.09 = 0.21; the best point: 0.30 + 0.01 = 0.31.
-    assert outcome.default_score == pytest.approx(0.21) and outcome.best_score == pytest.approx(0.31)
+    # Defaults (nms 0.9, shift): 30 - 9 = 21%; the best point: 30 + 1 = 31%.
+    assert outcome.default_score == pytest.approx(21.0) and outcome.best_score == pytest.approx(31.0)
+    summary = Path(outcome.summary_path).read_text()
+    assert "Best eval/wholebody_AP: **31.00%**" in summary and "gain **+10.00** points" in summary
     client = tracking.make_client(uri)
     parent = client.get_run(outcome.parent_run_id)
     importances = {k[len("importance/") :]: v for k, v in parent.data.metrics.items() if "importance/" in k}
@@ -587,3 +590,27 @@ def test_eval_trial_status_callback_ends_children_by_the_sweeps_rules(tmp_path):
     # What no trial settled (t5: Tune lost it) is settled at the end: unscored, KILLED.
     statuses = reconcile_eval_runs(plan, client)
     assert statuses["ev-t5"] == "KILLED" and client.get_run(runs["t5"]).info.status == "KILLED"
+
+
+def test_a_trial_logs_ap_in_percent_as_fowkal_eval(tmp_path, monkeypatch):
+    """xtcocotools gives fractions; a trial's eval/* metrics are percent (trainer.metric_units), -1 kept."""
+    import orchestrator.tune_eval_trial as trial_side
+    from orchestrator.tune_eval import (
+        EvalSweepPlan,
+        base_settings,
+        defaults_point,
+        evaluate_trial,
+        load_eval_space,
+    )
+
+    class FakeCache:
+        def evaluate(self, settings, det_score_thr, evaluator, flip_test, batch_size, **kwargs):
+            return {"wholebody/AP": 0.0778, "hand/AR": 0.5, "face/AP75": -1.0}, 59
+
+    monkeypatch.setattr(trial_side, "_cache", lambda path: FakeCache())
+    space = load_eval_space(EVAL_SPACE)
+    settings = base_settings(config_from_dict({}))
+    plan = EvalSweepPlan("s", str(tmp_path), str(tmp_path), str(ANN), settings, True, 8, "", "", "", space)
+    metrics, boxes = evaluate_trial(plan, defaults_point(space, settings, EVAL_SPACE))
+    assert boxes == 59
+    assert metrics == {"eval/wholebody_AP": pytest.approx(7.78), "eval/hand_AR": 50.0, "eval/face_AP75": -1.0}
