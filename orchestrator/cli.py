@@ -547,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sweep_arguments(ablate, "ablate")
 
-    report = sub.add_parser("report", help="Markdown + HTML report of a sweep or ablation read from MLflow")
+    report = sub.add_parser(
+        "report", help="Markdown + HTML report of a sweep, an ablation or a tune-eval, read from MLflow"
+    )
     report.add_argument(
         "experiment",
         help="an MLflow experiment name (its newest sweep), a sweep's name, or a parent run id",
