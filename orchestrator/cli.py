@@ -200,7 +200,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument(
         "--storage-path",
         default=None,
-        help="directory of the sweep, shared by all nodes (default: <output_dir>/sweeps)",
+        help="where the sweep's Tune state and the trials' checkpoints live, shared by all nodes: a "
+        "directory (NFS) or a filesystem URI such as s3://bucket/prefix; trial logs and reports stay under "
+        "<output_dir>/sweeps (default: <output_dir>/sweeps)",
     )
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
@@ -504,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--storage-path",
         default=None,
-        help="checkpoint storage shared by all nodes (default: <output_dir>/ray_results)",
+        help="checkpoint storage shared by all nodes: a directory (NFS) or a filesystem URI such as "
+        "s3://bucket/prefix (default: <output_dir>/ray_results)",
     )
     train.add_argument("--experiment", default="fowkal-train", help="MLflow experiment name")
     train.add_argument(
