@@ -2,7 +2,8 @@
 
 A sweep or ablation is one MLflow parent run with one child run per trial (``orchestrator.sweep``). The
 work is split by job: ``report_records`` reads MLflow (no Ray), ``report_tables`` computes the numbers,
-``report_figures`` draws; this module lays them out as one report per sweep, in this order:
+``report_figures`` draws, ``report_render`` writes blocks as Markdown and HTML, ``report_tune_eval`` holds
+the tune-eval sections; this module lays them out as one report per sweep, in this order:
 
 - where it lives (the parent run, the store's absolute URI, links into the MLflow UI and how to start it)
   and the setup it measured (the parent's description; data, model, input size, epochs, seeds);
@@ -15,20 +16,15 @@ work is split by job: ``report_records`` reads MLflow (no Ray), ``report_tables`
   for whole-body AP and every part, the importances the sweep computed (Optuna fANOVA), the top trials;
 - the runs: name, status, best epoch and the run id linking to its MLflow page.
 
-The report is built once as a list of blocks and written out twice: Markdown (figures as PNG files beside
-it) and HTML (figures embedded as base64, code spans as ``<code>``, links as links).
+The report is built once as a list of blocks and written out twice (``report_render``).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import tracking
@@ -50,6 +46,15 @@ from orchestrator.report_records import (
     load_sweep,
     resolve_parent_runs,
 )
+from orchestrator.report_render import (
+    Block,
+    _code,
+    _link,
+    blocks_html_body,
+    blocks_markdown,
+    html_page,
+    inline_html,
+)
 from orchestrator.report_tables import (
     ABLATION_COLUMNS,
     BASELINE_ARM_KEY,
@@ -64,11 +69,9 @@ from orchestrator.report_tables import (
     arm_curves,
     baseline_row,
     best_child,
-    defaults_child,
     has_paper,
     importances_markdown,
     importances_rows,
-    markdown_table,
     paired_differences,
     paired_table,
     param_importances,
@@ -77,127 +80,11 @@ from orchestrator.report_tables import (
     sweep_status_line,
     sweep_table,
     trial_curves,
-    tune_eval_gain,
-    tune_eval_gain_table,
-    tune_eval_settings_table,
-    tune_eval_status_line,
-    tune_eval_trials_table,
 )
+from orchestrator.report_tune_eval import tune_eval_blocks, tune_eval_runs_block, tune_eval_setup_rows
 from trainer.metric_units import is_ap_metric
 
 FIGURES_DIR = "figures"  # beside report.md: the PNGs its Markdown shows
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Blocks: what a report says, independent of Markdown or HTML
-
-
-@dataclass
-class Block:
-    """One piece of a report. ``text`` and table cells may hold inline Markdown: `code` and [text](url)."""
-
-    kind: str  # "h2", "p", "table", "figure"
-    text: str = ""
-    header: list[str] | None = None
-    rows: list[list[str]] | None = None
-    path: Path | None = None  # figures: the PNG
-    group: str = ""  # figures: consecutive figures of one group sit side by side in the HTML
-
-
-def _code(text: str) -> str:
-    return f"`{text}`"
-
-
-def _link(text: str, url: str) -> str:
-    return f"[{text}]({url})"
-
-
-_INLINE = re.compile(r"`([^`]+)`|\[([^\]]+)\]\(([^)\s]+)\)")
-
-
-def inline_html(text: str) -> str:
-    """Inline Markdown to HTML: `code` -> ``<code>``, [text](url) -> ``<a href>``, the rest escaped."""
-    out, pos = [], 0
-    for match in _INLINE.finditer(text):
-        out.append(html.escape(text[pos : match.start()]))
-        if match.group(1) is not None:
-            out.append(f"<code>{html.escape(match.group(1))}</code>")
-        else:
-            out.append(f'<a href="{html.escape(match.group(3))}">{inline_html(match.group(2))}</a>')
-        pos = match.end()
-    out.append(html.escape(text[pos:]))
-    return "".join(out)
-
-
-def blocks_markdown(title: str, blocks: list[Block], figure_links: dict[Path, str]) -> str:
-    """The report as Markdown; a figure is an image link (``figure_links``) or, without one, named."""
-    parts = [f"# {title}"]
-    for block in blocks:
-        if block.kind == "h2":
-            parts.append(f"## {block.text}")
-        elif block.kind == "p":
-            parts.append(block.text)
-        elif block.kind == "table":
-            parts.append(markdown_table(block.header or [], block.rows or []))
-        elif block.kind == "figure":
-            link = figure_links.get(block.path) if block.path is not None else None
-            stem = block.path.stem if block.path is not None else "figure"
-            parts.append(
-                f"![{stem}]({link})\n\n*{block.text}*" if link else f"*Figure (in report.html): {block.text}*"
-            )
-    return "\n\n".join(parts) + "\n"
-
-
-_STYLE = (
-    "body{font-family:sans-serif;margin:2em;max-width:90em;} table{border-collapse:collapse;margin:1em 0;}"
-    "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right;} th{background:#eee;}"
-    "td:first-child{text-align:left;} img{max-width:100%;} figure{margin:1em 0;}"
-    "code{background:#f3f3f3;padding:0 3px;border-radius:3px;}"
-    "td.contains-zero{color:#777;font-style:italic;}"
-    ".gallery{display:flex;flex-wrap:wrap;gap:1em;} .gallery figure{flex:1 1 30em;max-width:49%;}"
-)
-
-
-def _html_cell(cell: str) -> str:
-    css = ' class="contains-zero"' if cell.endswith("(contains 0)") else ""
-    return f"<td{css}>{inline_html(cell)}</td>"
-
-
-def blocks_html_body(title: str, blocks: list[Block]) -> str:
-    """The report's ``<body>`` content: figures embedded as base64 PNGs."""
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    group = ""
-    for block in blocks:
-        if group and (block.kind != "figure" or block.group != group):
-            parts.append("</div>")
-            group = ""
-        if block.kind == "figure" and block.group and block.group != group:
-            parts.append(f'<div class="gallery {html.escape(block.group)}">')
-            group = block.group
-        if block.kind == "h2":
-            parts.append(f"<h2>{inline_html(block.text)}</h2>")
-        elif block.kind == "p":
-            parts.append(f"<p>{inline_html(block.text)}</p>")
-        elif block.kind == "table":
-            head = "".join(f"<th>{inline_html(h)}</th>" for h in block.header or [])
-            body = "".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in block.rows or [])
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif block.kind == "figure" and block.path is not None:
-            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
-            parts.append(
-                f'<figure><img alt="{html.escape(block.path.stem)}" src="data:image/png;base64,{data}"/>'
-                f"<figcaption>{inline_html(block.text)}</figcaption></figure>"
-            )
-    if group:
-        parts.append("</div>")
-    return "".join(parts)
-
-
-def html_page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -436,131 +323,6 @@ def _sweep_blocks(record: SweepRecord, tmp: Path) -> list[Block]:
     return blocks
 
 
-def _run_link(store: str, experiment_id: str, child: ChildRecord | None) -> str:
-    if child is None:
-        return "not scored"
-    return _link(child.name, tracking.run_url(store, experiment_id, child.run_id))
-
-
-def tune_eval_setup_rows(record: SweepRecord, tracking_uri: str) -> list[list[str]]:
-    """Setting | value rows of a tune-eval: what was evaluated, on what, how many trials."""
-    info = record.tune_eval
-    store = tracking.absolute_tracking_uri(tracking_uri)
-    rows = [["Checkpoint", _code(info.checkpoint) if info.checkpoint else "—"]]
-    if info.evaluated_run_id:
-        name = info.evaluated_run_name or info.evaluated_run_id
-        experiment = info.evaluated_experiment_id or record.experiment_id
-        rows.append(
-            ["Evaluated run", _link(name, tracking.run_url(store, experiment, info.evaluated_run_id))]
-        )
-    else:
-        rows.append(["Evaluated run", "— (a checkpoint file, `--checkpoint`)"])
-    rows.append(["Annotations", _code(info.ann_file) if info.ann_file else "—"])
-    det = info.det_file
-    rows.append(["Boxes", "ground-truth boxes" if det in ("", "ground-truth boxes") else _code(det)])
-    rows.append(["Trials", str(record.params.get("sweep.samples", len(record.children)))])
-    if "sweep.search_seed" in record.params:
-        rows.append(
-            ["Search", f"Optuna TPE, seed {record.params['sweep.search_seed']}; first trial the defaults"]
-        )
-    if info.space_file:
-        rows.append(["Search space", _code(info.space_file)])
-    rows.append(["Metric", f"{_code(record.metric)} ({record.mode})"])
-    return rows
-
-
-def _tune_eval_blocks(record: SweepRecord, tracking_uri: str, tmp: Path) -> list[Block]:
-    store = tracking.absolute_tracking_uri(tracking_uri)
-    info = record.tune_eval
-    best, defaults = best_child(record), defaults_child(record)
-    blocks = [Block("h2", "Setup")]
-    if record.description:
-        blocks.append(Block("p", record.description))
-    blocks.append(
-        Block("table", header=["Setting", "Value"], rows=tune_eval_setup_rows(record, tracking_uri))
-    )
-
-    blocks.append(Block("h2", "Best settings and the defaults"))
-    if best is None:
-        blocks.append(Block("p", f"No trial was scored: {tune_eval_status_line(record)}"))
-    else:
-        _, _, gain = tune_eval_gain(record, best, defaults)[record.metric]
-        text = (
-            f"Best {_code(record.metric)}: **{best.score:.2f}%** "
-            f"({_run_link(store, record.experiment_id, best)}); the defaults (the checkpoint's own settings, "
-            f"the first trial): "
-        )
-        if defaults is None or gain is None:
-            text += "not scored, so no gain over them can be stated."
-        else:
-            text += (
-                f"{defaults.metrics[record.metric]:.2f}% "
-                f"({_run_link(store, record.experiment_id, defaults)}), gain **{gain:+.2f}** points."
-            )
-        blocks.append(Block("p", text))
-        header, rows = tune_eval_settings_table(record, best)
-        blocks.append(Block("table", header=header, rows=rows))
-        if info.apply_command:
-            blocks.append(
-                Block(
-                    "p",
-                    f"Apply them: {_code(info.apply_command)} (also the {_code('best_eval.yaml')} artifact "
-                    "of the parent run).",
-                )
-            )
-        blocks.append(Block("h2", "Gain over the defaults"))
-        blocks.append(
-            Block(
-                "p",
-                "The best trial (by the sweep's metric) minus the defaults' trial, on the same cached "
-                "heatmaps and the same annotations, in percentage points. Each is one evaluation, so there "
-                "is no interval; the best of many trials is chosen on the set it is scored on, so the gain "
-                "is an optimistic estimate of what the settings give on other data.",
-            )
-        )
-        header, rows = tune_eval_gain_table(record, best, defaults)
-        blocks.append(Block("table", header=header, rows=rows))
-
-    blocks.append(Block("h2", "Parameter importances"))
-    importances = info.importances or param_importances(record)
-    if importances:
-        blocks.append(Block("p", IMPORTANCES_NOTE))
-        blocks.append(Block("table", header=["Parameter", "Importance"], rows=importances_rows(importances)))
-        path = plot_importances(importances, tmp / "importances.png")
-        blocks.append(Block("figure", "Evaluation-setting importances", path=path))
-    else:
-        blocks.append(Block("p", IMPORTANCES_NONE))
-
-    blocks.append(Block("h2", "Top trials"))
-    blocks.append(Block("p", tune_eval_status_line(record)))
-    header, rows = tune_eval_trials_table(record)
-    if rows:
-        blocks.append(Block("table", header=header, rows=rows))
-    return blocks
-
-
-def tune_eval_runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
-    """The trials: name, status, the metric, boxes scored, seconds, the run id as a link."""
-    store = tracking.absolute_tracking_uri(tracking_uri)
-    defaults = defaults_child(record)
-    rows = []
-    for child in record.children:
-        value, boxes = child.metrics.get(record.metric), child.metrics.get("eval/boxes")
-        seconds = child.metrics.get("time/trial_s")
-        rows.append(
-            [
-                child.name + (" (defaults)" if child is defaults else ""),
-                child.status,
-                "—" if value is None else f"{value:.2f}",
-                "—" if boxes is None else str(int(boxes)),
-                "—" if seconds is None else f"{seconds:.2f}",
-                _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),
-            ]
-        )
-    header = ["Trial", "Status", f"{record.metric} (%)", "Boxes", "Seconds", "MLflow run"]
-    return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]
-
-
 def render_report(
     record: SweepRecord,
     tracking_uri: str,
@@ -582,7 +344,7 @@ def render_report(
         tmp = Path(tmp_dir)
         blocks = _where(record, tracking_uri)
         if record.kind == TUNE_EVAL_KIND:
-            blocks += _tune_eval_blocks(record, tracking_uri, tmp)
+            blocks += tune_eval_blocks(record, tracking_uri, tmp)
             blocks += tune_eval_runs_block(record, tracking_uri)
         else:
             blocks += _setup(record)
@@ -682,6 +444,7 @@ __all__ = [
     "ABLATION_COLUMNS",
     "BASELINE_ARM_KEY",
     "AblationRow",
+    "Block",
     "ChildRecord",
     "KafFigure",
     "ReportError",
@@ -691,7 +454,11 @@ __all__ = [
     "ablation_rows",
     "arm_curves",
     "best_child",
+    "blocks_html_body",
+    "blocks_markdown",
     "child_runs",
+    "html_page",
+    "inline_html",
     "kaf_figures",
     "load_sweep",
     "paired_differences",
@@ -704,6 +471,8 @@ __all__ = [
     "render_report",
     "resolve_parent_runs",
     "sweep_markdown",
+    "tune_eval_runs_block",
+    "tune_eval_setup_rows",
     "write_report",
     "write_sweep_outputs",
 ]
