@@ -111,7 +111,7 @@ def tune_signal_handlers():
 
 
 def shutdown_ray() -> None:
-    """Disconnect from (and, for a local Ray started here, stop) Ray if it is up, and leave single-node mode."""
+    """Disconnect from (and, for a local Ray started here, stop) Ray if it is up; leave single-node mode."""
     import ray
 
     if ray.is_initialized():
