@@ -94,16 +94,23 @@ class MlflowTrialStatusCallback(TuneCallback):
         if path.is_file():
             deliver_pending(MetricSpool(path), run_id, client)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        # Called before Tune terminates the trial's actor: abort its Train run first, so the workers and
-        # their placement group are released (a finished run's controller is gone already: a no-op).
+    def _abort(self, trial) -> None:
+        """Abort the trial's Train run, so that its workers and placement group are released (a finished
+        run's controller is gone already: a no-op)."""
         abort_trial_controller(self.plan, trial.trial_id)
-        status = trial_end_status(self.plan, trial.config, trial.last_result, errored=False)
+
+    def _completed_status(self, trial) -> str:
+        """The MLflow status of a trial Tune completed (the sweeps' "trained all epochs" rule)."""
+        return trial_end_status(self.plan, trial.config, trial.last_result, errored=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._abort(trial)  # called before Tune terminates the trial's actor
+        status = self._completed_status(trial)
         reason = "finished" if status == "FINISHED" else "stopped early by the scheduler"
         self._end(trial, status, reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        abort_trial_controller(self.plan, trial.trial_id)
+        self._abort(trial)
         self._end(trial, "FAILED", "error")
 
     def on_experiment_end(self, trials, **info):
@@ -111,8 +118,7 @@ class MlflowTrialStatusCallback(TuneCallback):
             if trial.status == "ERROR":
                 self._end(trial, "FAILED", "error")
             elif trial.status == "TERMINATED":
-                status = trial_end_status(self.plan, trial.config, trial.last_result, errored=False)
-                self._end(trial, status, "reconciled at the end of the sweep")
+                self._end(trial, self._completed_status(trial), "reconciled at the end of the sweep")
             else:  # PENDING / PAUSED / RUNNING at the end: interrupted (e.g. Ctrl-C of the driver)
                 self._end(trial, "KILLED", f"sweep ended with the trial {trial.status}")
 

@@ -153,23 +153,14 @@ class EvalTrialStatusCallback(MlflowTrialStatusCallback):
     def _deliver_spool(self, trial, run_id: str, client) -> None:
         return  # the trial logs its one step itself; nothing is spooled (and the plan has no trial dirs)
 
-    def _status(self, trial) -> str:
+    def _abort(self, trial) -> None:
+        return  # no Train controller
+
+    def _completed_status(self, trial) -> str:
         return "FINISHED" if self.plan.metric in (trial.last_result or {}) else "KILLED"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, self._status(trial), "finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED", "error")
-
-    def on_experiment_end(self, trials, **info):
-        for trial in trials:
-            if trial.status == "ERROR":
-                self._end(trial, "FAILED", "error")
-            elif trial.status == "TERMINATED":
-                self._end(trial, self._status(trial), "reconciled at the end of the sweep")
-            else:
-                self._end(trial, "KILLED", f"sweep ended with the trial {trial.status}")
+        self._end(trial, self._completed_status(trial), "finished")
 
 
 def reconcile_eval_runs(plan: EvalSweepPlan, client) -> dict[str, str]:
