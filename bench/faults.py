@@ -100,36 +100,34 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
-def _steps(uri: str, experiment: str) -> tuple[str | None, list[int]]:
-    """(run id, steps of train/loss) of the experiment's newest run; (None, []) while none or unreachable."""
+def _experiment_runs(uri: str, experiment: str, **search) -> list:
+    """The experiment's runs (``search_runs`` keyword arguments); [] while none or unreachable. Asked without
+    retries and with a short timeout, so that polling during an outage returns at once."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
     try:
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return None, []
-        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            return None, []
-        run_id = runs[0].info.run_id
-        return run_id, [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        return [] if exp is None else client.search_runs([exp.experiment_id], **search)
+    except Exception:
+        return []
+
+
+def _steps(uri: str, experiment: str) -> tuple[str | None, list[int]]:
+    """(run id, steps of train/loss) of the experiment's newest run; (None, []) while none or unreachable."""
+    runs = _experiment_runs(uri, experiment, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None, []
+    run_id = runs[0].info.run_id
+    try:
+        return run_id, [m.step for m in _client(uri).get_metric_history(run_id, "train/loss")]
     except Exception:
         return None, []
 
 
 def _sweep_runs(uri: str, experiment: str) -> tuple[object | None, list]:
     """(parent run, child runs) of the experiment's sweep; (None, []) while none or unreachable."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
-    try:
-        client = _client(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return None, []
-        runs = client.search_runs([exp.experiment_id])
-    except Exception:
-        return None, []
+    runs = _experiment_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return (parents[0] if parents else None), children
