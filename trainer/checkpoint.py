@@ -19,6 +19,7 @@ What a checkpoint is and where its config comes from
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,22 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_ray_training_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """The ``checkpoint.pt`` of a ``ray.train.Checkpoint``, read by this process alone from the storage
+    the checkpoint lives on (a local or shared path, or object storage such as ``s3://``).
+
+    Not ``Checkpoint.as_directory()``: it downloads into one temporary directory per checkpoint that the
+    node's workers share, and a worker that takes the download lock after another released it downloads
+    again over the files the first one is still reading (a resumed two-worker run read a torn file)."""
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_file(path) as stream:
+            data = stream.read()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"training checkpoint {path!r} does not exist") from error
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -206,6 +223,7 @@ __all__ = [
     "check_state_dict_fits",
     "checkpoint_file",
     "load_checkpoint_model",
+    "load_ray_training_checkpoint",
     "load_training_checkpoint",
     "read_config_yaml",
     "save_atomic",

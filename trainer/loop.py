@@ -36,7 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from trainer.checkpoint import CHECKPOINT_FILE, load_training_checkpoint, save_atomic
+from trainer.checkpoint import (
+    CHECKPOINT_FILE,
+    load_ray_training_checkpoint,
+    load_training_checkpoint,
+    save_atomic,
+)
 from trainer.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict
 from trainer.data import WholeBodyTopDownDataset
 from trainer.evaluate import WholeBodyEvaluator
@@ -323,9 +328,8 @@ def train_loop_per_worker(
     state = None
     if ray_context is not None:
         ray_checkpoint = ray.train.get_checkpoint()
-        if ray_checkpoint is not None:
-            with ray_checkpoint.as_directory() as directory:
-                state = load_training_checkpoint(directory)
+        if ray_checkpoint is not None:  # each worker reads it itself (see load_ray_training_checkpoint)
+            state = load_ray_training_checkpoint(ray_checkpoint)
     elif (checkpoint_dir / "latest.pt").is_file():
         state = load_training_checkpoint(checkpoint_dir / "latest.pt")
     if state is not None:
