@@ -350,6 +350,7 @@ def test_interrupted_run_is_killed_and_resumes_at_the_next_epoch(local_ray, tmp_
     train_set = WholeBodyTopDownDataset(paths["train_ann"], paths["train_images"], config=cfg.data.pipeline)
     steps_per_epoch = len(train_set) // batch  # one worker, drop_last
 
+    handler_before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under `nohup ... &`
     with pytest.raises(TrainingInterrupted) as interrupted:
         run_training(
             cfg,
@@ -361,8 +362,8 @@ def test_interrupted_run_is_killed_and_resumes_at_the_next_epoch(local_ray, tmp_
     run_id = interrupted.value.run_id
     client = tracking.make_client(uri)
     assert client.get_run(run_id).info.status == "KILLED"
-    # The handler is restored: SIGINT is Python's default again, not Ray's abort of a finished run.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The handler is restored: SIGINT is what it was before the run, not Ray's abort of a finished run.
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
     last_epoch = int(max(m.step for m in client.get_metric_history(run_id, tracking.EPOCH_METRIC)))
     assert 1 <= last_epoch < epochs, "the run finished before the interrupt took effect: nothing to resume"
