@@ -71,7 +71,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _read_state(path)
 
 
 def load_ray_training_checkpoint(checkpoint: Any) -> dict[str, Any]:
@@ -83,11 +83,17 @@ def load_ray_training_checkpoint(checkpoint: Any) -> dict[str, Any]:
     again over the files the first one is still reading (a resumed two-worker run read a torn file)."""
     path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
     try:
+        # Whole, in one read: torch.load's many small seeks would each be a ranged request on object storage.
         with checkpoint.filesystem.open_input_file(path) as stream:
             data = stream.read()
     except FileNotFoundError as error:
         raise FileNotFoundError(f"training checkpoint {path!r} does not exist") from error
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return _read_state(io.BytesIO(data))
+
+
+def _read_state(source: Path | io.BytesIO) -> Any:
+    """A checkpoint file's contents with its tensors on the CPU; ``weights_only``: no pickled code runs."""
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -159,7 +165,7 @@ def load_checkpoint_model(
     """
     path = checkpoint_file(Path(checkpoint))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state(path)
     except Exception as err:  # torch raises many types for corrupt or non-checkpoint files
         raise EvalError(f"could not read checkpoint {str(path)!r}: {err}") from err
     if not isinstance(state, dict):
