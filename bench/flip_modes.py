@@ -137,8 +137,8 @@ def train_smoke(directory: Path, epochs: int | None) -> Path:
 @torch.no_grad()
 def checkpoint_ap(checkpoint_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint_model
-    from trainer.inference import build_eval_dataset
-    from trainer.loop import predict_keypoints, resolve_datasets, results_from_predictions
+    from trainer.inference import build_eval_dataset, predict_keypoints, results_from_predictions
+    from trainer.loop import resolve_datasets
 
     # The project's one checkpoint loader and evaluation dataset (the run's pipeline, cache_dir,
     # gt_instances, detection file and threshold), as fowkal eval builds them.

@@ -1,8 +1,10 @@
 """Ablation arms (``search_spaces/ablation_*.yaml``): the rows of an ablation and what the paper reports.
 
-An ablation file lists arms, each overriding dotted ``TrainConfig`` keys (at least ``loss.variant``) on top
-of the ``--config`` file. The paper's arms also carry its numbers (``paper``) and table (``table``) for the
-report; both are optional, so one's own arms need neither (the report then has no paper column)::
+An ablation file lists arms, each overriding dotted ``TrainConfig`` keys on top of the ``--config`` file
+(at least the key its family names as an arm's point: ``loss.variant`` for the top-down family). An arm's
+``family`` (default: the top-down family) is the family whose keys its overrides are; it is set on the
+trial's config as ``family``. The paper's arms also carry its numbers (``paper``) and table (``table``) for
+the report; both are optional, so one's own arms need neither (the report then has no paper column)::
 
     description: FoWKAL paper, Table 2
     arms:
@@ -22,13 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.definition_file import SearchSpaceError, check_config_values, is_number, read_yaml_mapping
-from trainer.config import CONFIG_KEYS, LOSS_VARIANTS, unknown_key_message
+from orchestrator.definition_file import (
+    SearchSpaceError,
+    check_config_values,
+    definition_family,
+    is_number,
+    read_yaml_mapping,
+)
+from trainer.config import config_keys, unknown_key_message
+from trainer.families import DEFAULT_FAMILY, get_family
 
 # Numbers an ablation arm may carry from the paper (Table 1 gives whole-body AR for two arms only).
 PAPER_METRICS: tuple[str, ...] = ("wholebody_AP", "wholebody_AR", "body_AP", "foot_AP", "face_AP", "hand_AP")
 PAPER_TABLES: tuple[str, ...] = ("2", "3")
-_ARM_FIELDS = ("key", "name", "label", "table", "overrides", "paper")
+_ARM_FIELDS = ("key", "name", "label", "family", "table", "overrides", "paper")
 _ARMS_FILE_FIELDS = ("description", "arms")
 
 
@@ -39,7 +48,7 @@ class AblationArm:
     key: str  # "a".."f" as in Table 2, or a short id
     name: str  # e.g. "mse", "fowkal": run names and MLflow tags
     label: str  # the paper's wording, e.g. "(f) KAL + FWAHR = FoWKAL"
-    overrides: dict[str, Any]  # dotted TrainConfig keys, at least loss.variant
+    overrides: dict[str, Any]  # dotted TrainConfig keys (with ``family`` when the arm names one)
     paper: dict[str, float] = field(default_factory=dict)  # subset of PAPER_METRICS (percent); {}: none
     table: str | None = None  # "2" or "3"; None: not one of the paper's rows
 
@@ -84,21 +93,31 @@ def load_ablation_arms(path: str | Path) -> list[AblationArm]:
             )
 
         overrides = raw.get("overrides")
-        if not isinstance(overrides, dict) or "loss.variant" not in overrides:
+        if not isinstance(overrides, dict):
+            raise SearchSpaceError(f"{where}.overrides: expected a mapping of dotted keys, got {overrides!r}")
+        overrides = dict(overrides)
+        if "family" in raw:  # the arm's family is set on its trials' configs
+            if overrides.setdefault("family", raw["family"]) != raw["family"]:
+                raise SearchSpaceError(f"{where}.overrides.family: differs from the arm's family field")
+        family_name = definition_family(path, f"arms[{i}].family", overrides.get("family", DEFAULT_FAMILY))
+        family = get_family(family_name)
+        if family.arm_key is not None and family.arm_key not in overrides:
             raise SearchSpaceError(
-                f"{where}.overrides: expected a mapping with at least loss.variant, got {overrides!r}"
+                f"{where}.overrides: expected a mapping with at least {family.arm_key}, got {overrides!r}"
             )
         for key in overrides:
-            if key not in CONFIG_KEYS:
-                raise SearchSpaceError(f"{where}.overrides.{key}: {unknown_key_message(str(key))}")
-        variant = overrides["loss.variant"]
-        if variant not in LOSS_VARIANTS:
+            if key not in config_keys(family_name):
+                raise SearchSpaceError(
+                    f"{where}.overrides.{key}: {unknown_key_message(str(key), family_name)}"
+                )
+        known = family.sweep_conditions.get(family.arm_key or "", (None,))[0]
+        if known is not None and overrides[family.arm_key] not in known:
             raise SearchSpaceError(
-                f"{where}.overrides.loss.variant: unknown loss variant {variant!r} "
-                f"(known: {', '.join(LOSS_VARIANTS)})"
+                f"{where}.overrides.{family.arm_key}: unknown {family.arm_key} "
+                f"{overrides[family.arm_key]!r} (known: {', '.join(known)})"
             )
         try:
-            check_config_values(overrides)
+            check_config_values(overrides, family_name)
         except ValueError as err:
             raise SearchSpaceError(f"{where}.overrides: {overrides!r} is not a valid config ({err})") from err
 

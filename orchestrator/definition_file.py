@@ -4,6 +4,7 @@ the checks both kinds share. Errors are :class:`SearchSpaceError` naming the fil
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,9 +12,23 @@ from typing import Any
 
 import yaml
 
-from trainer.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from trainer.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
+from trainer.families import DEFAULT_FAMILY, UnknownFamilyError, get_family
 
-_DEFAULT_CONFIG: dict = config_to_dict(TrainConfig())
+
+@functools.cache
+def _default_config(family: str) -> dict:
+    return config_to_dict(config_from_dict({"family": family}))
+
+
+def definition_family(path: Path, where: str, value: Any) -> str:
+    """A ``family`` field of a definition file (default ``topdown_heatmap``), checked against the registry."""
+    name = DEFAULT_FAMILY if value is None else value
+    try:
+        get_family(name)
+    except UnknownFamilyError as err:
+        raise SearchSpaceError(f"{path}: {where}: {err}") from err
+    return name
 
 
 class SearchSpaceError(ValueError):
@@ -72,11 +87,12 @@ def read_yaml_mapping(path: Path, known_fields: tuple[str, ...]) -> dict:
     return data
 
 
-def check_config_values(overrides: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``overrides`` (dotted key -> value) on the defaults are not a valid TrainConfig
-    (which includes the loss's own range checks)."""
+def check_config_values(overrides: Mapping[str, Any], family: str = DEFAULT_FAMILY) -> None:
+    """Raise ValueError if ``overrides`` (dotted key -> value) on ``family``'s defaults are not a valid
+    TrainConfig (which includes the family's own range checks, e.g. the loss's)."""
+    family = overrides.get("family", family)
     try:
-        config_from_dict(apply_overrides(_DEFAULT_CONFIG, overrides), "TrainConfig")
+        config_from_dict(apply_overrides(_default_config(family), overrides), "TrainConfig")
     except ConfigError as err:
         raise ValueError(str(err)) from err
 

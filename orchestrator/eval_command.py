@@ -36,6 +36,7 @@ from orchestrator import tracking
 from orchestrator.tracking import BEST_CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT
 from trainer.checkpoint import CheckpointMismatchError, EvalError, LoadedCheckpoint, load_checkpoint_model
 from trainer.codec import FLIP_MODES
+from trainer.families import family_of
 from trainer.inference import EvalOutcome, apply_eval_settings, evaluate_model, score_results_file
 from trainer.metric_units import UNIT_LABEL, metrics_to_percent
 
@@ -129,7 +130,7 @@ def download_run_checkpoint(
     loaded = load_checkpoint_model(
         checkpoint_dir, config_file, config_origin=f"artifact {CONFIG_ARTIFACT} of MLflow run {run_id}"
     )
-    loaded.label = f"{run.info.run_name or run_id} ({loaded.config.loss.variant})"
+    loaded.label = f"{run.info.run_name or run_id} ({family_of(loaded.config).run_label(loaded.config)})"
     return loaded
 
 
@@ -236,12 +237,10 @@ def run_eval(
             # --set eval.<key>=...: evaluation settings on top of the checkpoint's config
             loaded.config = config = apply_eval_settings(loaded.config, overrides)
             if det_score_thr is None:
-                det_score_thr = config.data.det_score_thr
+                det_score_thr = getattr(config.data, "det_score_thr", None)
+            family = family_of(config)
             print_fn(
-                f"model {config.model.backbone}, loss {config.loss.variant}, "
-                f"input {list(config.data.pipeline.input_size)}, "
-                f"heatmaps {list(config.data.pipeline.heatmap_size)}; "
-                f"config from {loaded.config_source}"
+                f"{family.name}: {family.describe_inference(config)}; config from {loaded.config_source}"
             )
             boxes = (
                 f"detections {det_file} (score >= {det_score_thr})"
@@ -269,7 +268,9 @@ def run_eval(
         else:
             out_path = Path(results_file)
         protocol = (
-            "" if results_file is not None else (", flip test" if flip_test else ", no flip test") + ", DARK"
+            ""
+            if results_file is not None
+            else (", flip test" if flip_test else ", no flip test") + family_of(config).protocol_suffix
         )
         metrics = metrics_to_percent(outcome.metrics)
         print_fn(f"COCO-WholeBody on {ann_file} ({boxes}: {outcome.num_boxes}{protocol}); {UNIT_LABEL}")
@@ -279,7 +280,9 @@ def run_eval(
                 "eval.ann_file": str(ann_file),
                 "eval.boxes": boxes,
                 "eval.flip_test": str(bool(flip_test)) if results_file is None else "n/a",
-                "eval.flip_mode": (flip_mode or config.eval.flip_mode) if results_file is None else "n/a",
+                "eval.flip_mode": (flip_mode or getattr(config.eval, "flip_mode", "n/a"))
+                if results_file is None
+                else "n/a",
             }
             if results_file is None:
                 tags.update({f"eval.{k}": str(v) for k, v in asdict(config.eval).items() if k != "flip_mode"})

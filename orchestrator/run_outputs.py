@@ -4,9 +4,12 @@
   (the latest one: what a resume continues from);
 - ``best/val/wholebody_AP``, the per-part APs and AR of that same epoch (``best/val/<part>_AP``) and
   ``best/epoch``, so the runs table compares arms at their best epoch, not their last;
-- for the KAL family, ``kaf_history.npy`` (``[epochs, K]`` mean lambda per keypoint) and
-  ``kaf_history.png`` (absolute lambda per keypoint and per part, and the paper's Fig. 5 view, min-max
-  normalised per epoch).
+- the family's own files (``ExperimentFamily.run_artifacts``): for the top-down family's KAL variants
+  ``kaf_history.npy`` (``[epochs, K]`` mean lambda per keypoint) and ``kaf_history.png`` (absolute lambda per
+  keypoint and per part, and the paper's Fig. 5 view, min-max normalised per epoch).
+
+The best checkpoint is the one scoring highest on the family's ``selection_metric`` (``val/wholebody_AP``
+for the top-down family).
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from trainer.losses import LOSS_VARIANTS
+from trainer.families import family_of
 
-BEST_METRIC = "val/wholebody_AP"
+BEST_METRIC = "val/wholebody_AP"  # the top-down family's selection metric (the default family's)
 DATASET_INPUT_ATTEMPTS = 3
-# trainer.loop stores the per-keypoint KAF means of every epoch so far ([epochs, K]) in each checkpoint.
-KAF_HISTORY_FILE = "kaf_history.npy"
 
 
 @dataclass
@@ -37,16 +38,21 @@ class RunOutputs:
     artifacts: list[str] = field(default_factory=list)
 
 
-def pick_best(best_checkpoints) -> tuple[Any, dict] | tuple[None, None]:
-    """The (checkpoint, metrics) pair of ``Result.best_checkpoints`` with the highest ``BEST_METRIC``."""
+def pick_best(best_checkpoints, metric: str = BEST_METRIC) -> tuple[Any, dict] | tuple[None, None]:
+    """The (checkpoint, metrics) pair of ``Result.best_checkpoints`` with the highest ``metric``."""
     scored = [
         (ckpt, metrics)
         for ckpt, metrics in (best_checkpoints or [])
-        if tracking.is_finite_number((metrics or {}).get(BEST_METRIC))
+        if tracking.is_finite_number((metrics or {}).get(metric))
     ]
     if not scored:
         return None, None
-    return max(scored, key=lambda item: item[1][BEST_METRIC])
+    return max(scored, key=lambda item: item[1][metric])
+
+
+def selection_metric(config) -> str:
+    """The metric the best checkpoint of a run of ``config`` maximises (its family's)."""
+    return family_of(config).selection_metric
 
 
 def best_epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -57,26 +63,9 @@ def best_epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return best
 
 
-def kaf_history_from_checkpoint(checkpoint):
-    """The ``[epochs, K]`` KAF history that ``trainer.loop`` stores in a checkpoint, or None."""
-    import numpy as np
-
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as local_dir:
-        path = Path(local_dir) / KAF_HISTORY_FILE
-        if not path.is_file():
-            return None
-        history = np.load(path)
-    return history if history.ndim == 2 and history.shape[0] > 0 else None
-
-
 def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunOutputs:
-    """Log the best and last checkpoints, the best epoch's metrics, the KAF history and the data set inputs
-    of a Train ``Result`` of ``config`` (a ``TrainConfig``)."""
-    import numpy as np
-
-    loss_variant = config.loss.variant
+    """Log the best and last checkpoints, the best epoch's metrics, the family's files (the KAF history)
+    and the data set inputs of a Train ``Result`` of ``config`` (a ``TrainConfig``)."""
     outputs = RunOutputs(artifacts=[tracking.CONFIG_ARTIFACT])
     for attempt in range(DATASET_INPUT_ATTEMPTS):
         try:
@@ -90,7 +79,7 @@ def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunO
                 print_fn(f"could not log the data set inputs: {err}")
             else:
                 time.sleep(0.5 * (attempt + 1))
-    best_ckpt, best_metrics = pick_best(result.best_checkpoints)
+    best_ckpt, best_metrics = pick_best(result.best_checkpoints, selection_metric(config))
     if best_ckpt is not None:
         with best_ckpt.as_directory() as local_dir:
             tracking.log_artifact_path(
@@ -108,18 +97,18 @@ def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunO
             )
         outputs.latest_checkpoint_path = result.checkpoint.path
         outputs.artifacts.append(tracking.LAST_CHECKPOINT_ARTIFACT)
-    if LOSS_VARIANTS[loss_variant].needs_kaf:
-        # The latest checkpoint holds the whole history, also across resumes (the loop restores it).
-        history = kaf_history_from_checkpoint(result.checkpoint)
-        if history is None:
-            print_fn("the checkpoint holds no KAF history; the KAF figure is skipped")
-        else:
-            with tempfile.TemporaryDirectory(prefix="fowkal_kaf_") as tmp:
-                np.save(Path(tmp) / KAF_HISTORY_FILE, history)
-                client.log_artifact(run_id, str(Path(tmp) / KAF_HISTORY_FILE))
-                png = tracking.plot_kaf_history(history, Path(tmp) / tracking.KAF_PLOT_ARTIFACT)
-                client.log_artifact(run_id, str(png))
-            outputs.artifacts += [KAF_HISTORY_FILE, tracking.KAF_PLOT_ARTIFACT]
+    if result.checkpoint is not None:
+        # The latest checkpoint holds the family's whole history, also across resumes (the loop restores it).
+        with (
+            result.checkpoint.as_directory() as local_dir,
+            tempfile.TemporaryDirectory(prefix="fowkal_") as tmp,
+        ):
+            files, notes = family_of(config).run_artifacts(config, Path(local_dir), Path(tmp))
+            for note in notes:
+                print_fn(note)
+            for path in files:
+                client.log_artifact(run_id, str(path))
+                outputs.artifacts.append(Path(path).name)
     return outputs
 
 
@@ -139,7 +128,7 @@ def log_dataset_inputs(client, run_id: str, data_config) -> list[str]:
     content digest, the image root and the file as source. Files this process cannot read are left out."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from trainer.loop import dataset_paths
+    from trainer.data_sources import dataset_paths
 
     paths = dataset_paths(data_config)
     inputs, logged = [], []
@@ -168,12 +157,11 @@ def _finite(value) -> bool:
 
 __all__ = [
     "BEST_METRIC",
-    "KAF_HISTORY_FILE",
     "RunOutputs",
     "best_epoch_metrics",
     "file_digest",
-    "kaf_history_from_checkpoint",
     "log_dataset_inputs",
     "log_run_outputs",
     "pick_best",
+    "selection_metric",
 ]

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 ABLATION_METRIC = "val/wholebody_AP"
 # Base-config keys logged as the parent run's parameters (the whole config is its base_config.yaml).
 PARENT_PARAM_KEYS = (
+    "family",
     "data.kind",
     "model.backbone",
     "data.pipeline.input_size",
@@ -181,6 +182,11 @@ def run_sweep(
     if kind == "tune":
         space = load_search_space(definition_path)
         metric, mode = space.metric, space.mode
+        if space.family != config.family:
+            raise SearchSpaceError(
+                f"{definition_path}: family: the space's keys are of family {space.family!r}, the config "
+                f"is of family {config.family!r} (set family: {config.family} in the space file)"
+            )
     else:
         arms = load_ablation_arms(definition_path)
         metric, mode = ABLATION_METRIC, "max"
@@ -249,7 +255,7 @@ def run_sweep(
     client = tracking.make_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment_name)
     parent_tags = tracking.build_run_tags(
-        loss_variant=config.loss.variant if kind == "tune" else None,
+        config=config if kind == "tune" else None,
         dataset_kind=config.data.kind,
         commit=tracking.git_commit(),
         sweep_id=sweep_name,

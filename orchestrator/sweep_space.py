@@ -42,12 +42,13 @@ from typing import Any
 from orchestrator.definition_file import (
     SearchSpaceError,
     check_config_values,
+    definition_family,
     is_number,
     number_hint,
     read_yaml_mapping,
 )
-from trainer.config import CONFIG_KEYS, LOSS_VARIANTS, unknown_key_message
-from trainer.losses import VARIANT_PROPERTIES, variants_where
+from trainer.config import config_keys, unknown_key_message
+from trainer.families import get_family
 
 DEFAULT_METRIC = "val/wholebody_AP"
 DEFAULT_MODE = "max"
@@ -60,7 +61,7 @@ _PARAMETER_FIELDS: dict[str, tuple[str, ...]] = {
     "int": ("distribution", "low", "high", "log", "paper", "when"),
     "categorical": ("distribution", "choices", "paper", "when"),
 }
-_SPACE_FIELDS = ("metric", "mode", "parameters", "points_to_evaluate")
+_SPACE_FIELDS = ("family", "metric", "mode", "parameters", "points_to_evaluate")
 # A value a walk's pick function returns for a parameter it leaves out.
 _UNSET = object()
 
@@ -109,6 +110,7 @@ class SearchSpace:
 
     path: str
     parameters: dict[str, Parameter]  # in sampling order: condition parents before their children
+    family: str = "topdown_heatmap"  # the experiment family whose keys the parameters are
     metric: str = DEFAULT_METRIC
     mode: str = DEFAULT_MODE
     extra_points: list[dict[str, Any]] = field(default_factory=list)
@@ -234,10 +236,10 @@ def _describe(param: Parameter) -> str:
     return f"{param.distribution} [{param.low}, {param.high}]"
 
 
-def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
+def _parse_parameter(path: Path, name: Any, spec: Any, family: str) -> Parameter:
     where = f"{path}: parameters.{name}"
-    if not isinstance(name, str) or name not in CONFIG_KEYS:
-        raise SearchSpaceError(f"{where}: {unknown_key_message(str(name))}")
+    if not isinstance(name, str) or name not in config_keys(family):
+        raise SearchSpaceError(f"{where}: {unknown_key_message(str(name), family)}")
 
     def fail(key: str, value: Any, message: str) -> SearchSpaceError:
         return SearchSpaceError(f"{where}.{key}: {message}, got {value!r}")
@@ -262,14 +264,14 @@ def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
 
     def check_value(key: str, value: Any) -> None:
         try:
-            check_config_values({name: value})
+            check_config_values({name: value}, family)
         except ValueError as err:
             floats = (
                 " (uniform and loguniform sample floats)" if distribution in ("uniform", "loguniform") else ""
             )
             raise fail(key, value, f"not a valid value for {name}{floats} ({err})") from err
 
-    when = _parse_when(where, spec.get("when"))
+    when = _parse_when(where, spec.get("when"), family)
     has_paper = "paper" in spec
     paper = spec.get("paper")
 
@@ -338,9 +340,11 @@ def _parse_parameter(path: Path, name: Any, spec: Any) -> Parameter:
     return param
 
 
-def _parse_when(where: str, when: Any) -> dict[str, tuple[Any, ...]]:
-    """``{parent: value or [values]}``; for ``loss.variant`` also ``{property: value(s)}`` of the variant
-    table (``needs_kaf``, ``weighting``, ``uses_awing``), expanded here to the variants that have them."""
+def _parse_when(where: str, when: Any, family: str) -> dict[str, tuple[Any, ...]]:
+    """``{parent: value or [values]}``; for a key of the family's ``sweep_conditions`` (the top-down family's
+    ``loss.variant``) also ``{property: value(s)}`` of its table (``needs_kaf``, ``weighting``,
+    ``uses_awing``), expanded here to the values that have them."""
+    conditions = get_family(family).sweep_conditions
     if when is None:
         return {}
     if not isinstance(when, dict) or not when:
@@ -348,19 +352,21 @@ def _parse_when(where: str, when: Any) -> dict[str, tuple[Any, ...]]:
     parsed = {}
     for parent, allowed in when.items():
         if isinstance(allowed, dict):
-            if parent != "loss.variant":
+            if parent not in conditions:
                 raise SearchSpaceError(
-                    f"{where}.when.{parent}: only loss.variant takes properties, got {allowed!r}"
+                    f"{where}.when.{parent}: only {' / '.join(conditions) or 'no key'} takes properties, "
+                    f"got {allowed!r}"
                 )
-            unknown = [key for key in allowed if key not in VARIANT_PROPERTIES]
+            table, properties = conditions[parent]
+            unknown = [key for key in allowed if key not in properties]
             if unknown or not allowed:
                 raise SearchSpaceError(
-                    f"{where}.when.{parent}: unknown variant properties {unknown or allowed!r} "
-                    f"(known: {', '.join(VARIANT_PROPERTIES)})"
+                    f"{where}.when.{parent}: unknown properties {unknown or allowed!r} "
+                    f"(known: {', '.join(properties)})"
                 )
-            values = variants_where(**allowed)
+            values = tuple(value for value, spec in table.items() if _has_properties(spec, allowed))
             if not values:
-                raise SearchSpaceError(f"{where}.when.{parent}: no loss variant has {allowed!r}")
+                raise SearchSpaceError(f"{where}.when.{parent}: no value of {parent} has {allowed!r}")
         else:
             values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not values:
@@ -369,7 +375,17 @@ def _parse_when(where: str, when: Any) -> dict[str, tuple[Any, ...]]:
     return parsed
 
 
-def _order_by_conditions(path: Path, params: dict[str, Parameter]) -> dict[str, Parameter]:
+def _has_properties(spec: Any, wanted: dict[str, Any]) -> bool:
+    """Whether a table entry has every property of ``wanted`` (a value, or a list of accepted values)."""
+    for name, accepted in wanted.items():
+        options = accepted if isinstance(accepted, list | tuple) else (accepted,)
+        if getattr(spec, name) not in options:
+            return False
+    return True
+
+
+def _order_by_conditions(path: Path, params: dict[str, Parameter], family: str) -> dict[str, Parameter]:
+    conditions = get_family(family).sweep_conditions
     """Check the conditions' parents and values; return the parameters, parents first (else file order)."""
     for name, param in params.items():
         for parent, allowed in param.when.items():
@@ -388,12 +404,11 @@ def _order_by_conditions(path: Path, params: dict[str, Parameter]) -> dict[str, 
                 )
             for value in allowed:
                 # Any value valid for the key is fine (e.g. all *_fwahr variants while the file fixes one).
-                if parent == "loss.variant" and value not in LOSS_VARIANTS:
-                    raise SearchSpaceError(
-                        f"{where}: unknown loss variant {value!r} (known: {', '.join(LOSS_VARIANTS)})"
-                    )
+                if parent in conditions and value not in conditions[parent][0]:
+                    known = ", ".join(conditions[parent][0])
+                    raise SearchSpaceError(f"{where}: unknown {parent} {value!r} (known: {known})")
                 try:
-                    check_config_values({parent: value})
+                    check_config_values({parent: value}, family)
                 except ValueError as err:
                     raise SearchSpaceError(
                         f"{where}: {value!r} is not a valid value for {parent} ({err})"
@@ -464,9 +479,10 @@ def load_search_space(path: str | Path) -> SearchSpace:
         raise SearchSpaceError(
             f"{path}: parameters: expected a non-empty mapping of dotted keys, got {raw_params!r}"
         )
-    params = {name: _parse_parameter(path, name, spec) for name, spec in raw_params.items()}
-    params = _order_by_conditions(path, params)
-    space = SearchSpace(path=str(path), parameters=params, metric=metric, mode=mode)
+    family = definition_family(path, "family", data.get("family"))
+    params = {name: _parse_parameter(path, name, spec, family) for name, spec in raw_params.items()}
+    params = _order_by_conditions(path, params, family)
+    space = SearchSpace(path=str(path), parameters=params, family=family, metric=metric, mode=mode)
 
     # The paper point must be well defined: a paper value whose condition depends on a sampled parent
     # without a paper value could not be placed.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.metric_units import METRIC_UNIT
+from trainer.topdown.kaf_plot import KAF_PLOT_FILE
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -41,6 +42,7 @@ TAG_PARENT_RUN_ID = "mlflow.parentRunId"
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_LOSS_VARIANT = "loss_variant"
+TAG_FAMILY = "fowkal.family"  # the experiment family (trainer.families) of the run
 TAG_DATASET = "dataset"
 TAG_ARM = "arm"
 TAG_SEED = "seed"
@@ -77,7 +79,7 @@ CONFIG_ARTIFACT = "config.yaml"
 BASE_CONFIG_ARTIFACT = "base_config.yaml"  # a sweep's parent run
 BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"  # the best Ray checkpoint directory
 LAST_CHECKPOINT_ARTIFACT = "last_checkpoint"  # the latest one
-KAF_PLOT_ARTIFACT = "kaf_history.png"
+KAF_PLOT_ARTIFACT = KAF_PLOT_FILE  # the top-down family's KAF figure (the report shows it per arm)
 ARMS_ARTIFACT = "arms.json"  # an ablation's parent run
 SPACE_ARTIFACT = "search_space.json"  # a sweep's parent run
 ERROR_ARTIFACT = "error.txt"
@@ -214,8 +216,18 @@ def git_commit(repo_dir: str | os.PathLike | None = None) -> str | None:
     return commit or None
 
 
+def config_tags(config) -> dict[str, str]:
+    """The tags that say what a run of ``config`` trains: its family, and the family's own (the top-down
+    family's ``loss_variant``)."""
+    from trainer.families import family_of
+
+    family = family_of(config)
+    return {TAG_FAMILY: family.name, **family.run_tags(config)}
+
+
 def build_run_tags(
     *,
+    config=None,
     loss_variant: str | None = None,
     dataset_kind: str | None = None,
     commit: str | None = None,
@@ -225,7 +237,8 @@ def build_run_tags(
     sweep_id: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Tags for a run; keys whose value is None are left out. ``parent_run_id`` nests it under a sweep run."""
+    """Tags for a run; keys whose value is None are left out. ``parent_run_id`` nests it under a sweep run.
+    ``config`` (a ``TrainConfig``) adds :func:`config_tags`."""
     tags: dict[str, Any] = {
         TAG_LOSS_VARIANT: loss_variant,
         TAG_DATASET: dataset_kind,
@@ -235,6 +248,8 @@ def build_run_tags(
         TAG_SEED: seed,
         TAG_SWEEP_ID: sweep_id,
     }
+    if config is not None:
+        tags.update(config_tags(config))
     if extra:
         tags.update(extra)
     return {str(k): _truncate(str(v), _MAX_TAG_VALUE_CHARS) for k, v in tags.items() if v is not None}
@@ -416,82 +431,6 @@ def log_artifact_path(
         client.log_artifacts(run_id, str(local), artifact_path)
     else:
         client.log_artifact(run_id, str(local), artifact_path)
-
-
-def plot_kaf_history(
-    kaf_history,
-    out_png: str | os.PathLike,
-    *,
-    epochs=None,
-    part_ranges: Mapping[str, tuple[int, int]] | None = None,
-    title: str = "Keypoint-wise adaptive factors (KAF) over training",
-) -> Path:
-    """Draw per-keypoint KAF over epochs (the paper's Fig. 5) and save it as a PNG; returns the path.
-
-    ``kaf_history`` is an array ``[num_epochs, K]`` (K = 133) of mean λ_k per epoch. Three panels share the
-    epoch axis: the raw λ (white = 0, close to MSE; blue = 1, close to AWing, as in Fig. 5), the same values
-    min-max normalised per epoch (Fig. 5's normalisation, which shows the *relative* focus across keypoints),
-    and the mean λ per body part. Keypoints are grouped by part with separators and labels.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from trainer.keypoints import PART_RANGES
-
-    ranges = dict(part_ranges if part_ranges is not None else PART_RANGES)
-    history = np.asarray(kaf_history, dtype=np.float64)
-    if history.ndim == 1:
-        history = history[None, :]
-    num_keypoints = max(stop for _, stop in ranges.values())
-    if history.ndim != 2 or history.shape[0] < 1 or history.shape[1] != num_keypoints:
-        raise ValueError(f"kaf_history must have shape [num_epochs, {num_keypoints}], got {history.shape}")
-    epoch_axis = np.arange(1, history.shape[0] + 1) if epochs is None else np.asarray(epochs)
-    if epoch_axis.shape != (history.shape[0],):
-        raise ValueError(f"epochs must have {history.shape[0]} entries, got shape {epoch_axis.shape}")
-
-    low = np.nanmin(history, axis=1, keepdims=True)
-    span = np.nanmax(history, axis=1, keepdims=True) - low
-    normalised = (history - low) / np.where(span > 0, span, 1.0)
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]})
-    extent = (epoch_axis[0] - 0.5, epoch_axis[-1] + 0.5, num_keypoints - 0.5, -0.5)
-    for ax, data, label, limits in (
-        (axes[0], history, "λ_k", (0.0, 1.0)),
-        (axes[1], normalised, "λ_k min-max normalised per epoch", (0.0, 1.0)),
-    ):
-        image = ax.imshow(
-            data.T,
-            aspect="auto",
-            cmap="Blues",
-            vmin=limits[0],
-            vmax=limits[1],
-            extent=extent,
-            interpolation="nearest",
-        )
-        fig.colorbar(image, ax=ax, label=label)
-        for start, _ in ranges.values():
-            if start > 0:
-                ax.axhline(start - 0.5, color="darkred", linewidth=0.8)
-        # Part names as y tick labels (readable on any colour), at the middle of each part's rows.
-        ax.set_yticks([(start + stop - 1) / 2 for start, stop in ranges.values()], list(ranges))
-        ax.set_ylabel("keypoints by part")
-    axes[0].set_title(title)
-    for name, (start, stop) in ranges.items():
-        axes[2].plot(epoch_axis, np.nanmean(history[:, start:stop], axis=1), marker="o", label=name)
-    axes[2].set_ylim(-0.02, 1.02)
-    axes[2].set_ylabel("mean λ per part")
-    axes[2].set_xlabel("epoch")
-    axes[2].legend(loc="best", fontsize=8)
-    fig.tight_layout()
-
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 @contextlib.contextmanager

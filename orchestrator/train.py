@@ -48,7 +48,7 @@ from orchestrator.metric_spool import (
     tracking_server_reachable,
     wait_for_tracking_server,
 )
-from orchestrator.run_outputs import BEST_METRIC, log_run_outputs
+from orchestrator.run_outputs import BEST_METRIC, log_run_outputs, selection_metric
 from trainer.config import config_digest
 from trainer.preflight import InputFileError, check_input_files
 
@@ -96,10 +96,13 @@ class TrainingOutcome:
 
 
 def stable_run_name(config) -> str:
-    """``<name>-<loss variant>-<8 hex of the config hash>``: same config, same Ray run (so it resumes)."""
+    """``<name>-<family's run label>-<8 hex of the config hash>`` (the top-down family's label is the loss
+    variant: ``smoke-fowkal-1a2b3c4d``): same config, same Ray run (so it resumes)."""
+    from trainer.families import family_of
+
     digest = config_digest(config)
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(config.name)) or "run"
-    return f"{safe_name}-{config.loss.variant}-{digest}"
+    return f"{safe_name}-{family_of(config).run_label(config)}-{digest}"
 
 
 def default_storage_path(config) -> str:
@@ -336,7 +339,7 @@ def run_training(
     client = tracking.make_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment_name)
     tags = tracking.build_run_tags(
-        loss_variant=config.loss.variant,
+        config=config,
         dataset_kind=config.data.kind,
         commit=tracking.git_commit(),
         extra={tracking.TAG_RAY_RUN_NAME: name, tracking.TAG_STORAGE_PATH: storage},
@@ -380,7 +383,7 @@ def run_training(
             name=name,
             storage_path=storage,
             callbacks=[MlflowReportCallback(uri, run_id, spool_dir=config.output_dir), *(callbacks or [])],
-            score_metric=BEST_METRIC,
+            score_metric=selection_metric(config),
             trainer_cls=InterruptAwareTorchTrainer,
         )
         trainer.interrupt_log = interrupt_log

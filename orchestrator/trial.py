@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from orchestrator import tracking
 from orchestrator.ablation_arms import AblationArm
 from orchestrator.launch import build_torch_trainer
-from orchestrator.run_outputs import BEST_METRIC, log_run_outputs
+from orchestrator.run_outputs import log_run_outputs, selection_metric
 from orchestrator.sweep_space import SearchSpace
 from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, flatten_config
 
@@ -158,7 +158,7 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
         run_name,
         params=flatten_config(cfg),
         tags=tracking.build_run_tags(
-            loss_variant=cfg.loss.variant,
+            config=cfg,
             dataset_kind=cfg.data.kind,
             commit=tracking.git_commit(),
             parent_run_id=plan.parent_run_id,
@@ -176,7 +176,9 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             name=trial_id,  # stable: a restored trial continues its Ray Train run from the checkpoint
             storage_path=plan.train_storage,
             gpus_per_trial=plan.gpus_per_trial,
-            score_metric=BEST_METRIC,  # keep the best checkpoint (and the latest) for the run's outputs
+            score_metric=selection_metric(
+                cfg
+            ),  # keep the best checkpoint (and the latest) for the run's outputs
             # Order matters: the controller is registered before Tune sees the first result (and so before
             # the scheduler can stop the trial).
             callbacks=[

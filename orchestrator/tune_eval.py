@@ -394,6 +394,14 @@ def run_tune_eval(
         source_args = f"--checkpoint {Path(checkpoint).resolve()}"
     source_args += f" --ann {ann_file} --images {image_dir}" + (f" --det-file {det_file}" if det_file else "")
     config = loaded.config
+    from trainer.families import family_of
+
+    family = family_of(config)
+    if not getattr(family, "heatmap_eval_sweep", False):
+        raise TuneEvalError(
+            f"{loaded.checkpoint_path}: a checkpoint of family {family.name!r}: fowkal tune-eval sweeps the "
+            "heatmap decoding of the top-down family only (its cached heatmaps)"
+        )
     settings = base_settings(config)
     defaults = defaults_point(space, settings, space_path)
     points = [defaults] + [dict(p) for p in space.extra_points]
@@ -440,7 +448,7 @@ def run_tune_eval(
     sweep_id = f"{config.name}-tune-eval-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (base_dir / sweep_id).resolve()
     parent_tags = tracking.build_run_tags(
-        loss_variant=config.loss.variant,
+        config=config,
         dataset_kind=config.data.kind,
         commit=tracking.git_commit(),
         parent_run_id=evaluated_run.info.run_id if evaluated_run is not None else None,

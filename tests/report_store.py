@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from orchestrator import tracking
+from trainer.topdown.kaf_plot import plot_kaf_history
 
 OWN_ARMS = [
     {"key": "a", "name": "mse", "label": "(a) plain MSE", "overrides": {"loss.variant": "mse"}},
@@ -97,7 +98,7 @@ def kaf_png(out: Path, seed: int) -> Path:
     """A real KAF figure (``tracking.plot_kaf_history``) of a made-up history; each seed draws another."""
     rng = np.random.default_rng(seed)
     history = rng.uniform(0.0, 1.0, (EPOCHS, 133)) * np.linspace(1.0, 0.1, EPOCHS)[:, None]
-    return tracking.plot_kaf_history(history, out / f"seed{seed}" / tracking.KAF_PLOT_ARTIFACT)
+    return plot_kaf_history(history, out / f"seed{seed}" / tracking.KAF_PLOT_ARTIFACT)
 
 
 def own_ablation(client, experiment_name: str, work_dir: Path, sweep_name: str = "own-ablate") -> dict:

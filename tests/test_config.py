@@ -15,7 +15,7 @@ from trainer.config import (
     load_config,
     resolve_paths,
 )
-from trainer.loop import lr_decay_epochs
+from trainer.topdown.schedule import lr_decay_epochs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -31,7 +31,7 @@ def _run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_every_trainer_module_imports_without_ray_tune_train_or_mlflow():
-    modules = sorted(f"trainer.{m.name}" for m in pkgutil.iter_modules(trainer.__path__))
+    modules = sorted(m.name for m in pkgutil.walk_packages(trainer.__path__, "trainer."))
     assert {"trainer.loop", "trainer.losses", "trainer.checkpoint", "trainer.inference"} <= set(modules)
     result = _run_python(
         f"""

@@ -13,7 +13,8 @@ import torch
 
 import trainer.loop as loop
 from trainer.config import OptimConfig, TrainConfig, config_from_dict, config_to_dict
-from trainer.loop import lr_decay_epochs, lr_factor, resolve_datasets, train_loop_per_worker
+from trainer.loop import resolve_datasets, train_loop_per_worker
+from trainer.topdown.schedule import lr_decay_epochs, lr_factor
 
 REQUIRED_METRICS = (
     "epoch",
@@ -255,12 +256,14 @@ def test_resume_continues_at_next_epoch_with_identical_state(tmp_path, synth_dir
 
 
 def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, synth_dir, monkeypatch):
-    class NanLoss(loop.HeatmapLoss):
+    import trainer.topdown.family as topdown_family
+
+    class NanLoss(topdown_family.HeatmapLoss):
         def forward(self, *args, **kwargs):
             total, parts = super().forward(*args, **kwargs)
             return total * float("nan"), parts
 
-    monkeypatch.setattr(loop, "HeatmapLoss", NanLoss)
+    monkeypatch.setattr(topdown_family, "HeatmapLoss", NanLoss)
     cfg = _tiny_config(tmp_path, synth_dir, epochs=1)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss nan at epoch 1, iteration 1/"):
         train_loop_per_worker(cfg)

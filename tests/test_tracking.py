@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator import tracking
+from trainer.topdown.kaf_plot import plot_kaf_history
 
 
 @pytest.fixture(scope="module")
@@ -218,20 +219,20 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_plot_kaf_history_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     history = rng.uniform(0.0, 1.0, size=(5, 133))
-    out = tracking.plot_kaf_history(history, tmp_path / "plots" / "kaf.png")
+    out = plot_kaf_history(history, tmp_path / "plots" / "kaf.png")
     assert out == tmp_path / "plots" / "kaf.png"
     width, height = _png_size(out)
     assert width > 400 and height > 400
     # A single epoch (1-D input) is accepted too.
-    one = tracking.plot_kaf_history(history[0], tmp_path / "kaf1.png")
+    one = plot_kaf_history(history[0], tmp_path / "kaf1.png")
     assert one.stat().st_size > 0
 
 
 def test_plot_kaf_history_rejects_a_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match=r"\[num_epochs, 133\]"):
-        tracking.plot_kaf_history(np.zeros((4, 17)), tmp_path / "bad.png")
+        plot_kaf_history(np.zeros((4, 17)), tmp_path / "bad.png")
     with pytest.raises(ValueError, match="epochs"):
-        tracking.plot_kaf_history(np.zeros((4, 133)), tmp_path / "bad.png", epochs=[1, 2])
+        plot_kaf_history(np.zeros((4, 133)), tmp_path / "bad.png", epochs=[1, 2])
 
 
 def test_store_to_read_precedence_and_embedded_default(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ What a checkpoint is and where its config comes from
     ``latest.pt``), a Ray checkpoint directory holding ``checkpoint.pt`` or a plain run's ``checkpoints``
     directory (``best.pt`` is taken): a dict with ``model`` (the state dict) and ``config``
     (``config_to_dict`` of the run's ``TrainConfig``). A bare state dict is accepted too.
-    The model is rebuilt from the run's own config (backbone; KAF head when the loss variant has one; input
-    and heatmap size for the crops), looked up in this order:
+    The model is rebuilt by the run's family (``trainer.families``) from the run's own config (for the
+    top-down family: backbone; KAF head when the loss variant has one), looked up in this order:
 
     1. the ``config`` stored in the checkpoint;
     2. a ``config.yaml`` in the checkpoint's directory or its parent (a run's downloaded MLflow artifacts
@@ -29,9 +29,7 @@ import torch
 import yaml
 
 from trainer.config import ConfigError, config_from_dict
-from trainer.keypoints import NUM_KEYPOINTS
-from trainer.losses import LOSS_VARIANTS
-from trainer.model import build_pose_model
+from trainer.families import family_of
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside a Ray checkpoint directory
 CONFIG_FILE = "config.yaml"  # a run's config beside its checkpoint (and the MLflow artifact of that name)
@@ -49,7 +47,7 @@ class CheckpointMismatchError(EvalError):
 class LoadedCheckpoint:
     """A model rebuilt from a checkpoint, with the run config it was built from."""
 
-    model: Any  # trainer.model.PoseModel, in eval mode on the CPU
+    model: Any  # the family's network (trainer.model.PoseModel for the top-down family), eval mode, CPU
     config: Any  # trainer.config.TrainConfig
     checkpoint_path: Path
     config_source: str
@@ -199,13 +197,9 @@ def load_checkpoint_model(
     except ConfigError as err:
         raise EvalError(f"checkpoint {str(path)!r}: its config is not valid: {err}") from err
 
-    with_kaf = LOSS_VARIANTS[config.loss.variant].needs_kaf
-    model = build_pose_model(config.model.backbone, NUM_KEYPOINTS, with_kaf=with_kaf)
-    what = (
-        f"backbone {config.model.backbone!r} with {NUM_KEYPOINTS} keypoints"
-        + (" and a KAF head" if with_kaf else "")
-        + f" (loss variant {config.loss.variant!r}, config from {source})"
-    )
+    family = family_of(config)
+    model = family.build_model(config, pretrained=False)
+    what = f"the {family.name} family's {family.describe_model(config)} (config from {source})"
     check_state_dict_fits(model, weights, path, what)
     model.load_state_dict(weights, strict=True)
     model.eval()
@@ -216,7 +210,7 @@ def load_checkpoint_model(
         checkpoint_path=path,
         config_source=source,
         epoch=int(epoch) if isinstance(epoch, int | float) else None,
-        label=f"{config.name} ({config.loss.variant})",
+        label=f"{config.name} ({family.run_label(config)})",
     )
 
 

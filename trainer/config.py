@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -34,19 +35,24 @@ from typing import Any
 
 import yaml
 
-from trainer.codec import FLIP_MODES
-from trainer.data import PipelineConfig
+from trainer.data_sources import DATA_KINDS, DataSourceConfig, validate_data_source
+from trainer.families import DEFAULT_FAMILY, FAMILIES, UnknownFamilyError, get_family
 from trainer.losses import LOSS_VARIANTS as HEATMAP_LOSS_VARIANTS
-from trainer.losses import LossConfig, LossSettingError
-from trainer.model import SUPPORTED_BACKBONES
+from trainer.losses import LossConfig
+
+# The top-down family's sections, importable from here as before families existed.
+from trainer.topdown.config import (
+    EVAL_SETTING_KEYS,
+    PAPER_EPOCHS,
+    PAPER_LR_DECAY_EPOCHS,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+)
 
 LOSS_VARIANTS: tuple[str, ...] = tuple(HEATMAP_LOSS_VARIANTS)
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")
-DATA_KINDS: tuple[str, ...] = ("synthetic", "coco_wholebody")
-
-# The paper's schedule (Implementation Details): lr x0.1 at epochs 170 and 200 of 210.
-PAPER_EPOCHS = 210
-PAPER_LR_DECAY_EPOCHS = (170, 200)
 
 
 class ConfigError(ValueError):
@@ -54,97 +60,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
-    """Where the images and annotations come from, and the top-down pipeline's parameters.
-
-    ``kind: synthetic`` generates ``trainer.synth`` data sets under ``synthetic_dir`` on first use (one for
-    training with ``synthetic_train_seed``, one for validation with a different seed), reused afterwards.
-    ``kind: coco_wholebody`` reads the real data set; ``val_det_file`` (e.g. the AP_H 56 person detections)
-    switches validation from ground-truth boxes to detection boxes with ``det_score_thr``.
-    """
-
-    kind: str = "coco_wholebody"
-    synthetic_dir: str = "data/synthetic"
-    synthetic_train_images: int = 256
-    synthetic_val_images: int = 32
-    synthetic_train_seed: int = 0
-    synthetic_val_seed: int = 1
-    train_ann_file: str = "data/coco/annotations/coco_wholebody_train_v1.0.json"
-    train_image_root: str = "data/coco/train2017"
-    val_ann_file: str = "data/coco/annotations/coco_wholebody_val_v1.0.json"
-    val_image_root: str = "data/coco/val2017"
-    val_det_file: str | None = None
-    det_score_thr: float = 0.0
-    # DataLoader worker processes per training worker (0 = load in the training process).
-    loader_workers: int = 2
-    val_batch_size: int = 64
-    # Per-node annotation cache (trainer.annotation_cache); null = $XDG_CACHE_HOME/fowkal or ~/.cache/fowkal.
-    cache_dir: str | None = None
-    # GT instances used: "body" = num_keypoints > 0 (MMPose), "any" = any of the 133 keypoints labelled.
-    gt_instances: str = "body"
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-
-
-@dataclass
-class ModelConfig:
-    """Backbone and weights; the KAF head is built when the loss variant needs it."""
-
-    backbone: str = "hrnet_w32"
-    # Local ImageNet weights (.safetensors or .pth); null trains from scratch. Never downloaded.
-    pretrained_path: str | None = None
-
-
-@dataclass
-class OptimConfig:
-    """Adam with linear warm-up and step decay (paper, Implementation Details).
-
-    The decay points are fractions of ``TrainConfig.epochs`` so that the paper's 170/210 and 200/210 carry
-    over to shorter runs; a milestone at epoch e multiplies the lr by ``lr_decay_factor`` from epoch e on.
-    """
-
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    lr_decay_at: tuple[float, ...] = tuple(e / PAPER_EPOCHS for e in PAPER_LR_DECAY_EPOCHS)
-    lr_decay_factor: float = 0.1
-    # Max global L2 norm of the gradients; null disables clipping.
-    grad_clip: float | None = None
-
-
-@dataclass
-class EvalConfig:
-    """How validation and ``fowkal eval`` turn heatmaps into keypoints (beyond ``flip_test`` itself)."""
-
-    # Flip test: the mirrored heatmaps are put back with MMPose's one-pixel shift ("shift", the paper's
-    # recipe), unshifted ("none"), or about the input's pixel grid ("exact"; codec.flip_back_heatmaps).
-    flip_mode: str = "shift"
-    # DARK's modulating Gaussian (codec.decode_dark): odd kernel size, sigma derived as OpenCV's (2.0 for 11).
-    blur_kernel: int = 11
-    # Instance rescoring (evaluate.rescore_instances): keypoints scoring above this count towards the mean.
-    rescore_keypoint_thr: float = 0.2
-    # Per-image OKS-NMS (evaluate.oks_nms): a candidate with OKS above this to a kept one is dropped.
-    nms_thr: float = 0.9
-
-
-# The settings that change how a trained model is evaluated, not the model: what ``fowkal eval --set`` and
-# ``fowkal tune-eval``'s search space may name.
-EVAL_SETTING_KEYS: tuple[str, ...] = (
-    *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
-    "data.det_score_thr",
-)
-
-
-@dataclass
 class TrainConfig:
-    """One training run: what ``trainer.loop.train_loop_per_worker`` runs and ``fowkal train`` launches."""
+    """One training run: what ``trainer.loop.train_loop_per_worker`` runs and ``fowkal train`` launches.
+
+    ``family`` picks the experiment family (``trainer.families``); the sections ``data``, ``model``,
+    ``loss``, ``optim`` and ``eval`` are that family's dataclasses (the defaults here are the top-down
+    family's). The other fields are shared by every family.
+    """
 
     name: str = "fowkal"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    family: str = DEFAULT_FAMILY
+    data: Any = field(default_factory=DataConfig)
+    model: Any = field(default_factory=ModelConfig)
+    loss: Any = field(default_factory=LossConfig)
+    optim: Any = field(default_factory=OptimConfig)
+    eval: Any = field(default_factory=EvalConfig)
     epochs: int = PAPER_EPOCHS
     batch_size: int = 32  # per training worker (per GPU)
     eval_interval: int = 10  # epochs between evaluations; the last epoch is always evaluated
@@ -232,16 +162,16 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     raise fail(_type_name(annotation))  # pragma: no cover - an annotation this module does not use
 
 
-def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
+def _build(cls: type, values: dict, prefix: str, source: str, sections: Mapping[str, type] = {}) -> Any:
+    """``cls(**values)`` with every value checked against its annotation; ``sections`` gives the dataclass of
+    a field annotated ``Any`` (a family's section), built from its defaults when ``values`` leaves it out."""
+    hints = {**typing.get_type_hints(cls), **sections}
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                f"{source}: unknown key {dotted!r} (known in {cls.__name__}: {', '.join(sorted(names))})"
-            )
-    kwargs = {}
+            raise ConfigError(f"{source}: {_unknown_key(dotted, cls.__name__, names)}")
+    kwargs = {name: section() for name, section in sections.items() if name not in values}
     for name, value in values.items():
         dotted = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], dotted, source)
@@ -251,77 +181,49 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: {prefix or cls.__name__}: {err}") from err
 
 
+def _unknown_key(dotted: str, owner: str, names: typing.Iterable[str]) -> str:
+    """The message for a key that ``owner`` lacks; it names the family the key belongs to, if another."""
+    owners = [
+        name for name in FAMILIES if any(k == dotted or k.startswith(f"{dotted}.") for k in config_keys(name))
+    ]
+    where = (
+        f"; it is a key of family {' / '.join(map(repr, owners))}: set family: {owners[0]}" if owners else ""
+    )
+    return f"unknown key {dotted!r} (known in {owner}: {', '.join(sorted(names))}){where}"
+
+
+def _family_name(values: Mapping, source: str) -> str:
+    name = values.get("family", DEFAULT_FAMILY)
+    try:
+        get_family(name)
+    except UnknownFamilyError as err:
+        raise ConfigError(f"{source}: family: {err}") from err
+    return name
+
+
 def _validate(cfg: TrainConfig, source: str) -> None:
     def check(ok: bool, key: str, value: Any, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
 
-    check(cfg.data.kind in DATA_KINDS, "data.kind", cfg.data.kind, f"one of {DATA_KINDS}")
-    check(
-        cfg.model.backbone in SUPPORTED_BACKBONES,
-        "model.backbone",
-        cfg.model.backbone,
-        f"one of {SUPPORTED_BACKBONES}",
-    )
-    check(cfg.loss.variant in LOSS_VARIANTS, "loss.variant", cfg.loss.variant, f"one of {LOSS_VARIANTS}")
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
     check(cfg.amp in AMP_MODES, "amp", cfg.amp, f"one of {AMP_MODES}")
-    check(cfg.eval.flip_mode in FLIP_MODES, "eval.flip_mode", cfg.eval.flip_mode, f"one of {FLIP_MODES}")
-    kernel = cfg.eval.blur_kernel
-    check(kernel >= 1 and kernel % 2 == 1, "eval.blur_kernel", kernel, "an odd integer >= 1")
-    for key in ("rescore_keypoint_thr", "nms_thr"):
-        check(0 <= getattr(cfg.eval, key) <= 1, f"eval.{key}", getattr(cfg.eval, key), "a number in [0, 1]")
-    check(cfg.data.det_score_thr >= 0, "data.det_score_thr", cfg.data.det_score_thr, "a number >= 0")
     for key in ("epochs", "batch_size", "eval_interval", "num_workers"):
         check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "an integer >= 1")
     check(cfg.max_failures >= -1, "max_failures", cfg.max_failures, "an integer >= -1 (-1 = retry forever)")
-    for key in ("synthetic_train_images", "synthetic_val_images", "val_batch_size"):
-        value = getattr(cfg.data, key)
-        check(value >= 1, f"data.{key}", value, "an integer >= 1")
-    check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, "an integer >= 0")
-    if cfg.data.kind == "synthetic":
-        check(
-            cfg.data.synthetic_train_seed != cfg.data.synthetic_val_seed,
-            "data.synthetic_val_seed",
-            cfg.data.synthetic_val_seed,
-            "a seed different from data.synthetic_train_seed (validation must not be the training set)",
-        )
-    input_w, input_h = cfg.data.pipeline.input_size
-    check(
-        input_w % 32 == 0 and input_h % 32 == 0,
-        "data.pipeline.input_size",
-        list(cfg.data.pipeline.input_size),
-        "[w, h] both multiples of 32 (HRNet's lowest branch has stride 32)",
-    )
-    check(
-        tuple(cfg.data.pipeline.heatmap_size) == (input_w // 4, input_h // 4),
-        "data.pipeline.heatmap_size",
-        list(cfg.data.pipeline.heatmap_size),
-        f"[{input_w // 4}, {input_h // 4}] (input_size / 4: the model predicts at stride 4)",
-    )
-    optim = cfg.optim
-    check(optim.lr > 0, "optim.lr", optim.lr, "a positive number")
-    check(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
-    check(optim.warmup_iters >= 0, "optim.warmup_iters", optim.warmup_iters, "an integer >= 0")
-    check(0 < optim.warmup_ratio <= 1, "optim.warmup_ratio", optim.warmup_ratio, "a number in (0, 1]")
-    check(
-        all(0 < f <= 1 for f in optim.lr_decay_at) and list(optim.lr_decay_at) == sorted(optim.lr_decay_at),
-        "optim.lr_decay_at",
-        list(optim.lr_decay_at),
-        "increasing fractions of the epochs in (0, 1]",
-    )
-    check(optim.lr_decay_factor > 0, "optim.lr_decay_factor", optim.lr_decay_factor, "a positive number")
-    check(optim.grad_clip is None or optim.grad_clip > 0, "optim.grad_clip", optim.grad_clip, "null or > 0")
-    try:  # the loss's own range checks, here before any Ray work, naming the key
-        cfg.loss.validate()
-    except LossSettingError as err:
-        raise ConfigError(f"{source}: loss.{err.field}: {err}") from err
+    validate_data_source(cfg.data, check)
+    get_family(cfg.family).validate(cfg, check, fail)
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
-    """A validated ``TrainConfig`` from a nested dict (``config_to_dict``'s output or parsed YAML)."""
+    """A validated ``TrainConfig`` from a nested dict (``config_to_dict``'s output or parsed YAML); its
+    sections are the dataclasses of the family ``values["family"]`` names (default ``topdown_heatmap``)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
-    cfg = _build(TrainConfig, values, "", source)
+    family = get_family(_family_name(values, source))
+    cfg = _build(TrainConfig, values, "", source, family.sections)
     _validate(cfg, source)
     return cfg
 
@@ -362,57 +264,105 @@ def flatten_config(cfg: TrainConfig) -> dict[str, Any]:
 def config_digest(cfg: TrainConfig | Mapping, exclude: typing.Iterable[str] = ("max_failures",)) -> str:
     """8 hex digits of the config's content, without the top-level keys that do not change what is trained.
 
-    The identity behind resumable names: ``fowkal train``'s Ray run name and a sweep's default name.
+    The identity behind resumable names: ``fowkal train``'s Ray run name and a sweep's default name. The
+    default family is left out, so a config keeps the digest it had before families existed.
     """
     values = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else copy.deepcopy(dict(cfg))
     for key in exclude:
         values.pop(key, None)
+    if values.get("family") == DEFAULT_FAMILY:
+        values.pop("family")
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dotted keys: the one override engine (``--set``, search spaces, ablation arms)
+# Dotted keys: the one override engine (``--set``, search spaces, ablation arms, ``fowkal eval --set``)
 
 
-def _config_keys() -> tuple[str, ...]:
-    return tuple(flatten_dict(config_to_dict(TrainConfig())))
+@functools.cache
+def config_keys(family: str = DEFAULT_FAMILY) -> tuple[str, ...]:
+    """Every leaf of a ``TrainConfig`` of ``family`` by dotted key (``loss.tau``, ``optim.lr``, ...)."""
+    sections = get_family(family).sections
+    return tuple(flatten_dict(config_to_dict(_build(TrainConfig, {"family": family}, "", "", sections))))
 
 
-# Every leaf of TrainConfig by dotted key (loss.tau, optim.lr, data.pipeline.sigma, ...).
-CONFIG_KEYS: tuple[str, ...] = _config_keys()
+# Every leaf of the default family's TrainConfig by dotted key (loss.tau, optim.lr, data.pipeline.sigma, ...).
+CONFIG_KEYS: tuple[str, ...] = config_keys(DEFAULT_FAMILY)
 
 
-def unknown_key_message(key: str) -> str:
-    """Why ``key`` is not a TrainConfig leaf: a section, or a typo (with the closest keys)."""
+def unknown_key_message(key: str, family: str = DEFAULT_FAMILY) -> str:
+    """Why ``key`` is not a leaf of ``family``'s TrainConfig: a section, another family's key, or a typo
+    (with the closest keys)."""
+    keys = config_keys(family)
     parts = key.split(".")
     for depth in range(1, len(parts)):
         prefix = ".".join(parts[:depth])
-        if prefix in CONFIG_KEYS:
+        if prefix in keys:
             return f"{prefix!r} is a value of TrainConfig, it has no sub-keys ({key!r})"
-    leaves = [k for k in CONFIG_KEYS if k.startswith(f"{key}.")]
+    leaves = [k for k in keys if k.startswith(f"{key}.")]
     if leaves:
         return f"{key!r} is a section of TrainConfig, not a value: name a leaf such as {leaves[0]}"
-    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3)
+    owners = [name for name in FAMILIES if name != family and key in config_keys(name)]
+    if owners:
+        return f"{key!r} is a key of family {owners[0]!r}, not of family {family!r} (the config's family)"
+    close = difflib.get_close_matches(key, keys, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown TrainConfig key {key!r}{hint} (keys look like loss.tau, optim.lr)"
 
 
-def set_dotted(values: dict, key: str, value: Any) -> None:
-    """Set ``values[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections."""
+def set_override(values: dict, key: str, value: Any, source: str = "overrides") -> None:
+    """Set the dotted leaf ``key`` of a nested config dict in place, after checking it against the keys of
+    the dict's family (``values["family"]``, default ``topdown_heatmap``); missing sections are created.
+
+    The one override engine: ``--set``, search spaces, ablation arms and ``fowkal eval --set`` all end here.
+
+    Raises:
+        ConfigError: the key is not a leaf of the family's ``TrainConfig`` (named, with the closest keys),
+            or the dict holds a non-mapping where the key needs a section.
+    """
+    if key == "family":
+        _family_name({"family": value}, source)
+    else:
+        family = _family_name(values, source)
+        if key not in config_keys(family):
+            raise ConfigError(f"{source}: {unknown_key_message(key, family)}")
     node = values
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
+        if child is not None and not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])}: expected a mapping, got {child!r}")
+        node = node.setdefault(part, {}) if child is None else child
     node[parts[-1]] = value
+
+
+def set_dotted(values: dict, key: str, value: Any) -> None:
+    """Alias of :func:`set_override` (the name before the engines were one)."""
+    set_override(values, key, value, source="set_dotted")
+
+
+def switch_family(config_dict: Mapping, family: str) -> dict:
+    """A copy of a nested ``TrainConfig`` dict as a config of ``family``: the shared settings stay (the
+    top-level fields and the data source: files, synthetic sets, loaders), the sections of the old family
+    go (the new family's defaults apply). How an ablation arm of another family runs on the same data."""
+    shared_data = {f.name for f in dataclasses.fields(DataSourceConfig)}
+    sections = set(get_family(family).sections) | {
+        name for other in FAMILIES.values() for name in other.sections
+    }
+    result = {k: copy.deepcopy(v) for k, v in config_dict.items() if k not in sections}
+    data = config_dict.get("data")
+    if isinstance(data, Mapping):
+        result["data"] = {k: copy.deepcopy(v) for k, v in data.items() if k in shared_data}
+    result["family"] = family
+    return result
 
 
 def apply_overrides(config_dict: Mapping, overrides: Mapping[str, Any]) -> dict:
     """A copy of a nested ``TrainConfig`` dict with ``overrides`` (dotted leaf key -> value) set.
 
-    Missing intermediate sections are created, so a partial dict read from a config YAML works too.
+    Missing intermediate sections are created, so a partial dict read from a config YAML works too. A
+    ``family`` override is applied first: the other keys are checked against that family, and a family other
+    than the dict's keeps only the shared settings (:func:`switch_family`).
 
     Raises:
         ConfigError: an override key is not a ``TrainConfig`` leaf (names the key, suggests close ones).
@@ -420,10 +370,12 @@ def apply_overrides(config_dict: Mapping, overrides: Mapping[str, Any]) -> dict:
     if not isinstance(config_dict, Mapping):
         raise ConfigError(f"apply_overrides: config_dict must be a mapping, got {type(config_dict).__name__}")
     result = copy.deepcopy(dict(config_dict))
-    for key, value in overrides.items():
-        if key not in CONFIG_KEYS:
-            raise ConfigError(f"apply_overrides: {unknown_key_message(key)}")
-        set_dotted(result, key, value)
+    family = overrides.get("family")
+    if family is not None and family != result.get("family", DEFAULT_FAMILY):
+        _family_name({"family": family}, "apply_overrides")
+        result = switch_family(result, family)
+    for key, value in sorted(overrides.items(), key=lambda item: item[0] != "family"):
+        set_override(result, key, value, source="apply_overrides")
     return result
 
 
@@ -450,14 +402,16 @@ def resolve_paths(cfg: TrainConfig, base_dir: str | Path | None = None) -> Train
     cfg = copy.deepcopy(cfg)
     for section, name in PATH_FIELDS:
         holder = getattr(cfg, section) if section else cfg
+        if not hasattr(holder, name):  # a field of another family's section
+            continue
         value = getattr(holder, name)
         if value is not None and not Path(value).is_absolute():
             setattr(holder, name, str((base / value).resolve()))
     return cfg
 
 
-def _apply_override(values: dict, override: str, source: str) -> None:
-    """One ``--set key=value`` (value parsed as YAML) on the nested dict read from a config file."""
+def parse_override(override: str, source: str) -> tuple[str, Any]:
+    """``"key.subkey=value"`` -> ``(key, value)`` with the value parsed as YAML."""
     if not isinstance(override, str) or "=" not in override:
         raise ConfigError(f"{source}: override {override!r} must look like key.subkey=value")
     dotted, raw = override.split("=", 1)
@@ -466,18 +420,7 @@ def _apply_override(values: dict, override: str, source: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: override {dotted!r}: value {raw!r} is not valid YAML: {err}") from err
-    if dotted not in CONFIG_KEYS:
-        raise ConfigError(f"{source}: override {dotted!r}: {unknown_key_message(dotted)}")
-    # Keys the file leaves at their defaults can be overridden too; a section the file wrote as a
-    # non-mapping is its own error, named, rather than silently replaced.
-    node = values
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is not None and not isinstance(child, dict):
-            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])}: expected a mapping, got {child!r}")
-        node = node.setdefault(part, {}) if child is None else child
-    node[parts[-1]] = value
+    return dotted, value
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
@@ -499,8 +442,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Train
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
     source = str(path)
-    for override in overrides:
-        _apply_override(values, override, f"{source} (--set)")
+    parsed = [parse_override(override, f"{source} (--set)") for override in overrides]
+    for key, value in sorted(parsed, key=lambda item: item[0] != "family"):
+        set_override(values, key, value, f"{source} (--set): override {key!r}")
     return config_from_dict(values, source)
 
 
@@ -516,8 +460,14 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "PAPER_EPOCHS",
+    "PAPER_LR_DECAY_EPOCHS",
     "TrainConfig",
     "apply_overrides",
+    "config_keys",
+    "parse_override",
+    "set_override",
+    "switch_family",
     "config_digest",
     "config_from_dict",
     "config_to_dict",

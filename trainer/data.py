@@ -67,6 +67,7 @@ from trainer.annotations import (  # noqa: F401 - also the data set's public nam
     load_detections,
     load_wholebody_annotations,
 )
+from trainer.data_sources import DEFAULT_GT_INSTANCES, GT_INSTANCE_RULES
 from trainer.geometry import apply_affine, get_warp_matrix
 from trainer.keypoints import NUM_KEYPOINTS, PART_RANGES, flip_index
 
@@ -90,8 +91,6 @@ _LOWER_BODY_BODY_IDS = np.arange(11, 17)
 
 # Which GT instances become samples: "body" = at least one labelled body keypoint (num_keypoints > 0), as
 # MMPose (0.x: max(keypoints) > 0; 1.x CocoWholeBodyDataset); "any" = at least one labelled keypoint of 133.
-GT_INSTANCE_RULES: tuple[str, ...] = ("body", "any")
-DEFAULT_GT_INSTANCES = "body"
 
 
 @dataclass

@@ -25,10 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from trainer import keypoint_eval
-from trainer.config import EvalConfig
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RANGES, SIGMAS
 
 # Evaluation engines: "numpy" (trainer.keypoint_eval) and "xtcocotools" (the reference, and a fallback).
+# Instance rescoring: keypoints scoring above this count towards an instance's mean (MMPose's 0.2).
+RESCORE_KEYPOINT_THR = 0.2
+# Per-image OKS-NMS: a candidate with OKS above this to a kept one is dropped (MMPose's 0.9).
+OKS_NMS_THR = 0.9
 ENGINES: tuple[str, ...] = ("numpy", "xtcocotools")
 
 # Part name -> (xtcocotools iouType, result/annotation field). Whole-body concatenates all five fields.
@@ -315,7 +318,7 @@ def keypoints_to_results(image_ids, keypoints_133x3, scores, category_id: int = 
 
 
 def rescore_instances(
-    box_scores, keypoint_scores, keypoint_score_thr: float = EvalConfig.rescore_keypoint_thr
+    box_scores, keypoint_scores, keypoint_score_thr: float = RESCORE_KEYPOINT_THR
 ) -> np.ndarray:
     """Instance score = box score x mean of the keypoint scores above a threshold (MMPose's rescoring).
 
@@ -409,7 +412,7 @@ def _nms_keep_per_image(image_ids, keypoints, scores, areas, variances, thr) -> 
     return np.flatnonzero(keep)
 
 
-def oks_nms(instances: Sequence[dict], thr: float = EvalConfig.nms_thr, sigmas=SIGMAS) -> list[int]:
+def oks_nms(instances: Sequence[dict], thr: float = OKS_NMS_THR, sigmas=SIGMAS) -> list[int]:
     """Greedy non-maximum suppression by object keypoint similarity, within one image.
 
     Args:
@@ -446,8 +449,8 @@ def detections_to_results(
     keypoint_scores,
     box_scores,
     areas,
-    keypoint_score_thr: float = EvalConfig.rescore_keypoint_thr,
-    nms_thr: float = EvalConfig.nms_thr,
+    keypoint_score_thr: float = RESCORE_KEYPOINT_THR,
+    nms_thr: float = OKS_NMS_THR,
     sigmas=SIGMAS,
     category_id: int = 1,
 ) -> list[dict]:

@@ -44,7 +44,7 @@ def check_input_files(cfg: TrainConfig) -> None:
                 load_wholebody_annotations(ann_file, cache_dir=data.cache_dir)
             except DatasetError as err:
                 raise InputFileError(f"data.{ann_key}: {err}") from err
-        if data.val_det_file is not None:
+        if getattr(data, "val_det_file", None) is not None:
             det_file = _existing("data.val_det_file", data.val_det_file, "detection file")
             try:
                 load_detections(det_file, data.det_score_thr)

@@ -1,0 +1,247 @@
+"""The top-down heatmap family as the shared code sees it (``trainer.families.ExperimentFamily``).
+
+HRNet on person crops (``trainer.model``), DARK heatmaps (``trainer.codec``), the crop pipeline
+(``trainer.data``), the FoWKAL loss family (``trainer.losses``: the variant table), flip test + DARK +
+rescoring + OKS-NMS at evaluation (``trainer.inference``). Per epoch it reports the loss per part and, for
+the variants with a KAF head (KAL), the per-part mean and spread of the keypoint-wise adaptive factors;
+checkpoints hold the KAF history ``[epochs, K]`` (the paper's Fig. 5), also written as ``kaf_history.npy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
+from trainer.losses import LOSS_VARIANTS, VARIANT_PROPERTIES, HeatmapLoss, LossConfig, LossSettingError
+from trainer.topdown import config as topdown_config
+
+PARTS = tuple(COCO_WHOLEBODY_PARTS)  # body, foot, face, hand
+KAF_HISTORY_FILE = "kaf_history.npy"
+
+
+class TopDownTraining:
+    """The FoWKAL loss of one run on one worker, and the KAF statistics it tracks (KAL variants)."""
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        self.loss_fn = HeatmapLoss(cfg.loss)
+        self.needs_kaf = self.loss_fn.needs_kaf
+        self.loss_parts = PARTS + (("reg",) if self.needs_kaf else ())
+        self.device = device
+        self.kaf_history: list[np.ndarray] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.kaf_sum = torch.zeros(NUM_KEYPOINTS, dtype=torch.float64, device=self.device)
+        self.kaf_sq_sum = torch.zeros_like(self.kaf_sum)
+        self.samples = torch.zeros(1, dtype=torch.float64, device=self.device)
+
+    def step(self, model, batch: dict, device: torch.device, amp_dtype, channels_last: bool):
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = batch["heatmaps"].to(device, non_blocking=True)
+        target_weight = batch["target_weight"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            heatmaps, kaf = model(images)
+        # The loss in float32: AWing's log and FWAHR's powers are not half-precision friendly.
+        total, parts = self.loss_fn(
+            heatmaps.float(),
+            target,
+            target_weight,
+            kaf=None if kaf is None else kaf.float(),
+            return_parts=True,
+        )
+        self.samples += images.shape[0]
+        if kaf is not None:
+            kaf = kaf.detach().double()
+            self.kaf_sum += kaf.sum(0)
+            self.kaf_sq_sum += (kaf * kaf).sum(0)
+        return total, parts
+
+    def epoch_metrics(self, all_reduce: Callable[[torch.Tensor], None] | None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.needs_kaf:
+            if all_reduce is not None:
+                for tensor in (self.kaf_sum, self.kaf_sq_sum, self.samples):
+                    all_reduce(tensor)
+            kaf_mean = (self.kaf_sum / self.samples[0]).cpu().numpy()
+            kaf_sq_mean = (self.kaf_sq_sum / self.samples[0]).cpu().numpy()
+            self.kaf_history.append(kaf_mean.astype(np.float32))
+            for name, indices in COCO_WHOLEBODY_PARTS.items():
+                mean = float(kaf_mean[list(indices)].mean())  # over samples and the part's keypoints
+                variance = float(kaf_sq_mean[list(indices)].mean()) - mean * mean
+                metrics[f"kaf/{name}_mean"] = mean
+                metrics[f"kaf/{name}_std"] = max(variance, 0.0) ** 0.5
+        self._reset()
+        return metrics
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        history = np.asarray(self.kaf_history, dtype=np.float32).reshape(-1, NUM_KEYPOINTS)
+        return {"kaf_history": torch.from_numpy(history)}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        self.kaf_history = [row.numpy() for row in state["kaf_history"]]
+
+    def write_outputs(self, directory) -> list[str]:
+        if not self.kaf_history:
+            return []
+        np.save(Path(directory) / KAF_HISTORY_FILE, np.asarray(self.kaf_history, dtype=np.float32))
+        return [KAF_HISTORY_FILE]
+
+    def after_optimizer_step(self, model) -> None:
+        return None
+
+    def eval_model(self, model):
+        return model
+
+
+class TopDownHeatmapFamily:
+    """``family: topdown_heatmap``: see the module docstring."""
+
+    name = "topdown_heatmap"
+    summary = "HRNet + DARK heatmaps on person crops, the FoWKAL loss family (top-down)"
+    sections: Mapping[str, type] = {**topdown_config.SECTIONS, "loss": LossConfig}
+    eval_setting_keys = topdown_config.EVAL_SETTING_KEYS
+    sweep_conditions = {"loss.variant": (LOSS_VARIANTS, VARIANT_PROPERTIES)}
+    arm_key = "loss.variant"
+    selection_metric = "val/wholebody_AP"
+    # ``fowkal tune-eval`` caches this family's heatmaps (trainer.heatmap_cache) and sweeps their decoding.
+    heatmap_eval_sweep = True
+
+    def validate(self, cfg, check, fail) -> None:
+        topdown_config.validate(cfg, check)
+        try:  # the loss's own range checks, naming the key
+            cfg.loss.validate()
+        except LossSettingError as err:
+            fail(f"loss.{err.field}", str(err))
+
+    def run_label(self, cfg) -> str:
+        return cfg.loss.variant
+
+    def run_tags(self, cfg) -> dict[str, str]:
+        return {"loss_variant": cfg.loss.variant}
+
+    def build_datasets(self, cfg, paths: Mapping[str, str | None]):
+        from trainer.data import WholeBodyTopDownDataset
+
+        annotations = {"cache_dir": cfg.data.cache_dir, "gt_instances": cfg.data.gt_instances}
+        train_set = WholeBodyTopDownDataset(
+            paths["train_ann"], paths["train_images"], config=cfg.data.pipeline, train=True, **annotations
+        )
+        val_set = WholeBodyTopDownDataset(
+            paths["val_ann"],
+            paths["val_images"],
+            config=cfg.data.pipeline,
+            train=False,
+            det_file=paths["val_det"],
+            det_score_thr=cfg.data.det_score_thr,
+            **annotations,
+        )
+        return train_set, val_set
+
+    def eval_dataset(self, cfg, ann_file, image_dir, det_file=None):
+        """The test-mode crops of ``ann_file``'s GT boxes, or of ``det_file``'s person detections."""
+        from trainer.data import WholeBodyTopDownDataset
+
+        return WholeBodyTopDownDataset(
+            ann_file,
+            image_dir,
+            config=cfg.data.pipeline,
+            train=False,
+            det_file=det_file,
+            det_score_thr=cfg.data.det_score_thr,
+            cache_dir=cfg.data.cache_dir,
+            gt_instances=cfg.data.gt_instances,
+        )
+
+    def collate_fn(self, cfg):
+        return None
+
+    def has_kaf_head(self, cfg) -> bool:
+        return LOSS_VARIANTS[cfg.loss.variant].needs_kaf
+
+    def build_model(self, cfg, pretrained: bool = True) -> torch.nn.Module:
+        from trainer.model import build_pose_model
+
+        return build_pose_model(
+            cfg.model.backbone,
+            NUM_KEYPOINTS,
+            with_kaf=self.has_kaf_head(cfg),
+            pretrained_path=cfg.model.pretrained_path if pretrained else None,
+        )
+
+    protocol_suffix = ", DARK"  # how `fowkal eval` names the decoding after the flip test
+
+    def describe_inference(self, cfg) -> str:
+        """The model and its input, for ``fowkal eval``'s first line."""
+        pipeline = cfg.data.pipeline
+        return (
+            f"model {cfg.model.backbone}, loss {cfg.loss.variant}, input {list(pipeline.input_size)}, "
+            f"heatmaps {list(pipeline.heatmap_size)}"
+        )
+
+    def describe_model(self, cfg) -> str:
+        return (
+            f"backbone {cfg.model.backbone!r} with {NUM_KEYPOINTS} keypoints"
+            + (" and a KAF head" if self.has_kaf_head(cfg) else "")
+            + f" (loss variant {cfg.loss.variant!r})"
+        )
+
+    def build_optimizer(self, cfg, model, iters_per_epoch: int):
+        from trainer.topdown.schedule import build_optimizer
+
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs, iters_per_epoch)
+        return optimizer, scheduler, 1
+
+    def grad_clip(self, cfg) -> float | None:
+        return cfg.optim.grad_clip
+
+    def training(self, cfg, model, device: torch.device) -> TopDownTraining:
+        return TopDownTraining(cfg, device)
+
+    def predict(self, model, loader, cfg, device, amp_dtype, channels_last: bool) -> dict:
+        from trainer.inference import predict_keypoints
+
+        return predict_keypoints(
+            model,
+            loader,
+            device,
+            cfg.flip_test,
+            amp_dtype,
+            channels_last,
+            cfg.eval.flip_mode,
+            cfg.eval.blur_kernel,
+        )
+
+    def results(self, predictions: Mapping, cfg) -> list[dict]:
+        from trainer.inference import results_from_predictions
+
+        return results_from_predictions(predictions, cfg.eval)
+
+    def selection_score(self, metrics: Mapping[str, float]) -> float | None:
+        return metrics.get(self.selection_metric)
+
+    def run_artifacts(self, cfg, checkpoint_dir: Path, out_dir: Path) -> tuple[list[Path], list[str]]:
+        """The files a finished run logs beside its checkpoints, from its last checkpoint's directory: for
+        a KAL variant ``kaf_history.npy`` and its figure ``kaf_history.png``. Returns ``(files, notes)``."""
+        if not self.has_kaf_head(cfg):
+            return [], []
+        path = Path(checkpoint_dir) / KAF_HISTORY_FILE
+        history = np.load(path) if path.is_file() else None
+        if history is None or history.ndim != 2 or history.shape[0] == 0:
+            return [], ["the checkpoint holds no KAF history; the KAF figure is skipped"]
+        from trainer.topdown.kaf_plot import KAF_PLOT_FILE, plot_kaf_history
+
+        np.save(Path(out_dir) / KAF_HISTORY_FILE, history)
+        figure = plot_kaf_history(history, Path(out_dir) / KAF_PLOT_FILE)
+        return [Path(out_dir) / KAF_HISTORY_FILE, figure], []
+
+
+TOPDOWN_HEATMAP = TopDownHeatmapFamily()
+
+__all__ = ["KAF_HISTORY_FILE", "TOPDOWN_HEATMAP", "TopDownHeatmapFamily", "TopDownTraining"]
