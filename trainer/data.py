@@ -48,7 +48,6 @@ Sampling facts and choices (documented because MMPose versions differ):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -68,15 +67,12 @@ from trainer.annotations import (  # noqa: F401 - also the data set's public nam
     load_wholebody_annotations,
 )
 from trainer.data_sources import DEFAULT_GT_INSTANCES, GT_INSTANCE_RULES
+from trainer.dataset_common import AugmentationGenerator, regular_files
 from trainer.geometry import apply_affine, get_warp_matrix
 from trainer.keypoints import NUM_KEYPOINTS, PART_RANGES, flip_index
 
 logger = logging.getLogger(__name__)
 
-# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked while the parent's pool
-# exists deadlocks on its first cv2 call (seen here with cv2.setNumThreads in a worker). Parallelism comes
-# from DataLoader workers, so OpenCV runs single-threaded in every process, as MMEngine also sets it.
-cv2.setNumThreads(0)
 
 # Half-body groups (see module docstring). Body indices: 0-10 head/arms, 11-16 hips/legs.
 UPPER_BODY_IDS: tuple[int, ...] = (
@@ -141,20 +137,6 @@ class PipelineConfig:
                 "PipelineConfig.sigma, padding and half_body_padding must be positive, got "
                 f"{self.sigma!r}, {self.padding!r}, {self.half_body_padding!r}"
             )
-
-
-def _regular_files(directory: str) -> set[str]:
-    """Names of the files in ``directory`` (symlinks followed, as ``os.path.isfile``); empty if absent."""
-    try:
-        with os.scandir(directory) as entries:
-            return {
-                entry.name
-                for entry in entries
-                # d_type answers for plain entries; only symlinks cost a stat.
-                if (entry.is_file() if entry.is_symlink() else entry.is_file(follow_symlinks=False))
-            }
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
 
 
 def _truncated_normal(rng: np.random.Generator) -> float:
@@ -261,7 +243,7 @@ def _encode_targets(keypoints_input: np.ndarray, visible: np.ndarray, config: Pi
     return torch.as_tensor(heatmaps[0], dtype=torch.float32), torch.as_tensor(weights[0], dtype=torch.float32)
 
 
-class WholeBodyTopDownDataset(torch.utils.data.Dataset):
+class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
     """Top-down COCO-WholeBody samples: one person box -> one normalised crop and its 133 heatmaps.
 
     ``train=True``: samples from GT boxes of non-crowd instances with a labelled keypoint (``gt_instances``:
@@ -385,7 +367,7 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
             path = self._image_path(index)
             directory, name = os.path.split(path)
             if directory not in listings:
-                listings[directory] = _regular_files(directory)
+                listings[directory] = regular_files(directory)
             if name not in listings[directory]:
                 missing.append(image_id)
         missing.sort()
@@ -427,37 +409,6 @@ class WholeBodyTopDownDataset(torch.utils.data.Dataset):
         """``(image_ids [N], ann_ids [N])`` of the samples in index order (ann_id -1 for detections), without
         reading any image."""
         return self._image_ids.copy(), self._ann_ids.copy()
-
-    def _generator(self) -> np.random.Generator:
-        """Per-process augmentation generator, reseeded when the worker (or epoch's worker seed) changes."""
-        info = torch.utils.data.get_worker_info()
-        key = ("worker", info.seed) if info is not None else ("main", os.getpid())
-        if self._rng is None or self._rng_key != key:
-            if info is not None:
-                seed = info.seed
-            else:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            self._rng = np.random.default_rng(seed)
-            self._rng_key = key
-        return self._rng
-
-    def generator_state(self) -> str | None:
-        """The main-process augmentation generator's state as JSON text (a checkpoint keeps it so a resumed
-        ``loader_workers=0`` run draws the augmentations an uninterrupted one would), or None when this
-        process has not drawn from it (loader workers reseed per epoch from torch's generator instead)."""
-        if self._rng is None or self._rng_key != ("main", os.getpid()):
-            return None
-        return json.dumps(self._rng.bit_generator.state)
-
-    def restore_generator_state(self, state: str) -> None:
-        """Continue the main-process generator from :meth:`generator_state`'s text."""
-        try:
-            values = json.loads(state)
-            rng = np.random.default_rng()
-            rng.bit_generator.state = values
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"{self.ann_file}: unreadable augmentation generator state: {err}") from err
-        self._rng, self._rng_key = rng, ("main", os.getpid())
 
     def read_image(self, index: int) -> np.ndarray:
         """BGR uint8 image of sample ``index``; ``DatasetError`` naming the file and ids if unreadable."""

@@ -2,9 +2,8 @@
 
 ``KapaoDataset`` reads the same files as the top-down ``trainer.data.WholeBodyTopDownDataset`` through the
 same machinery: ``load_wholebody_annotations`` (the per-node memory-mapped annotation cache), one directory
-listing per image directory for the missing-image check, and that data set's per-worker augmentation
-generator with its checkpointable state (``generator_state`` / ``restore_generator_state``, borrowed as
-they are). One sample is one image of the annotation file:
+listing per image directory for the missing-image check, and the per-worker augmentation generator with its
+checkpointable state (``trainer.dataset_common``). One sample is one image of the annotation file:
 
 - ``train=True``: ``trainer.kapao.augment.augment_sample`` (mosaic, random affine, HSV, flip).
 - ``train=False``: the letterbox only, every image of the file (also those without persons) in file order;
@@ -31,10 +30,7 @@ import numpy as np
 import torch
 
 from trainer.annotations import DatasetError, load_wholebody_annotations
-
-# trainer.data also sets cv2.setNumThreads(0) on import (its comment says why: fork-safe loader workers).
-# _regular_files is private there: the one directory listing per image directory, reused as it is.
-from trainer.data import WholeBodyTopDownDataset, _regular_files
+from trainer.dataset_common import AugmentationGenerator, regular_files
 from trainer.kapao.augment import KapaoAugmentConfig, augment_sample
 from trainer.kapao.labels import (
     KP_BBOX_MODES,
@@ -77,20 +73,13 @@ class KapaoPipelineConfig(KapaoAugmentConfig):
             raise ValueError(f"kp_bbox_sigma_scale must be null or > 0, got {self.kp_bbox_sigma_scale!r}")
 
 
-class KapaoDataset(torch.utils.data.Dataset):
+class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
     """COCO-WholeBody images as KAPAO samples (module docstring); arguments as the top-down data set's.
 
     ``sigmas``: the OKS sigmas of the sigma box mode (default: the first ``num_keypoints`` of
     ``trainer.keypoints.SIGMAS``). ``missing_images``: ``"error"`` raises ``DatasetError`` naming the first
     missing files, ``"skip"`` drops their images (count in ``num_skipped_missing_images``).
     """
-
-    # The top-down data set's augmentation generator, unchanged: seeded per DataLoader worker (and epoch)
-    # from get_worker_info().seed, or from torch's generator in the main process, whose state a checkpoint
-    # keeps. They use only self._rng, self._rng_key and self.ann_file.
-    _generator = WholeBodyTopDownDataset._generator
-    generator_state = WholeBodyTopDownDataset.generator_state
-    restore_generator_state = WholeBodyTopDownDataset.restore_generator_state
 
     def __init__(
         self,
@@ -146,7 +135,7 @@ class KapaoDataset(torch.utils.data.Dataset):
         for row in self._images.tolist():
             directory, name = os.path.split(self._image_path(row))
             if directory not in listings:
-                listings[directory] = _regular_files(directory)
+                listings[directory] = regular_files(directory)
             if name not in listings[directory]:
                 missing.append(row)
         self.num_skipped_missing_images = 0

@@ -1,0 +1,75 @@
+"""What every family's data set shares: its augmentation generator (per loader process, seeded from
+torch, checkpointable for exact resume), the one directory listing per image directory, and OpenCV set up
+for DataLoader workers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+
+# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked while the parent's pool
+# exists deadlocks on its first cv2 call (seen here with cv2.setNumThreads in a worker). Parallelism comes
+# from DataLoader workers, so OpenCV runs single-threaded in every process, as MMEngine also sets it.
+cv2.setNumThreads(0)
+
+
+def regular_files(directory: str) -> set[str]:
+    """Names of the files in ``directory`` (symlinks followed, as ``os.path.isfile``); empty if absent."""
+    try:
+        with os.scandir(directory) as entries:
+            return {
+                entry.name
+                for entry in entries
+                # d_type answers for plain entries; only symlinks cost a stat.
+                if (entry.is_file() if entry.is_symlink() else entry.is_file(follow_symlinks=False))
+            }
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+class AugmentationGenerator:
+    """A data set's augmentation randomness: a NumPy generator seeded from ``get_worker_info().seed`` in a
+    DataLoader worker (different per worker and per epoch) or, in the main process, from torch's global
+    generator (reproducible with ``torch.manual_seed``). Names its data set by ``self.ann_file``."""
+
+    ann_file: str
+    _rng: np.random.Generator | None = None
+    _rng_key: object = None
+
+    def _generator(self) -> np.random.Generator:
+        """Per-process augmentation generator, reseeded when the worker (or epoch's worker seed) changes."""
+        info = torch.utils.data.get_worker_info()
+        key = ("worker", info.seed) if info is not None else ("main", os.getpid())
+        if self._rng is None or self._rng_key != key:
+            if info is not None:
+                seed = info.seed
+            else:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._rng = np.random.default_rng(seed)
+            self._rng_key = key
+        return self._rng
+
+    def generator_state(self) -> str | None:
+        """The main-process augmentation generator's state as JSON text (a checkpoint keeps it so a resumed
+        ``loader_workers=0`` run draws the augmentations an uninterrupted one would), or None when this
+        process has not drawn from it (loader workers reseed per epoch from torch's generator instead)."""
+        if self._rng is None or self._rng_key != ("main", os.getpid()):
+            return None
+        return json.dumps(self._rng.bit_generator.state)
+
+    def restore_generator_state(self, state: str) -> None:
+        """Continue the main-process generator from :meth:`generator_state`'s text."""
+        try:
+            values = json.loads(state)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = values
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{self.ann_file}: unreadable augmentation generator state: {err}") from err
+        self._rng, self._rng_key = rng, ("main", os.getpid())
+
+
+__all__ = ["AugmentationGenerator", "regular_files"]
