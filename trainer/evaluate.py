@@ -28,6 +28,17 @@ from trainer import keypoint_eval
 from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS, PART_RANGES, SIGMAS
 
 # Evaluation engines: "numpy" (trainer.keypoint_eval) and "xtcocotools" (the reference, and a fallback).
+# evaluate_wholebody key -> the metric name a training run reports each evaluation (in percent:
+# trainer.metric_units); a family may report more (ExperimentFamily.val_metrics).
+VAL_METRICS: dict[str, str] = {
+    "wholebody/AP": "val/wholebody_AP",
+    "wholebody/AR": "val/wholebody_AR",
+    "body/AP": "val/body_AP",
+    "foot/AP": "val/foot_AP",
+    "face/AP": "val/face_AP",
+    "hand/AP": "val/hand_AP",
+}
+
 # Instance rescoring: keypoints scoring above this count towards an instance's mean (MMPose's 0.2).
 RESCORE_KEYPOINT_THR = 0.2
 # Per-image OKS-NMS: a candidate with OKS above this to a kept one is dropped (MMPose's 0.9).

@@ -69,6 +69,9 @@ class ExperimentFamily(Protocol):
     arm_key: str | None
     # The metric the best checkpoint maximises (the loop reports it on evaluation epochs).
     selection_metric: str
+    # The shared evaluator's numbers the loop reports: evaluate_wholebody key -> metric name
+    # (trainer.evaluate.VAL_METRICS, or more).
+    val_metrics: Mapping[str, str]
 
     def validate(self, cfg, check: Callable[[bool, str, Any, str], None]) -> None:
         """Range checks of the family's sections: ``check(ok, dotted_key, value, expected)``."""

@@ -41,21 +41,11 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, config_from_dict, config_to_dict
 from trainer.data_sources import dataset_paths, resolve_datasets
-from trainer.evaluate import WholeBodyEvaluator
+from trainer.evaluate import VAL_METRICS, WholeBodyEvaluator
 from trainer.families import family_of
 from trainer.metric_units import to_percent
 from trainer.rng_state import rng_state, seed_everything, set_rng_state
 from trainer.runtime import autocast_dtype, worker_context
-
-# evaluate_wholebody key -> reported metric name (reported in percent: trainer.metric_units)
-VAL_METRICS = {
-    "wholebody/AP": "val/wholebody_AP",
-    "wholebody/AR": "val/wholebody_AR",
-    "body/AP": "val/body_AP",
-    "foot/AP": "val/foot_AP",
-    "face/AP": "val/face_AP",
-    "hand/AP": "val/hand_AP",
-}
 
 
 def say(line: str, log_file: Path | None = None) -> None:
@@ -207,7 +197,8 @@ def train_loop_per_worker(
                     + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
                     + ". Lower optim.lr, set optim.grad_clip or check the data."
                 )
-            scaler.scale(total / accumulate if accumulate > 1 else total).backward()
+            # Accumulated gradients are summed, as the authors of families that accumulate (KAPAO) do.
+            scaler.scale(total).backward()
             if (iteration + 1) % accumulate == 0 or iteration + 1 == iters_per_epoch:
                 if grad_clip is not None:
                     scaler.unscale_(optimizer)
@@ -247,7 +238,7 @@ def train_loop_per_worker(
                 # The val annotation file is parsed at the first evaluation of the run, then reused.
                 evaluator = WholeBodyEvaluator.for_file(paths["val_ann"])
                 scores = evaluator.evaluate(family.results(predictions, cfg))
-                val_metrics = [{name: to_percent(scores[key]) for key, name in VAL_METRICS.items()}]
+                val_metrics = [{name: to_percent(scores[key]) for key, name in family.val_metrics.items()}]
             if context.distributed:  # every worker reports the same numbers and tracks the same best score
                 torch.distributed.broadcast_object_list(val_metrics, src=0)
             metrics.update(val_metrics[0])

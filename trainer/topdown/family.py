@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.evaluate import VAL_METRICS
 from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.losses import LOSS_VARIANTS, VARIANT_PROPERTIES, HeatmapLoss, LossConfig, LossSettingError
 from trainer.topdown import config as topdown_config
@@ -110,6 +111,7 @@ class TopDownHeatmapFamily:
     sweep_conditions = {"loss.variant": (LOSS_VARIANTS, VARIANT_PROPERTIES)}
     arm_key = "loss.variant"
     selection_metric = "val/wholebody_AP"
+    val_metrics = VAL_METRICS
     # ``fowkal tune-eval`` caches this family's heatmaps (trainer.heatmap_cache) and sweeps their decoding.
     heatmap_eval_sweep = True
 
