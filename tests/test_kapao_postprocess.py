@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -510,88 +509,3 @@ def test_oracle_outputs_score_near_perfect_and_fusion_restores_noisy_poses(one_t
     assert noisy_on["wholebody/AP"] >= 0.97  # the exact keypoint objects replace the noisy pose keypoints
     # Fusion puts the exact keypoint objects back: the small face and hand keypoints gain most.
     assert noisy_on["face/AP"] > noisy_off["face/AP"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing (printed, not asserted)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _crowd_outputs(k: int, size: int, people: int, rng) -> list[torch.Tensor]:
-    """Raw outputs of a crowd: per person ~150 pose anchors in a cluster (0.001-0.9), two keypoint objects per
-    keypoint type near its pose keypoint, plus a few hundred stray low-confidence objects."""
-    outputs = [torch.zeros(1, 3, size // s, size // s, outputs_per_anchor(k)) for s in STRIDES]
-    for out in outputs:
-        out[..., 4] = BACKGROUND
-        out[..., 5:] = torch.from_numpy(rng.normal(0, 0.5, out.shape[:4] + (out.shape[-1] - 5,))).float()
-        out[..., 5 : 5 + k + 1] = -8.0
-
-    def put(level, a, gy, gx, cls, conf):
-        cells = outputs[level].shape[2]
-        gy, gx = int(np.clip(gy, 0, cells - 1)), int(np.clip(gx, 0, cells - 1))
-        row = outputs[level][0, a, gy, gx]
-        row[4] = float(_logit(np.sqrt(conf)))
-        row[5 + cls] = float(_logit(np.sqrt(conf)))
-        return gx, gy, row
-
-    for _ in range(people):
-        level = int(rng.integers(1, 3))
-        s = STRIDES[level]
-        cx, cy = rng.integers(0, size // s, 2)
-        for _ in range(150):  # the cluster of weaker duplicates, then the person's best anchor
-            put(
-                level,
-                rng.integers(0, 3),
-                cy + rng.integers(-3, 4),
-                cx + rng.integers(-3, 4),
-                0,
-                rng.uniform(0.03, 0.5) ** 2,
-            )
-        a = int(rng.integers(0, 3))
-        gx, gy, row = put(level, a, cy, cx, 0, 0.9)
-        keypoints = (4 * torch.sigmoid(row[-2 * k :]).reshape(k, 2) - 2) * torch.tensor(
-            P6_ANCHORS[level][a], dtype=torch.float32
-        ) + torch.tensor([gx, gy]) * s
-        for kp in range(k):
-            for _ in range(2):
-                x, y = (keypoints[kp].numpy() + rng.normal(0, 3, 2)) / 8
-                put(0, 1, y, x, kp + 1, float(rng.uniform(0.2, 0.9)))
-    for _ in range(300):  # stray objects
-        level, a = int(rng.integers(0, 4)), int(rng.integers(0, 3))
-        cells = outputs[level].shape[2]
-        cls = int(rng.integers(0, k + 1))
-        put(level, a, rng.integers(0, cells), rng.integers(0, cells), cls, float(rng.uniform(0.001, 0.3)))
-    return outputs
-
-
-@pytest.mark.parametrize("k", [17, 133])
-def test_postprocess_time_per_image(k, one_torch_thread):
-    rng = np.random.default_rng(k)
-    outputs = _crowd_outputs(k, 1280, people=20, rng=rng)
-    settings, letterbox = KapaoEvalConfig(), (1.0, (0.0, 0.0))
-    cands = candidates(outputs, settings.tau_cp, settings.tau_ck)[0]
-    kept = non_max_suppression(cands, settings)
-    keypoints, scores = poses_from_candidates(cands, settings, letterbox)
-    # 20 people at random places (two may share a place): their poses lead, with keypoint objects fused.
-    assert (scores > settings.tau_fc).sum() >= 18
-    assert (keypoints[:18, :, 2] > settings.tau_ck).float().mean() > 0.5
-
-    def timed(fn, repeats=15):  # the best of a few runs: the machine is shared
-        fn()
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best * 1e3
-
-    t_candidates = timed(lambda: candidates(outputs, settings.tau_cp, settings.tau_ck))
-    t_nms = timed(lambda: non_max_suppression(cands, settings, all_poses=False))
-    t_poses = timed(lambda: poses_from_candidates(cands, settings, letterbox))
-    t_total = timed(lambda: poses_from_outputs(outputs, settings, [letterbox]))
-    print(
-        f"\nK={k}, input 1280, 20 people, one thread: {len(cands.pose_scores)} pose / {len(cands.kp_scores)} "
-        f"keypoint candidates -> {len(kept.pose_scores)} / {len(kept.kp_scores)} after NMS. ms per image: "
-        f"candidates {t_candidates:.2f}, NMS (as poses_from_candidates runs it) {t_nms:.2f}, "
-        f"NMS + fusion + scores {t_poses:.2f}, all {t_total:.2f}"
-    )
