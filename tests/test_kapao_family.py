@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from trainer.checkpoint import EvalError, load_checkpoint_model
 from trainer.config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -162,3 +163,17 @@ def test_train_loop_checkpoint_and_evaluate(tmp_path, one_torch_thread):
     with pytest.raises(EvalError, match="detects people itself"):
         evaluate_model(loaded, paths["val_ann"], paths["val_images"], det_file=det_file, gpus=0)
     assert config_to_dict(loaded.config)["model"]["keypoints"] == "wholebody"
+
+
+def test_a_checkpoint_of_the_other_family_is_a_named_error(tmp_path):
+    """Top-down weights beside a KAPAO config.yaml (e.g. a run's artifacts mixed up): the error names the
+    checkpoint and the family whose model it does not fit, before any data is read."""
+    top_down = config_from_dict({"model": {"backbone": "hrnet_w18_small"}})
+    weights = get_family("topdown_heatmap").build_model(top_down, pretrained=False).state_dict()
+    checkpoint = tmp_path / "best_checkpoint" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"model": weights}, checkpoint)
+    kapao = config_to_dict(config_from_dict({"family": "kapao"}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(kapao))
+    with pytest.raises(EvalError, match=r"checkpoint\.pt' does not fit the kapao family's KAPAO-S"):
+        load_checkpoint_model(checkpoint)
