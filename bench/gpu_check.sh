@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one command: CUDA tests, step throughput (plain vs Ray Train), the loss's share of a step,
-# FLOPs, DataLoader headroom, `fowkal train` with use_gpu and `fowkal eval --gpus 1`. Figures go to $OUT.
+# FLOPs, DataLoader headroom, KAPAO-S at 1280 beside HRNet-w32 (bench/gpu_kapao.py), `fowkal train` of the
+# smoke configs (top-down and KAPAO) with use_gpu and `fowkal eval --gpus 1`. Figures go to $OUT.
 #
 #   bench/gpu_check.sh --prepare   # here, with the package index reachable: writes .gpu_payload/ (git-ignored):
 #                                  # the Python packages the GPU machine lacks, unpacked for CPython 3.12 and
@@ -11,6 +12,25 @@
 #
 # At most BUDGET_S seconds (default 470, inside 8 minutes) from start to the summary: every step gets what is
 # left of it (minus what the steps after it are promised), so one hang cannot eat the others' time.
+#
+# Each step's reserve on the H200 (seconds; the promises below are sums of the later ones'). Estimated from
+# fixed costs (a fresh Python with torch + CUDA init ~7 s; Ray up and a Train worker group ~15-20 s; MLflow's
+# SQLite schema ~5 s; cuDNN autotuning of new shapes ~5-15 s per model), FLOPs at a fraction of the bf16
+# peak (KAPAO-S at 1280: 233 GFLOP per training image, HRNet-w32 at 256x192: 46) and the CPU dry runs'
+# per-step counts:
+#   set-up (payload unpacked, versions)  15   not a step
+#   pytest -m gpu                        70   ~35: 21 small tests, CUDA init, 2 cuDNN autotunings
+#   bench/gpu_bench.py                  130   ~130 with --rounds 1: 4 fresh processes (2 plain ~12 s, 2 Ray
+#                                             ~20 s, each after a 3 s pause), torch.compile of the loss
+#                                             ~40 s, FLOPs ~3 s, loader 3 x ~5 s
+#   bench/gpu_kapao.py                   70   ~55: 25 KAPAO-S steps at 1280 x 16 (~0.3 s each + autotuning),
+#                                             batch-1 latencies, the planted crowd (~3 s on the CPU), HRNet
+#   fowkal train (smoke)                 65   ~55: Ray + MLflow ~25 s, 2 epochs of 256 crops, 2 evaluations
+#   fowkal eval --gpus 1                 45   ~35: Ray, the mini set with its detections
+#   fowkal train (smoke_kapao)           75   ~60: Ray + MLflow ~25 s, 2 epochs of 256 mosaics at 256,
+#                                             2 evaluations, 175 MB checkpoints logged
+# 470 in all (~385 expected). gpu_bench's ABBA second round (GPU_BENCH_ROUNDS=2) would add ~75 s: it fits only
+# without the KAPAO steps. In a dry run the promises scale with BUDGET_S (a 2-core CPU is slower than the H200).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +94,8 @@ prepare() {
 if [[ $MODE == prepare ]]; then prepare; exit $?; fi
 
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-$([[ $MODE == dry ]] && echo 1200 || echo 470)}  # a 2-core CPU is slower than the H200
+GPU_BUDGET_S=470  # what the promises below are sized for
+BUDGET_S=${BUDGET_S:-$([[ $MODE == dry ]] && echo 1500 || echo $GPU_BUDGET_S)}  # a 2-core CPU is slower
 STATUS=()
 if [[ $MODE == dry ]]; then
   OUT="${OUT:-/tmp/gpu_check_dry}"
@@ -92,9 +113,10 @@ export FOWKAL_MINI_DIR="$MINI" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 
-# step NAME PROMISED_LATER_S CMD...: run CMD with what is left of the budget minus what later steps need.
+# step NAME PROMISED_LATER_S CMD...: run CMD with what is left of the budget minus what later steps need
+# (PROMISED_LATER_S in the H200's seconds, scaled by BUDGET_S / GPU_BUDGET_S).
 step() {
-  local name=$1 later=$2 left rc began; shift 2
+  local name=$1 later=$(( $2 * BUDGET_S / GPU_BUDGET_S )) left rc began; shift 2
   left=$(( BUDGET_S - ($(date +%s) - START) - later ))
   if (( left < 10 )); then STATUS+=("$name: SKIPPED (budget spent)"); echo "== $name: skipped"; return; fi
   echo "== $name (up to ${left} s): $*"
@@ -129,25 +151,32 @@ EOF
 if [[ $MODE == dry ]]; then
   TRAIN_SET=(--set use_gpu=false --set epochs=1 --set eval_interval=1 --set batch_size=4
              --set data.synthetic_train_images=8 --set data.synthetic_val_images=2 --set data.val_batch_size=4)
-  BENCH=(--dry-run) GPUS=0
+  KAPAO_SET=("${TRAIN_SET[@]}" --set data.input_size=128)
+  BENCH=(--dry-run) KAPAO_BENCH=(--dry-run) GPUS=0
 else
   TRAIN_SET=(--set use_gpu=true --set epochs=2 --set eval_interval=1)
-  BENCH=() GPUS=1
+  KAPAO_SET=("${TRAIN_SET[@]}")
+  BENCH=(--rounds "${GPU_BENCH_ROUNDS:-1}") KAPAO_BENCH=() GPUS=1
 fi
 
-step "pytest -m gpu" 330 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest_gpu.xml"
-step "bench/gpu_bench.py" 130 "$PY" bench/gpu_bench.py --out "$OUT" "${BENCH[@]}"
-step "fowkal train (smoke)" 45 "$PY" -m orchestrator.cli train --config configs/smoke.yaml "${TRAIN_SET[@]}" \
+step "pytest -m gpu" 385 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest_gpu.xml"
+step "bench/gpu_bench.py" 255 "$PY" bench/gpu_bench.py --out "$OUT" "${BENCH[@]}"
+step "bench/gpu_kapao.py" 185 "$PY" bench/gpu_kapao.py --out "$OUT" "${KAPAO_BENCH[@]}"
+step "fowkal train (smoke)" 120 "$PY" -m orchestrator.cli train --config configs/smoke.yaml "${TRAIN_SET[@]}" \
   --set output_dir="$WORK/smoke" --set data.synthetic_dir="$WORK/synthetic" \
   --tracking-uri "sqlite:///$WORK/mlflow.db" --storage-path "$WORK/ray_results"
-CHECKPOINT="$(find "$WORK" -name checkpoint.pt 2>/dev/null | sort | tail -1)"  # the last epoch's
+CHECKPOINT="$(find "$WORK/ray_results" "$WORK/smoke" -name checkpoint.pt 2>/dev/null | sort | tail -1)"  # the last epoch's
 if [[ -n $CHECKPOINT ]]; then
-  step "fowkal eval --gpus $GPUS" 0 "$PY" -m orchestrator.cli eval --checkpoint "$CHECKPOINT" \
+  step "fowkal eval --gpus $GPUS" 75 "$PY" -m orchestrator.cli eval --checkpoint "$CHECKPOINT" \
     --ann "$MINI/test_coco_wholebody.json" --images "$MINI" --det-file "$MINI/test_coco_det_AP_H_56.json" \
     --gpus "$GPUS" --out "$OUT/wholebody_results.json" --tracking-uri "sqlite:///$WORK/mlflow.db" --no-progress
 else
   STATUS+=("fowkal eval: SKIPPED (no checkpoint from fowkal train under $WORK)")
 fi
+# The same synthetic images as the smoke run (same counts and seeds: generated once), its own Ray storage.
+step "fowkal train (smoke_kapao)" 0 "$PY" -m orchestrator.cli train --config configs/smoke_kapao.yaml \
+  "${KAPAO_SET[@]}" --set output_dir="$WORK/smoke_kapao" --set data.synthetic_dir="$WORK/synthetic" \
+  --tracking-uri "sqlite:///$WORK/mlflow.db" --storage-path "$WORK/ray_results_kapao"
 
 {
   echo "# gpu_check ($MODE), $(date -u +%FT%TZ), $(( $(date +%s) - START )) s"
@@ -156,7 +185,13 @@ fi
   echo
   printf -- '- %s\n' "${STATUS[@]}"
   echo
-  [[ -f $OUT/gpu_bench.md ]] && cat "$OUT/gpu_bench.md"
+  for name in gpu_bench gpu_kapao; do
+    if [[ -f $OUT/$name.md ]]; then
+      echo "## $name"; echo; cat "$OUT/$name.md"; echo
+    elif [[ -f $OUT/$name.json ]]; then  # stopped before its tables: what it measured so far
+      echo "## $name (no tables: stopped early; its JSON)"; echo; echo '```'; cat "$OUT/$name.json"; echo '```'; echo
+    fi
+  done
 } > "$OUT/summary.md"
 rm -rf "$WORK"
 cat "$OUT/summary.md"
