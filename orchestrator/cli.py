@@ -13,8 +13,10 @@ import functools
 import sys
 
 from orchestrator.sweep_settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
-from orchestrator.tracking import EMBEDDED_DEFAULT_STORE
+from orchestrator.tracking import EMBEDDED_DEFAULT_STORE, TRAIN_EXPERIMENT
 from trainer.arguments import add_config_arguments
+from trainer.flip_modes import FLIP_MODES
+from trainer.visualize import DRAW_KEYPOINT_THR
 
 # Stated in the help of every command that logs or shows AP (trainer.metric_units).
 UNIT_NOTE = (
@@ -391,7 +393,7 @@ def _add_eval_and_show(sub) -> None:
     evaluate.add_argument("--no-flip", action="store_true", help="disable the flip test")
     evaluate.add_argument(
         "--flip-mode",
-        choices=("shift", "none", "exact"),
+        choices=FLIP_MODES,
         default=None,
         help="how the mirrored heatmaps are put back: MMPose's one-pixel shift, none, or exact (about the "
         "input's pixel grid) (default: the run config's eval.flip_mode)",
@@ -448,7 +450,9 @@ def _add_eval_and_show(sub) -> None:
     show.add_argument(
         "--instance", type=int, default=None, metavar="ANN_ID", help="annotation id for --heatmaps"
     )
-    show.add_argument("--kpt-thr", type=float, default=0.3, help="draw keypoints scoring >= this")
+    show.add_argument(
+        "--kpt-thr", type=float, default=DRAW_KEYPOINT_THR, help="draw keypoints scoring >= this"
+    )
     show.add_argument("--top-k", type=int, default=5, help="keypoints that moved most to mark (two runs)")
     show.add_argument("--no-flip", action="store_true", help="disable the flip test")
     show.set_defaults(func=_cmd_show, models=None)
@@ -509,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint storage shared by all nodes: a directory (NFS) or a filesystem URI such as "
         "s3://bucket/prefix (default: <output_dir>/ray_results)",
     )
-    train.add_argument("--experiment", default="fowkal-train", help="MLflow experiment name")
+    train.add_argument("--experiment", default=TRAIN_EXPERIMENT, help="MLflow experiment name")
     train.add_argument(
         "--no-resume",
         "--fresh",

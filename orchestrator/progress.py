@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ray.tune import ProgressReporter
 
-from orchestrator.trial import SweepPlan, trial_run_name
+from orchestrator.trial import SweepPlan
 from trainer.metric_units import is_ap_metric
 
 _ENDED = ("TERMINATED", "ERROR")
@@ -68,12 +68,10 @@ class SweepProgress(ProgressReporter):
     # ---- state from Tune's trials
 
     def _label(self, trial) -> str:
-        name = trial_run_name(self.plan, trial.config, getattr(trial, "experiment_tag", ""))
-        if self.plan.kind == "ablate":
-            arm = self.plan.arms.get(trial.config.get("arm"))
-            if arm is not None:
-                return f"{arm.label} s{int(trial.config.get('seed', 0))}"
-        return name
+        """The arm's label and seed (ablations) or the trial's run name (sweeps)."""
+        return self.plan.sweep_kind.progress_label(
+            self.plan, trial.config, getattr(trial, "experiment_tag", "")
+        )
 
     def _observe(self, trial) -> None:
         result = trial.last_result or {}

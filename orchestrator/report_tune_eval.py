@@ -11,13 +11,15 @@ from orchestrator import tracking
 from orchestrator.report_figures import plot_importances
 from orchestrator.report_records import ChildRecord, SweepRecord
 from orchestrator.report_render import Block, _code, _link
-from orchestrator.report_tables import (
+from orchestrator.report_sweep_tables import (
     IMPORTANCES_NONE,
     IMPORTANCES_NOTE,
     best_child,
-    defaults_child,
     importances_rows,
     param_importances,
+)
+from orchestrator.report_tune_eval_tables import (
+    defaults_child,
     tune_eval_gain,
     tune_eval_gain_table,
     tune_eval_settings_table,

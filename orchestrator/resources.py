@@ -1,8 +1,9 @@
 """Resource arithmetic of sweeps: what one trial holds and how many trials fit the cluster at once.
 
-A trial holds ``TRIAL_CPUS`` itself (it only waits on its Train controller) and its Ray Train workers take
-their own placement group, so the number of concurrent trials is derived from the cluster: Tune never
-starts more trials than the cluster can also place the workers of, so no trial waits forever.
+A training trial holds ``TRIAL_CPUS`` itself (it only waits on its Train controller) and its Ray Train workers
+take their own placement group, so the number of concurrent trials is derived from the cluster: Tune never
+starts more trials than the cluster can also place the workers of, so no trial waits forever. A
+``fowkal tune-eval`` trial has no workers and holds ``EVAL_TRIAL_CPUS`` itself.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import math
 
 from orchestrator.sweep_settings import SweepError
 
-# CPUs the trial function itself holds. Fractional so that on a GPU cluster the CPUs left over after the
-# workers still fit a trial per GPU.
+# CPUs a training trial's function itself holds (fowkal tune / ablate). Fractional so that on a GPU cluster
+# the CPUs left over after the workers still fit a trial per GPU.
 TRIAL_CPUS = 0.5
+# CPUs a fowkal tune-eval trial holds: it has no workers and does the work itself, one decode + one
+# xtcocotools evaluation at a time.
+EVAL_TRIAL_CPUS = 1.0
 # Ray Train's default per worker (ScalingConfig.resources_per_worker) when none is given.
 CPUS_PER_WORKER = 1.0
 
@@ -42,6 +46,11 @@ def derive_max_concurrent(
     fits = math.floor(cpus / cpu_per_trial + 1e-9)
     if gpus_per_trial > 0:
         fits = min(fits, math.floor(gpus / gpus_per_trial + 1e-9))
+    if fits < 1 and num_workers == 0:  # a trial without workers (tune-eval): nothing to lower
+        raise SweepError(
+            f"one trial needs {trial_cpus:g} CPU and {gpus_per_trial:g} GPU, but the cluster has "
+            f"{cpus:g} CPU and {gpus:g} GPU"
+        )
     if fits < 1:
         raise SweepError(
             f"one trial needs {cpu_per_trial:g} CPU ({num_workers} worker(s) x {CPUS_PER_WORKER:g} + "
@@ -67,4 +76,4 @@ def scaling_config(cfg, gpus_per_trial: float | None = None):
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=False)
 
 
-__all__ = ["CPUS_PER_WORKER", "TRIAL_CPUS", "derive_max_concurrent", "scaling_config"]
+__all__ = ["CPUS_PER_WORKER", "EVAL_TRIAL_CPUS", "TRIAL_CPUS", "derive_max_concurrent", "scaling_config"]

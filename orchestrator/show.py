@@ -3,9 +3,11 @@
 Skeleton view (default)
     ``fowkal show --run RUN [--run OTHER] --ann FILE --images DIR --out DIR [--n 16] [--log]`` (``--checkpoint
     CKPT`` may replace either ``--run``; the order on the command line is the left-to-right order). Every
-    model predicts, with its own config, flip test and DARK, on the *ground-truth* boxes of the first ``--n``
-    images of the annotation file that have labelled people, so that instances correspond between runs and
-    can be scored. One PNG per image:
+    model predicts with its own config through its family (``trainer.families``: ``eval_dataset``,
+    ``predict``, ``results``) on the first ``--n`` images of the annotation file that have labelled people;
+    the top-down family predicts on the *ground-truth* boxes (flip test and DARK), one pose per instance,
+    and the poses of a family that finds people itself are matched to the ground-truth instances by OKS, so
+    that instances correspond between runs and can be scored. One PNG per image:
 
     - one model: ``show_<image_id>.png`` = the image with every instance's skeleton (body, feet, face, hands
       in distinct colours; keypoints with score >= ``--kpt-thr``), instance numbers at the boxes, and a
@@ -19,7 +21,7 @@ Skeleton view (default)
 
     Size of a panel: the image's width x (image height + ``caption_band_height(1 + instances)``).
 
-Heatmap view
+Heatmap view (families whose network outputs heatmaps of person crops: the top-down family)
     ``fowkal show ... --heatmaps PART [--instance ANN_ID]`` (PART: body, foot, face, hand, lefthand,
     righthand; default instance: the first one) writes, per model,
     ``heatmaps_<model>_ann<ANN_ID>_<PART>.png``: a grid (``HEATMAP_COLUMNS`` wide) of the network's input
@@ -33,6 +35,7 @@ Heatmap view
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -45,10 +48,12 @@ import cv2
 import numpy as np
 import torch
 
-from orchestrator.eval_command import download_run_checkpoint, get_run, store_of_run
+from orchestrator.run_lookup import download_run_checkpoint, get_run, store_of_run
 from trainer import visualize
 from trainer.checkpoint import EvalError, LoadedCheckpoint, load_checkpoint_model
+from trainer.families import family_of
 from trainer.inference import build_eval_dataset, select_device
+from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS
 
 SHOW_ARTIFACT_DIR = "show"
 HEATMAP_PARTS: tuple[str, ...] = ("body", "foot", "face", "hand", "lefthand", "righthand")
@@ -95,6 +100,40 @@ def heatmap_tile_scale(input_width: int) -> int:
     return max(1, math.ceil(HEATMAP_MIN_TILE_WIDTH / int(input_width)))
 
 
+def _has_heatmap_view(family) -> bool:
+    """Whether the heatmap view can show ``family``'s models: their network outputs heatmaps of person crops
+    that ``trainer.codec`` decodes (what ``fowkal tune-eval`` caches and sweeps: ``heatmap_eval_sweep``)."""
+    return bool(family.heatmap_eval_sweep)
+
+
+def _predicts_per_box(family, dataset) -> bool:
+    """Whether ``family``'s prediction rows are the samples of its eval ``dataset``, one per ground-truth box
+    (top-down), rather than the people its model found in whole images (matched by OKS here)."""
+    return bool(family.predicts_per_box)
+
+
+def _sample_image_ids(dataset) -> np.ndarray:
+    """The image id of each sample of a family's eval data set (``sample_ids`` of boxes, ``image_ids``)."""
+    if hasattr(dataset, "sample_ids"):
+        return np.asarray(dataset.sample_ids[0])
+    if hasattr(dataset, "image_ids"):
+        return np.asarray(dataset.image_ids)
+    raise EvalError(f"fowkal show: the eval data set {type(dataset).__name__} names no image per sample")
+
+
+def _shown(instance) -> bool:
+    """A ground-truth instance a family that finds people itself is scored against: not a crowd, with a
+    labelled keypoint and an area (the OKS scale)."""
+    return not instance.iscrowd and instance.area > 0 and bool((instance.keypoints[:, 2] > 0).any())
+
+
+def _result_keypoints(result: dict) -> np.ndarray:
+    """A COCO-WholeBody result dict's keypoints as ``[133, 3]`` (x, y, score), ``trainer.keypoints`` order."""
+    return np.concatenate(
+        [np.asarray(result[name], dtype=np.float64).reshape(-1, 3) for name, _ in ANNOTATION_KEYPOINT_FIELDS]
+    )
+
+
 def load_models(
     sources: Sequence[tuple[str, str]],
     tracking_uri: str | None,
@@ -127,14 +166,18 @@ def load_models(
 
 
 def select_image_ids(ann_file, image_dir, config, n: int) -> list[int]:
-    """The first ``n`` images (annotation file order) with at least one ground-truth sample."""
+    """The first ``n`` images (annotation file order) of the family's eval data set with a ground-truth
+    instance to show (top-down: a ground-truth box sample)."""
     from trainer.data import load_wholebody_annotations
 
     if n < 1:
         raise EvalError(f"--n must be >= 1, got {n}")
     dataset = build_eval_dataset(config, ann_file, image_dir)
-    with_samples = set(dataset.sample_ids[0].tolist())
-    order = list(load_wholebody_annotations(ann_file).images)
+    annotations = load_wholebody_annotations(ann_file)
+    with_samples = set(_sample_image_ids(dataset).tolist())
+    if not _predicts_per_box(family_of(config), dataset):
+        with_samples &= {inst.image_id for inst in annotations.instances if _shown(inst)}
+    order = list(annotations.images)
     return [i for i in order if i in with_samples][:n]
 
 
@@ -147,37 +190,91 @@ def predict_instances(
     flip_test: bool = True,
     device: torch.device | None = None,
 ) -> dict[int, InstancePrediction]:
-    """The model's predictions (own config, flip test, DARK) on the ground-truth boxes of ``image_ids``."""
+    """The model's predictions for the ground-truth instances of ``image_ids``, by annotation id: its family's
+    inference with its own config (top-down: flip test and DARK on the ground-truth boxes, one pose per
+    instance; otherwise the poses found in the images, matched to the instances by OKS)."""
     from torch.utils.data import DataLoader, Subset
 
     from trainer.data import load_wholebody_annotations
-    from trainer.inference import predict_keypoints
 
-    config = model.loaded.config
+    config = dataclasses.replace(model.loaded.config, flip_test=flip_test)
+    family = family_of(config)
     dataset = build_eval_dataset(config, ann_file, image_dir)
-    sample_images, sample_anns = dataset.sample_ids
     wanted = set(int(i) for i in image_ids)
-    indices = [i for i, image_id in enumerate(sample_images.tolist()) if image_id in wanted]
+    indices = [i for i, image_id in enumerate(_sample_image_ids(dataset).tolist()) if image_id in wanted]
     device = device if device is not None else select_device(None)[0]
     net = model.loaded.model.to(device).eval()
-    loader = DataLoader(Subset(dataset, indices), batch_size=config.data.val_batch_size, shuffle=False)
-    predictions = predict_keypoints(
-        net, loader, device, flip_test, flip_mode=config.eval.flip_mode, blur_kernel=config.eval.blur_kernel
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=config.data.val_batch_size,
+        shuffle=False,
+        collate_fn=family.collate_fn(config),
     )
-    truth = {inst.ann_id: inst for inst in load_wholebody_annotations(ann_file).instances}
-    out = {}
-    for row, index in enumerate(indices):
-        inst = truth[int(sample_anns[index])]
-        out[inst.ann_id] = InstancePrediction(
-            ann_id=inst.ann_id,
-            image_id=inst.image_id,
-            bbox=inst.bbox,
-            area=inst.area,
-            ground_truth=inst.keypoints,
-            keypoints=predictions["keypoints"][row],
-            scores=predictions["keypoint_scores"][row],
-        )
-    return out
+    predictions = family.predict(net, loader, config, device, None, False)
+    instances = load_wholebody_annotations(ann_file).instances
+    if _predicts_per_box(family, dataset):
+        truth = {inst.ann_id: inst for inst in instances}
+        sample_anns = dataset.sample_ids[1]
+        poses = {}
+        for row, index in enumerate(indices):
+            # One row at a time: the family's results for the box alone (no OKS-NMS among the boxes).
+            box = {key: value[row : row + 1] for key, value in predictions.items()}
+            results = family.results(box, config)
+            if len(results) != 1:
+                raise EvalError(f"the {family.name} family gave {len(results)} results for one box")
+            poses[int(sample_anns[index])] = _result_keypoints(results[0])
+        return {ann_id: _instance_prediction(truth[ann_id], pose) for ann_id, pose in poses.items()}
+    shown = [inst for inst in instances if inst.image_id in wanted and _shown(inst)]
+    matched = match_poses(family.results(predictions, config), shown)
+    return {inst.ann_id: _instance_prediction(inst, matched.get(inst.ann_id)) for inst in shown}
+
+
+def match_poses(results: Sequence[dict], instances) -> dict[int, np.ndarray]:
+    """Annotation id -> the ``[133, 3]`` pose of ``results`` matched to it: per image, the (pose, instance)
+    pair of highest whole-body OKS first, then the best pair of the rest, and so on while the OKS is > 0, so
+    that each instance shows the pose closest to it, whatever a stray pose scored."""
+    poses_of_image: dict[int, list[np.ndarray]] = {}
+    for result in results:
+        poses_of_image.setdefault(int(result["image_id"]), []).append(_result_keypoints(result))
+    instances_of_image: dict[int, list] = {}
+    for inst in instances:
+        instances_of_image.setdefault(inst.image_id, []).append(inst)
+    matched: dict[int, np.ndarray] = {}
+    for image_id, group in instances_of_image.items():
+        poses = poses_of_image.get(image_id, [])
+        oks = np.zeros((len(poses), len(group)))
+        for row, pose in enumerate(poses):
+            for column, inst in enumerate(group):
+                oks[row, column] = visualize.part_oks(pose, inst.keypoints, inst.area)["wholebody"]
+        oks = np.nan_to_num(oks, nan=0.0)
+        while oks.size and oks.max() > 0:
+            pose, inst = np.unravel_index(np.argmax(oks), oks.shape)
+            matched[group[inst].ann_id] = poses[pose]
+            oks[pose, :] = 0.0
+            oks[:, inst] = 0.0
+    return matched
+
+
+def _instance_prediction(inst, pose: np.ndarray | None) -> InstancePrediction:
+    """The ground-truth instance ``inst`` and its ``[133, 3]`` pose (None: no prediction)."""
+    if pose is None:
+        pose = np.concatenate([np.full((NUM_KEYPOINTS, 2), np.nan), np.zeros((NUM_KEYPOINTS, 1))], axis=1)
+    return InstancePrediction(
+        ann_id=inst.ann_id,
+        image_id=inst.image_id,
+        bbox=inst.bbox,
+        area=inst.area,
+        ground_truth=inst.keypoints,
+        keypoints=pose[:, :2],
+        scores=pose[:, 2],
+    )
+
+
+def _without_pose(instance: InstancePrediction) -> InstancePrediction:
+    """``instance`` with no prediction (nothing drawn, OKS n/a)."""
+    return dataclasses.replace(
+        instance, keypoints=np.full((NUM_KEYPOINTS, 2), np.nan), scores=np.zeros(NUM_KEYPOINTS)
+    )
 
 
 def render_panel(
@@ -217,7 +314,7 @@ def render_comparison(
     image: np.ndarray,
     per_model: Sequence[Sequence[InstancePrediction]],
     labels: Sequence[str],
-    kpt_thr: float = 0.3,
+    kpt_thr: float = visualize.DRAW_KEYPOINT_THR,
     top_k: int = 5,
 ) -> np.ndarray:
     """One panel per model (one or two), side by side; with two, the keypoints that moved most marked."""
@@ -277,7 +374,7 @@ def show_skeletons(
     image_dir,
     out_dir,
     n: int = 16,
-    kpt_thr: float = 0.3,
+    kpt_thr: float = visualize.DRAW_KEYPOINT_THR,
     top_k: int = 5,
     flip_test: bool = True,
     device: torch.device | None = None,
@@ -294,7 +391,8 @@ def show_skeletons(
     files = []
     for image_id in image_ids:
         ann_ids = [a for a, p in predictions[0].items() if p.image_id == image_id]
-        per_model = [[pred[a] for a in ann_ids] for pred in predictions]
+        # Models of different families may not predict the same instances: a missing one is drawn empty.
+        per_model = [[pred.get(a, _without_pose(predictions[0][a])) for a in ann_ids] for pred in predictions]
         picture = render_comparison(
             _read_image(image_dir, images[image_id].file_name),
             per_model,
@@ -325,6 +423,12 @@ def show_heatmaps(
         raise EvalError(f"--heatmaps must be one of {HEATMAP_PARTS}, got {part!r}")
     indices = COCO_WHOLEBODY_PARTS[part] if part in COCO_WHOLEBODY_PARTS else tuple(range(*PART_RANGES[part]))
     config = model.loaded.config
+    family = family_of(config)
+    if not _has_heatmap_view(family):
+        raise EvalError(
+            f"--heatmaps: {model.label} is a {family.name} model, which outputs no heatmaps of person crops; "
+            "leave out --heatmaps for its skeletons"
+        )
     dataset = build_eval_dataset(config, ann_file, image_dir)
     ann_ids = dataset.sample_ids[1].tolist()
     if not ann_ids:
@@ -388,7 +492,7 @@ def run_show(
     tracking_uri: str | None = None,
     heatmaps: str | None = None,
     instance: int | None = None,
-    kpt_thr: float = 0.3,
+    kpt_thr: float = visualize.DRAW_KEYPOINT_THR,
     top_k: int = 5,
     flip_test: bool = True,
     experiment: str | None = None,
@@ -437,6 +541,7 @@ __all__ = [
     "ShowOutcome",
     "heatmap_tile_scale",
     "load_models",
+    "match_poses",
     "predict_instances",
     "render_comparison",
     "render_panel",

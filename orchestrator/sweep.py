@@ -29,22 +29,29 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.ablation_arms import AblationArm, load_ablation_arms
 from orchestrator.definition_file import SearchSpaceError
+from orchestrator.storage import (
+    StorageError,
+    check_storage_path,
+    is_storage_uri,
+    storage_exists,
+    storage_is_file,
+    storage_join,
+)
+from orchestrator.sweep_kinds import ABLATION_METRIC, get_sweep_kind
+from orchestrator.sweep_kinds import space_summary as _space_summary  # noqa: F401 (tune_eval*.py import it)
 from orchestrator.sweep_settings import SweepError, SweepSettings
-from orchestrator.sweep_space import SearchSpace, load_search_space
 from orchestrator.sweep_tune import (  # noqa: F401 (re-exported: tests and callers import them from here)
     TRIAL_RESTARTS_CAP,
     EvaluationEpochOptunaSearch,
     trial_restarts,
 )
 from orchestrator.sweep_tune import fit_sweep as _fit  # a module global, so that tests can replace it
-from orchestrator.train import StorageError, check_storage_path, is_storage_uri, storage_join
 from orchestrator.trial import (
     SweepPlan,
     trial_train_config,
@@ -53,21 +60,12 @@ from orchestrator.trial_status import (
     MlflowTrialStatusCallback,
     reconcile_child_runs,
 )
-from trainer.config import (
-    ConfigError,
-    TrainConfig,
-    apply_overrides,
-    config_digest,
-    config_from_dict,
-    config_to_dict,
-    flatten_config,
-)
+from trainer.config import ConfigError, TrainConfig, config_digest, config_to_dict, flatten_config
 from trainer.metric_units import UNIT_LABEL
 from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
 
-ABLATION_METRIC = "val/wholebody_AP"
 # Base-config keys logged as the parent run's parameters (the whole config is its base_config.yaml).
 PARENT_PARAM_KEYS = (
     "family",
@@ -125,17 +123,7 @@ def _check_name(name: str) -> str:
 
 def _validate_trial_configs(plan: SweepPlan, source: str) -> None:
     """Apply the paper point / every arm to the base config now, so a bad combination fails before Ray."""
-    if plan.kind == "ablate":
-        candidates = [({"arm": key, "seed": int(plan.base_config["seed"])}, key) for key in plan.arms]
-    else:
-        assert plan.space is not None
-        candidates = []
-        for i, point in enumerate(plan.space.points_to_evaluate()):
-            constants = {
-                name: p.value for name, p in plan.space.parameters.items() if p.distribution == "constant"
-            }
-            candidates.append(({**constants, **point}, f"points_to_evaluate[{i}]"))
-    for trial_config, label in candidates:
+    for trial_config, label in plan.sweep_kind.check_points(plan):
         try:
             trial_train_config(plan, trial_config, "check")
         except (ConfigError, SearchSpaceError, ValueError) as err:
@@ -170,26 +158,16 @@ def run_sweep(
     start = time.perf_counter()
     settings = (settings or SweepSettings()).replace(kind=kind, **changes)
     settings.validate(config.epochs)
+    sweep_kind = settings.sweep_kind
     gpus_per_trial = settings.gpus_per_trial
     if gpus_per_trial is None:
         gpus_per_trial = float(config.num_workers) if config.use_gpu else 0.0
 
     # ---- inputs, all before Ray
-    space: SearchSpace | None = None
-    arms: list[AblationArm] = []
     definition_path = settings.definition_path
     definition_text = Path(definition_path).read_text() if Path(definition_path).is_file() else ""
-    if kind == "tune":
-        space = load_search_space(definition_path)
-        metric, mode = space.metric, space.mode
-        if space.family != config.family:
-            raise SearchSpaceError(
-                f"{definition_path}: family: the space's keys are of family {space.family!r}, the config "
-                f"is of family {config.family!r} (set family: {config.family} in the space file)"
-            )
-    else:
-        arms = load_ablation_arms(definition_path)
-        metric, mode = ABLATION_METRIC, "max"
+    definition = sweep_kind.load(definition_path, config)
+    metric, mode = definition.metric, definition.mode
     config = resolve_paths(config)  # trial actors and Train workers may run in other directories
     check_input_files(config)  # the data and weights files, before Ray and MLflow
     sweep_name = _check_name(settings.name) if settings.name else None
@@ -210,21 +188,21 @@ def run_sweep(
     if settings.fresh and not settings.name:  # a new sweep beside the old one: nothing is overwritten
         sweep_name = f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (base_storage / sweep_name).resolve()
-    storage_dir = storage_join(storage_path.rstrip("/"), sweep_name) if remote else str(sweep_dir)
+    storage_dir = storage_join(storage_path, sweep_name) if remote else str(sweep_dir)
     tune_dir = storage_join(storage_dir, "tune")
     # One rule for train, tune and ablate: re-running the same command continues it; --fresh starts over.
-    restorable = _storage_is_file(storage_join(tune_dir, "tuner.pkl"))
+    restorable = storage_is_file(storage_join(tune_dir, "tuner.pkl"))
     if settings.resume and not restorable:
         raise SweepError(
             f"--resume: no interrupted sweep {sweep_name!r} in {storage_dir} (no tune/tuner.pkl); "
             "run without --resume to start it, or pass the --name of the sweep to resume"
         )
-    if settings.fresh and _storage_exists(tune_dir):
+    if settings.fresh and storage_exists(tune_dir):
         raise SweepError(
             f"--fresh: sweep {sweep_name!r} already exists in {storage_dir}: pass another --name, or leave "
             "out --fresh to continue it"
         )
-    if not restorable and _storage_exists(tune_dir):
+    if not restorable and storage_exists(tune_dir):
         raise SweepError(
             f"sweep {sweep_name!r} in {storage_dir} has a tune/ directory but no saved Tune state "
             "(tune/tuner.pkl) to continue from: pass --fresh to start a new sweep beside it"
@@ -244,8 +222,8 @@ def run_sweep(
         metric=metric,
         mode=mode,
         gpus_per_trial=float(gpus_per_trial),
-        space=space,
-        arms={arm.key: arm for arm in arms},
+        space=definition.space,
+        arms={arm.key: arm for arm in definition.arms},
         storage_dir=storage_dir if remote else "",
     )
     _validate_trial_configs(plan, str(definition_path))
@@ -255,7 +233,7 @@ def run_sweep(
     client = tracking.make_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment_name)
     parent_tags = tracking.build_run_tags(
-        config=config if kind == "tune" else None,
+        config=config if sweep_kind.parent_config_tags else None,
         dataset_kind=config.data.kind,
         commit=tracking.git_commit(),
         sweep_id=sweep_name,
@@ -266,17 +244,14 @@ def run_sweep(
             tracking.TAG_METRIC: metric,
             tracking.TAG_MODE: mode,
             tracking.TAG_DEFINITION_FILE: str(definition_path),
-            **({tracking.TAG_SAMPLED: json.dumps(list(space.sampled_names))} if space is not None else {}),
+            **sweep_kind.parent_tags(plan),
         },
     )
     # A handful of the base config's keys (the whole config is the base_config.yaml artifact): the runs
     # table then shows the children's parameters, not copies of the parent's.
     flat = flatten_config(config)
     sweep_params = {f"base.{k}": flat[k] for k in PARENT_PARAM_KEYS if k in flat}
-    if kind == "tune":
-        sweep_params.update({"sweep.samples": settings.samples, "sweep.search_seed": settings.search_seed})
-    else:
-        sweep_params.update({"sweep.seeds": json.dumps(seed_values), "sweep.arms": ",".join(plan.arms)})
+    sweep_params.update(sweep_kind.parent_params(plan, settings, seed_values))
     parent_run_id = tracking.start_run(
         client,
         experiment_id,
@@ -293,12 +268,7 @@ def run_sweep(
             parent_run_id, plan.base_config, client=client, filename=tracking.BASE_CONFIG_ARTIFACT
         )
         client.log_text(parent_run_id, definition_text, Path(definition_path).name)
-        if kind == "ablate":
-            arms_json = json.dumps([asdict(a) for a in arms], indent=1)
-            client.log_text(parent_run_id, arms_json, tracking.ARMS_ARTIFACT)
-        else:
-            space_json = json.dumps(_space_summary(space), indent=1)
-            client.log_text(parent_run_id, space_json, tracking.SPACE_ARTIFACT)
+        client.log_text(parent_run_id, sweep_kind.definition_json(plan), sweep_kind.definition_artifact)
     except Exception as err:
         tracking.end_run(parent_run_id, "FAILED", client=client, error=err)
         raise
@@ -390,13 +360,9 @@ def sweep_description(kind: str, config: TrainConfig, settings: SweepSettings, p
     else:
         where = f"COCO-WholeBody ({data.train_ann_file}; validation {data.val_ann_file})"
     width, height = config.data.pipeline.input_size
-    what = (
-        f"{len(plan.arms)} arms x {settings.seeds} seed(s), arms from {settings.arms_path}"
-        if kind == "ablate"
-        else f"{settings.samples} trials of Optuna TPE + ASHA over {settings.space_path}"
-    )
+    sweep_kind = get_sweep_kind(kind)
     return (
-        f"{'Ablation' if kind == 'ablate' else 'Sweep'}: {what}. Data: {where}. Model: "
+        f"{sweep_kind.title}: {sweep_kind.describe(plan, settings)}. Data: {where}. Model: "
         f"{config.model.backbone} at {height}x{width} (h x w), {config.epochs} epochs, batch "
         f"{config.batch_size} x {config.num_workers} worker(s), lr {config.optim.lr:g}. Metrics are "
         f"{UNIT_LABEL}; best/ metrics are the best epoch's."
@@ -414,47 +380,8 @@ def _first_trial_error(plan: SweepPlan, client) -> str:
     return "see the trials' error.txt"
 
 
-def _space_summary(space: SearchSpace) -> dict:
-    """JSON-able description of the space (for the report's importances: distributions of the params)."""
-    params = {}
-    for name, p in space.parameters.items():
-        params[name] = {
-            "distribution": p.distribution,
-            "low": p.low,
-            "high": p.high,
-            "log": p.log or p.distribution == "loguniform",
-            "choices": list(p.choices),
-            "value": p.value,
-        }
-    return {"metric": space.metric, "mode": space.mode, "parameters": params}
-
-
-def _storage_is_file(path: str) -> bool:
-    if not is_storage_uri(path):
-        return Path(path).is_file()
-    import pyarrow.fs
-
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    return filesystem.get_file_info(inner).type == pyarrow.fs.FileType.File
-
-
-def _storage_exists(path: str) -> bool:
-    """A local path, or an object or a prefix with objects under it at a storage URI."""
-    if not is_storage_uri(path):
-        return Path(path).exists()
-    import pyarrow.fs
-
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
-        return True
-    selector = pyarrow.fs.FileSelector(inner, allow_not_found=True, recursive=False)
-    return bool(filesystem.get_file_info(selector))
-
-
 def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
     """Write and log the summary / ablation table, the best config and the plots to the parent run."""
-    import yaml
-
     from orchestrator import report
 
     record = report.load_sweep(client, plan.parent_run_id)
@@ -465,40 +392,10 @@ def _write_results(plan: SweepPlan, client, print_fn) -> dict[str, Any]:
         client.log_artifact(plan.parent_run_id, str(path))
     result["artifacts"] = [p.name for p in artifacts]
     result["summary_path"] = str(out_dir / "summary.md")
-    if plan.kind == "ablate":
-        rows = report.ablation_rows(record)
-        table = report.ablation_markdown(rows)
-        # Per arm, the mean over its finished seeds (percent, as the children's val/ metrics).
-        summary = {
-            f"{row.key}-{row.name}/{metric}": value for row in rows for metric, value in row.mean.items()
-        }
-        if summary:
-            tracking.log_epoch_metrics(plan.parent_run_id, summary, 0, client=client)
-    else:
-        table = report.sweep_markdown(record, top=10)
-        best = report.best_child(record)
-        if best is not None:
-            run_name = best.name
-            values = apply_overrides(
-                plan.base_config, plan.space.to_overrides(best.sampled, ignore_unknown=True)
-            )
-            values["output_dir"] = str(Path(plan.base_config["output_dir"]) / "best" / plan.sweep_id)
-            config_from_dict(values, source=f"best config ({run_name})")  # must load in fowkal train
-            best_path = out_dir / "best_config.yaml"
-            header = (
-                f"# Best config of sweep {plan.sweep_id} (MLflow run {best.run_id}, {run_name}): "
-                f"{plan.metric} = {best.score:.4f}\n# fowkal train --config {best_path}\n"
-            )
-            best_path.write_text(header + yaml.safe_dump(values, sort_keys=False))
-            client.log_artifact(plan.parent_run_id, str(best_path))
-            client.log_metric(plan.parent_run_id, f"best/{plan.metric}", float(best.score))
-            best_values = {f"best/{k}": v for k, v in best.metrics.items() if k.startswith("val/")}
-            best_values.pop(f"best/{plan.metric}", None)
-            if best_values:
-                tracking.log_epoch_metrics(plan.parent_run_id, best_values, 0, client=client)
-            client.set_tag(plan.parent_run_id, tracking.TAG_BEST_RUN, f"{run_name} ({best.run_id})")
-            result["best_config_path"] = str(best_path)
-            result["artifacts"].append(best_path.name)
+    table, best_path = plan.sweep_kind.results(plan, record, client, out_dir)
+    if best_path is not None:
+        result["best_config_path"] = str(best_path)
+        result["artifacts"].append(best_path.name)
     result["table_markdown"] = table
     print_fn(table)
     return result

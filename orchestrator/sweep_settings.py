@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-SWEEP_KINDS = ("tune", "ablate")
-DEFAULT_EXPERIMENTS = {"tune": "fowkal-tune", "ablate": "fowkal-ablate"}
+from orchestrator.sweep_kinds import SWEEP_KIND_OBJECTS, SWEEP_KINDS, SweepKind, get_sweep_kind
+
+DEFAULT_EXPERIMENTS = {name: kind.default_experiment for name, kind in SWEEP_KIND_OBJECTS.items()}
 
 
 class SweepError(ValueError):
@@ -54,42 +55,42 @@ class SweepSettings:
     verbose: int = 1  # 0 = no progress table (--quiet)
 
     @property
+    def sweep_kind(self) -> SweepKind:
+        """What differs between the kinds of sweep (``orchestrator.sweep_kinds``); an unknown ``kind`` is a
+        :class:`SweepError`."""
+        try:
+            return get_sweep_kind(self.kind)
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+
+    @property
     def definition_path(self) -> str | os.PathLike | None:
         """The file that defines the trials: the search space or the arms."""
-        return self.space_path if self.kind == "tune" else self.arms_path
+        return getattr(self, self.sweep_kind.definition_field)
 
     @property
     def experiment(self) -> str:
-        return self.experiment_name or DEFAULT_EXPERIMENTS[self.kind]
+        return self.experiment_name or self.sweep_kind.default_experiment
 
     def identity(self) -> dict[str, Any]:
         """The settings that define the experiment (see the module docstring)."""
-        if self.kind == "tune":
-            return {
-                "search_seed": self.search_seed,
-                "grace_period": self.grace_period,
-                "reduction_factor": self.reduction_factor,
-            }
-        return {"seeds": self.seeds}
+        return {name: getattr(self, name) for name in self.sweep_kind.identity_fields}
 
     def validate(self, epochs: int) -> None:
         """Raise :class:`SweepError` naming the flag of the first setting that cannot work."""
-        if self.kind not in SWEEP_KINDS:
-            raise SweepError(f"kind must be one of {SWEEP_KINDS}, got {self.kind!r}")
+        kind = self.sweep_kind  # an unknown kind first
         if self.definition_path is None:
-            flag = "--space" if self.kind == "tune" else "--arms"
-            raise SweepError(f"fowkal {self.kind} needs {flag} FILE")
-        if self.kind == "tune" and (not _is_int(self.samples) or self.samples < 1):
-            raise SweepError(f"--samples must be a positive integer, got {self.samples!r}")
-        if self.kind == "ablate" and (not _is_int(self.seeds) or self.seeds < 1):
-            raise SweepError(f"--seeds must be a positive integer, got {self.seeds!r}")
+            raise SweepError(f"fowkal {self.kind} needs {kind.definition_flag} FILE")
+        budget = getattr(self, kind.budget_field)
+        if not _is_int(budget) or budget < 1:
+            raise SweepError(f"{kind.budget_flag} must be a positive integer, got {budget!r}")
         for flag, value, low in (
             ("--grace-period", self.grace_period, 1),
             ("--reduction-factor", self.reduction_factor, 2),
         ):
             if not _is_int(value) or value < low:
                 raise SweepError(f"{flag} must be an integer >= {low}, got {value!r}")
-        if self.kind == "tune" and self.grace_period >= epochs:
+        if kind.early_stopping and self.grace_period >= epochs:
             raise SweepError(
                 f"--grace-period ({self.grace_period}) must be below the config's epochs ({epochs}): "
                 "ASHA would never stop a trial"

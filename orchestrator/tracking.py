@@ -74,6 +74,9 @@ TAG_METRIC_UNIT = "fowkal.metric_unit"
 STEP_KEYS = ("epoch",)
 EPOCH_METRIC = "train/loss"
 
+# `fowkal train`'s MLflow experiment when --experiment is not given (the sweeps': orchestrator.sweep_kinds).
+TRAIN_EXPERIMENT = "fowkal-train"
+
 # Artifact names. A run's config (trainer.checkpoint reads a config.yaml beside a checkpoint by that name).
 CONFIG_ARTIFACT = "config.yaml"
 BASE_CONFIG_ARTIFACT = "base_config.yaml"  # a sweep's parent run

@@ -8,14 +8,9 @@ How the pieces fit:
   again finds the run's checkpoint-manager snapshot in storage and ``ray.train.get_checkpoint()`` hands the
   workers the latest checkpoint: the run resumes at the next epoch. The MLflow run is reopened through a
   ``fowkal.resume_key`` tag (storage path + run name) instead of being duplicated.
-- Per-epoch metrics reach MLflow through ``MlflowReportCallback``, a ``ray.train.UserCallback`` whose
-  ``after_report`` Ray Train calls on its *controller* after every ``ray.train.report`` of all workers, with
-  the list of the workers' metric dicts; we log rank 0's. We chose it over tailing a metrics file that the
-  workers write because (a) ``trainer/`` stays free of any tracking code and of any file format contract,
-  (b) it sees exactly what Ray Train registered (same epochs as the checkpoints), and (c) the Train V2
-  controller is pinned to the driver's node (a label selector on the driver's node id), so a local SQLite
-  store is reachable from it just as from the driver. The callback never raises: an MLflow hiccup is logged
-  as a warning and training goes on.
+- Per-epoch metrics reach MLflow through ``orchestrator.metric_callback.MlflowReportCallback`` (on Ray
+  Train's controller) and the run's spool (``orchestrator.metric_spool``); where Ray keeps the run:
+  ``orchestrator.storage``.
 - The run ends with its real status: FINISHED, FAILED (the error kept as tag and ``error.txt``), or KILLED on
   Ctrl-C / SIGTERM (``ray job stop`` sends SIGTERM). Ray Train installs its own SIGINT handler during
   ``fit()`` that aborts the controller gracefully; ``InterruptAwareTorchTrainer`` wraps it to remember that
@@ -26,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -35,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from orchestrator import tracking
 from orchestrator.launch import build_torch_trainer
+from orchestrator.metric_callback import (  # noqa: F401 (re-exported: sweeps and tests import them from here)
+    FINAL_FLUSH_S,
+    MlflowReportCallback,
+)
 from orchestrator.metric_spool import (
-    MetricSender,
     MetricSpool,
     deliver_pending,
     spool_path,
@@ -49,14 +45,20 @@ from orchestrator.metric_spool import (
     wait_for_tracking_server,
 )
 from orchestrator.run_outputs import BEST_METRIC, log_run_outputs, selection_metric
+from orchestrator.storage import (  # noqa: F401 (re-exported: callers and tests import them from here)
+    StorageError,
+    check_storage_path,
+    default_storage_path,
+    is_storage_uri,
+    resolve_storage_path,
+    storage_join,
+)
 from trainer.config import config_digest
-from trainer.preflight import InputFileError, check_input_files
+from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "fowkal-train"
-# How long a sweep trial's last report waits for its metrics to reach MLflow (values left stay spooled).
-FINAL_FLUSH_S = 30.0
+DEFAULT_EXPERIMENT = tracking.TRAIN_EXPERIMENT
 # How long the end of `fowkal train` waits for an unreachable tracking server before keeping the record's
 # rest (metrics, outputs, status) for a re-run of the same command.
 FINISH_WAIT_S = 30.0
@@ -103,148 +105,6 @@ def stable_run_name(config) -> str:
     digest = config_digest(config)
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(config.name)) or "run"
     return f"{safe_name}-{family_of(config).run_label(config)}-{digest}"
-
-
-def default_storage_path(config) -> str:
-    """``<output_dir>/ray_results`` made absolute against the current directory."""
-    return str((Path(config.output_dir).expanduser() / "ray_results").resolve())
-
-
-def is_storage_uri(path: str | None) -> bool:
-    """True for a pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``), not a local path."""
-    return path is not None and "://" in str(path) and not str(path).startswith("file://")
-
-
-class StorageError(InputFileError):
-    """``--storage-path`` is a URI that cannot serve as Ray storage (unknown scheme, missing bucket, server
-    unreachable); found before Ray or MLflow start (exit 2, as a missing input file)."""
-
-
-def check_storage_path(storage: str, flag: str = "--storage-path") -> None:
-    """Raise :class:`StorageError` naming ``flag`` and the URI if ``storage`` is a filesystem URI that pyarrow
-    cannot open or whose bucket (the first component of its path) does not exist. Local paths pass."""
-    if not is_storage_uri(storage):
-        return
-    import pyarrow.fs
-
-    try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
-    except ValueError as err:  # pyarrow's ArrowInvalid: an unknown scheme or a malformed URI
-        raise StorageError(
-            f"{flag} {storage!r}: not a filesystem URI that Ray storage (pyarrow) can open: {err}"
-        ) from err
-    except OSError as err:  # e.g. S3 resolving the bucket's region: no server, or no such bucket
-        raise StorageError(f"{flag} {storage!r}: cannot reach the storage: {err}") from err
-    bucket = path.strip("/").split("/", 1)[0]
-    if not bucket:
-        raise StorageError(f"{flag} {storage!r}: the URI names no bucket (e.g. s3://bucket/prefix)")
-    try:
-        info = filesystem.get_file_info(bucket)
-    except OSError as err:
-        raise StorageError(f"{flag} {storage!r}: cannot reach bucket {bucket!r}: {err}") from err
-    if info.type == pyarrow.fs.FileType.NotFound:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        where = f"{filesystem.type_name}" + (f" at {endpoint}" if endpoint else "")
-        raise StorageError(f"{flag} {storage!r}: no bucket {bucket!r} on {where}: create it first")
-
-
-def storage_join(root: str, *parts: str) -> str:
-    """``root/part/...`` for a local path or a filesystem URI alike."""
-    if is_storage_uri(root):
-        return "/".join([str(root).rstrip("/"), *parts])
-    return str(Path(root).joinpath(*parts))
-
-
-def resolve_storage_path(storage_path: str | None, config) -> str:
-    """Ray Train storage: a filesystem URI as given (every node reaches it: what a multi-node cluster
-    needs), a local path made absolute, or :func:`default_storage_path`."""
-    if not storage_path or not str(storage_path).strip():
-        return default_storage_path(config)
-    if is_storage_uri(storage_path):
-        return str(storage_path).strip().rstrip("/")
-    return str(Path(str(storage_path).removeprefix("file://")).expanduser().resolve())
-
-
-class MlflowReportCallback(UserCallback):
-    """Logs rank 0's metrics of every ``ray.train.report`` to an MLflow run, at step = the reported epoch.
-
-    Runs on the Ray Train controller (pickled there). Nothing here waits on the tracking server: the values
-    go to the run's spool under ``spool_dir`` and a sender thread delivers them with retries
-    (``orchestrator.metric_spool``), so an outage neither stalls training nor loses values. With
-    ``final_epoch`` (sweep trials, whose driver does not replay the spool afterwards) the report of that
-    epoch waits up to ``final_flush_s`` for the spool to drain.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        run_id: str,
-        *,
-        spool_dir: str,
-        final_epoch: int | None = None,
-        final_flush_s: float = FINAL_FLUSH_S,
-    ):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.spool_dir = str(Path(spool_dir).expanduser().resolve())
-        self.final_epoch = final_epoch
-        self.final_flush_s = final_flush_s
-        self._client = None
-        self._sender = None
-        self._reports = 0
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        # A client holds connections and the sender a thread; make fresh ones where it is unpickled.
-        state["_client"] = None
-        state["_sender"] = None
-        return state
-
-    def _get_client(self):
-        if self._client is None:
-            self._client = tracking.make_client(self.tracking_uri)
-        return self._client
-
-    def _get_sender(self) -> MetricSender:
-        if self._sender is None:
-            self._sender = MetricSender(self.tracking_uri, self.run_id, self.spool_dir)
-        return self._sender
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self._reports += 1
-        if not metrics:
-            return
-        rank0 = metrics[0]
-        try:
-            epoch = rank0.get("epoch", self._reports)
-            finite = isinstance(epoch, int | float) and not isinstance(epoch, bool) and math.isfinite(epoch)
-            step = int(epoch) if finite else self._reports
-            sender = self._get_sender()
-            sender.submit(tracking.epoch_metric_values(rank0), step)
-            if self.final_epoch is not None and step >= self.final_epoch:
-                left = sender.flush(self.final_flush_s)
-                if left:
-                    logger.warning(
-                        "%d metric value(s) of run %s not yet in MLflow at %s; they stay in %s",
-                        left,
-                        self.run_id,
-                        self.tracking_uri,
-                        sender.spool.path,
-                    )
-        except Exception as err:  # never let tracking break training
-            logger.warning("MLflow logging of report %d failed: %s", self._reports, err)
-
-    def after_exception(self, run_context, worker_exceptions):
-        first = next(iter(worker_exceptions.values()), None)
-
-        def set_tag():
-            try:
-                self._get_client().set_tag(self.run_id, tracking.TAG_LAST_WORKER_ERROR, str(first)[:4000])
-            except Exception as err:
-                logger.warning("MLflow logging of a worker error failed: %s", err)
-
-        # In a thread: the controller restarts the workers meanwhile, whatever the tracking server does.
-        threading.Thread(target=set_tag, name="mlflow-worker-error", daemon=True).start()
 
 
 class InterruptAwareTorchTrainer(TorchTrainer):
@@ -504,7 +364,7 @@ def _complete_pending_record(config, client, run_id, uri, name, storage, spool, 
     from ray.train import Result
 
     try:
-        result = Result.from_path(f"{storage.rstrip('/')}/{name}")
+        result = Result.from_path(storage_join(storage, name))
     except Exception as err:
         logger.warning(
             "the finished Ray Train run %s is not readable in %s (%s); training again", name, storage, err

@@ -6,12 +6,14 @@ trial function that launches a Ray Train run (Train V2's way of tuning a Train r
 seed), creates or reopens its MLflow child run (keyed by ``<sweep id>/<trial id>``: Tune keeps trial ids
 across ``Tuner.restore``, so a resumed sweep never duplicates a run), and runs a ``TorchTrainer``
 (``orchestrator.launch``) whose callbacks are Tune's ``TuneReportCallback`` (every ``ray.train.report`` of
-the workers becomes a Tune result, so ASHA sees each epoch) and ``orchestrator.train.MlflowReportCallback``
-(the same metrics into the child run).
+the workers becomes a Tune result, so ASHA sees each epoch) and
+``orchestrator.metric_callback.MlflowReportCallback`` (the same metrics into the child run).
 
-When ASHA stops a trial, Tune terminates the trial's actor. The workers' placement group is scoped to the
-sweep's driver job and would stay reserved, so the driver first aborts the trial's Train controller through
-the sweep's :class:`ControllerLedger` (``orchestrator.trial_status``'s callback does that).
+What differs between a sweep's and an ablation's trials (overrides, run name, arm) the sweep's kind says
+(``orchestrator.sweep_kinds``). When ASHA stops a trial, Tune terminates the trial's actor. The workers'
+placement group is scoped to the sweep's driver job and would stay reserved, so the driver first aborts the
+trial's Train controller through the sweep's controller ledger (``orchestrator.trial_ledger``;
+``orchestrator.trial_status``'s callback does that).
 """
 
 from __future__ import annotations
@@ -21,13 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
-
 from orchestrator import tracking
 from orchestrator.ablation_arms import AblationArm
 from orchestrator.launch import build_torch_trainer
 from orchestrator.run_outputs import log_run_outputs, selection_metric
+from orchestrator.storage import storage_join
+from orchestrator.sweep_kinds import SweepKind, get_sweep_kind
 from orchestrator.sweep_space import SearchSpace
+from orchestrator.trial_ledger import (  # noqa: F401 (re-exported: sweep_tune.py and tests import them here)
+    ControllerLedger,
+    ControllerRegistrar,
+    abort_trial_controller,
+    earlier_failure,
+    ledger_name,
+    record_failure,
+    was_aborted,
+)
 from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, flatten_config
 
 logger = logging.getLogger(__name__)
@@ -37,7 +48,7 @@ logger = logging.getLogger(__name__)
 class SweepPlan:
     """Everything a trial needs, shipped to it by ``tune.with_parameters`` (plain, picklable data)."""
 
-    kind: str  # "tune" or "ablate"
+    kind: str  # "tune" or "ablate": the name of its sweep kind (a plain string: Tune pickles the plan)
     sweep_id: str  # = the sweep name; stable across --resume
     sweep_dir: str
     base_config: dict  # config_to_dict of the (path-resolved) base TrainConfig
@@ -55,27 +66,30 @@ class SweepPlan:
     storage_dir: str = ""
 
     @property
+    def sweep_kind(self) -> SweepKind:
+        """What differs between the kinds of sweep (``orchestrator.sweep_kinds``)."""
+        return get_sweep_kind(self.kind)
+
+    @property
     def storage_root(self) -> str:
         return self.storage_dir or self.sweep_dir
 
     @property
     def tune_dir(self) -> str:
-        return _join(self.storage_root, "tune")
+        return storage_join(self.storage_root, "tune")
 
     @property
     def train_storage(self) -> str:
-        return _join(self.storage_root, "train")
+        return storage_join(self.storage_root, "train")
 
     @property
     def ledger_name(self) -> str:
-        """Name of the sweep's :class:`ControllerLedger` actor."""
-        return f"fowkal-ledger-{self.sweep_id}"
+        """Name of the sweep's ``ControllerLedger`` actor (``orchestrator.trial_ledger``)."""
+        return ledger_name(self.sweep_id)
 
-
-def _join(root: str, name: str) -> str:
-    if "://" in root and not root.startswith("file://"):
-        return f"{root.rstrip('/')}/{name}"
-    return str(Path(root) / name)
+    def trial_output_dir(self, run_name: str) -> Path:
+        """A trial's ``output_dir`` (its logs and metric spool): ``<sweep_dir>/trials/<run name>``, local."""
+        return Path(self.sweep_dir) / "trials" / run_name
 
 
 def trial_resume_key(sweep_id: str, trial_id: str) -> str:
@@ -85,12 +99,7 @@ def trial_resume_key(sweep_id: str, trial_id: str) -> str:
 
 def trial_run_name(plan: SweepPlan, trial_config: dict, experiment_tag: str = "") -> str:
     """Readable child-run name: ``tpe-017`` (the sweep's 17th trial) or ``<arm key>-<arm name>-s<seed>``."""
-    if plan.kind == "ablate":
-        arm = plan.arms[trial_config["arm"]]
-        return f"{arm.key}-{arm.name}-s{int(trial_config['seed'])}"  # sorts by the paper's letters
-    head = str(experiment_tag).split("_", 1)[0]
-    index = int(head) if head.isdigit() else 0
-    return f"tpe-{index:03d}"
+    return plan.sweep_kind.run_name(plan, trial_config, experiment_tag)
 
 
 def tune_trial_name(plan: SweepPlan, trial) -> str:
@@ -104,17 +113,13 @@ def tune_trial_dirname(plan: SweepPlan, trial) -> str:
 
 def trial_overrides(plan: SweepPlan, trial_config: dict) -> dict[str, Any]:
     """Dotted ``TrainConfig`` overrides of a trial: the sampled values, or the arm's overrides and seed."""
-    if plan.kind == "ablate":
-        arm = plan.arms[trial_config["arm"]]
-        return {**arm.overrides, "seed": int(trial_config["seed"])}
-    assert plan.space is not None
-    return plan.space.to_overrides(trial_config, ignore_unknown=True)
+    return plan.sweep_kind.trial_overrides(plan, trial_config)
 
 
 def trial_train_config(plan: SweepPlan, trial_config: dict, run_name: str) -> TrainConfig:
     """The trial's validated ``TrainConfig``: base + :func:`trial_overrides`, its own ``output_dir``."""
     values = apply_overrides(plan.base_config, trial_overrides(plan, trial_config))
-    values["output_dir"] = str(Path(plan.sweep_dir) / "trials" / run_name)
+    values["output_dir"] = str(plan.trial_output_dir(run_name))
     values["use_gpu"] = plan.gpus_per_trial > 0
     return config_from_dict(values, source=f"trial {run_name} of sweep {plan.sweep_id}")
 
@@ -129,12 +134,12 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.train import MlflowReportCallback
+    from orchestrator.metric_callback import MlflowReportCallback
 
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     run_name = context.get_trial_name() or trial_run_name(plan, trial_config)
-    earlier = _earlier_failure(plan, trial_id)
+    earlier = earlier_failure(plan, trial_id)
     if earlier is not None:
         # Tune restarts a trial whose actor died (its node went away) so that its Train run continues from
         # its checkpoint; a trial whose training itself failed (after Ray Train's own retries) is not run
@@ -142,7 +147,7 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
         raise TrialFailed(f"{earlier} (the trial failed earlier in this sweep; not run again)")
     cfg = trial_train_config(plan, trial_config, run_name)
     client = tracking.make_client(plan.tracking_uri)
-    arm = plan.arms.get(trial_config.get("arm")) if plan.kind == "ablate" else None
+    arm = plan.sweep_kind.trial_arm(plan, trial_config)
     extra = {
         tracking.TAG_TRIAL_ID: trial_id,
         tracking.TAG_SWEEP_KIND: plan.kind,
@@ -197,7 +202,7 @@ def run_trial(trial_config: dict, plan: SweepPlan) -> None:
             # KILLED): not a failure.
             return
         tracking.end_run(run_id, "FAILED", client=client, error=err)
-        _record_failure(plan, trial_id, err)
+        record_failure(plan, trial_id, err)
         raise
     # The Train run trained every epoch: the child run is FINISHED whatever Tune does next.
     try:
@@ -222,123 +227,8 @@ def _tune_iterations() -> int | None:
         return None
 
 
-class ControllerLedger:
-    """Sweep-wide actor (named :attr:`SweepPlan.ledger_name`, owned by the driver): which Ray Train
-    controller runs which trial, so the driver can abort a trial's Train run when the scheduler stops it.
-
-    Why: Tune stops a trial by terminating its actor. The Train controller that actor created dies with it,
-    but the workers' placement group is scoped to the *job* (the sweep driver) and stays reserved; Ray
-    Train's own cleaner finds dead controllers through the State API, which cannot be relied on (e.g. it
-    fails when several Ray instances run on one machine). Aborting the controller first releases the
-    workers and their placement group the way Ctrl-C does in ``fowkal train``.
-    """
-
-    def __init__(self):
-        self._controllers: dict[str, Any] = {}
-        self._aborted: set[str] = set()
-        self._failed: dict[str, str] = {}
-
-    def mark_failed(self, trial_id: str, error: str) -> None:
-        """The trial's training failed (not its actor): a restart of it by Tune fails at once."""
-        self._failed[trial_id] = error
-
-    def failure(self, trial_id: str) -> str | None:
-        return self._failed.get(trial_id)
-
-    def register(self, trial_id: str, controller) -> None:
-        self._controllers[trial_id] = controller
-
-    def was_aborted(self, trial_id: str) -> bool:
-        return trial_id in self._aborted
-
-    def abort(self, trial_id: str, timeout_s: float = 120.0) -> bool:
-        """Abort the trial's Train controller (graceful: workers stopped, placement group removed).
-
-        Returns True if a live controller was aborted, False if there was none or it had already exited.
-        """
-        import ray
-
-        controller = self._controllers.pop(trial_id, None)
-        if controller is None:
-            return False
-        self._aborted.add(trial_id)
-        try:
-            ray.get(controller.abort.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError:
-            pass  # abort() ends with exit_actor(): the call "fails" once the controller is gone
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(controller)
-        return True
-
-
-class ControllerRegistrar(UserCallback):
-    """Ray Train ``UserCallback`` that registers its controller with the sweep's ledger at the first report.
-
-    Runs on the Train controller; ``ray.get_runtime_context().current_actor`` is the controller itself.
-    """
-
-    def __init__(self, ledger_name: str, trial_id: str):
-        self.ledger_name = ledger_name
-        self.trial_id = trial_id
-        self._registered = False
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if self._registered:
-            return
-        try:
-            import ray
-
-            ledger = ray.get_actor(self.ledger_name)
-            controller = ray.get_runtime_context().current_actor
-            ray.get(ledger.register.remote(self.trial_id, controller), timeout=60)
-            self._registered = True
-        except Exception as err:  # without it only the early stop leaks resources; training goes on
-            logger.warning("could not register trial %s with %s: %s", self.trial_id, self.ledger_name, err)
-
-    def after_exception(self, run_context, worker_exceptions):
-        pass
-
-
 class TrialFailed(RuntimeError):
     """A restarted trial whose training had already failed in this sweep (see :func:`run_trial`)."""
-
-
-def _record_failure(plan: SweepPlan, trial_id: str, err: BaseException) -> None:
-    try:
-        import ray
-
-        text = tracking.error_summary(err)
-        ray.get(ray.get_actor(plan.ledger_name).mark_failed.remote(trial_id, text[:2000]), timeout=30)
-    except Exception as record_err:  # without it a Tune restart trains the failing trial once more
-        logger.warning("could not record the failure of trial %s: %s", trial_id, record_err)
-
-
-def _earlier_failure(plan: SweepPlan, trial_id: str) -> str | None:
-    try:
-        import ray
-
-        return ray.get(ray.get_actor(plan.ledger_name).failure.remote(trial_id), timeout=30)
-    except Exception:
-        return None
-
-
-def was_aborted(plan: SweepPlan, trial_id: str) -> bool:
-    try:
-        import ray
-
-        return bool(ray.get(ray.get_actor(plan.ledger_name).was_aborted.remote(trial_id), timeout=30))
-    except Exception:
-        return False
-
-
-def abort_trial_controller(plan: SweepPlan, trial_id: str) -> None:
-    try:
-        import ray
-
-        ledger = ray.get_actor(plan.ledger_name)
-        ray.get(ledger.abort.remote(trial_id), timeout=180)
-    except Exception as err:
-        logger.warning("could not abort the Train run of trial %s: %s", trial_id, err)
 
 
 __all__ = [

@@ -15,13 +15,8 @@ from pathlib import Path
 from ray.tune import Callback as TuneCallback
 
 from orchestrator import report, tracking
-from orchestrator.trial import (
-    SweepPlan,
-    abort_trial_controller,
-    trial_overrides,
-    trial_resume_key,
-    tune_trial_name,
-)
+from orchestrator.trial import SweepPlan, trial_overrides, trial_resume_key, tune_trial_name
+from orchestrator.trial_ledger import abort_trial_controller
 from trainer.config import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -89,7 +84,7 @@ class MlflowTrialStatusCallback(TuneCallback):
         scheduler stopped is aborted mid-epoch, with its sender thread): no epoch is lost from MLflow."""
         from orchestrator.metric_spool import MetricSpool, deliver_pending, spool_path
 
-        output_dir = Path(self.plan.sweep_dir) / "trials" / tune_trial_name(self.plan, trial)
+        output_dir = self.plan.trial_output_dir(tune_trial_name(self.plan, trial))
         path = spool_path(output_dir, run_id)
         if path.is_file():
             deliver_pending(MetricSpool(path), run_id, client)

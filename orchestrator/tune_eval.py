@@ -6,7 +6,8 @@ no training, and with the heatmaps kept no forward pass either:
 
 - Before Ray: the search space (``search_spaces/eval_space.yaml``, the format of ``sweep_space``; a key that
   is not an evaluation setting is an error naming it), the checkpoint (its weights must fit the model its
-  config describes), the annotation file, the image directory and the detection file are checked.
+  config describes), the annotation file, the image directory and the detection file are checked
+  (``orchestrator.tune_eval_inputs``).
 - The network runs once: ``trainer.heatmap_cache.build_heatmap_cache`` keeps the plain and mirrored
   heatmaps of every box (down to the lowest detection score the space can ask for) under
   ``<storage>/heatmap_cache/<key>``; a later tune-eval of the same checkpoint and data reuses them.
@@ -20,9 +21,12 @@ no training, and with the heatmaps kept no forward pass either:
 - Parent run: in the evaluated run's experiment and nested under it with ``--run``; else in
   ``--experiment`` (``fowkal-tune-eval``). Children end FINISHED (scored), FAILED (error) or KILLED (the
   sweep ended before they were scored), the status rules of sweeps (``orchestrator.trial_status``).
-- Results, in the sweep directory and on the parent run: ``best_eval.yaml`` (the best settings, and the
-  ``fowkal eval --set`` line that applies them), ``summary.md`` (best, defaults, gain, the top trials,
-  Optuna's parameter importances).
+- The trials run on the one Tuner set-up of sweeps (``orchestrator.tuner``): Optuna TPE from the defaults,
+  no early stopping, as many at once as the cluster's CPUs hold (``resources.EVAL_TRIAL_CPUS`` each).
+- Results, in the sweep directory and on the parent run (``orchestrator.tune_eval_results``):
+  ``best_eval.yaml`` (the best settings, and the ``fowkal eval --set`` line that applies them),
+  ``summary.md`` (best, defaults, gain, the top trials, Optuna's parameter importances, computed as
+  ``fowkal report`` computes them).
 """
 
 from __future__ import annotations
@@ -30,9 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,24 @@ from orchestrator.report_records import (  # the tags and file fowkal report rea
     TAG_EVALUATED_RUN,
     TAG_TUNE_EVAL,
 )
-from orchestrator.sweep_space import SearchSpace, load_search_space
+from orchestrator.tune_eval_inputs import (  # the checks before Ray; importable from here as before
+    TuneEvalError,
+    base_settings,
+    blur_kernels,
+    check_det_file,
+    defaults_point,
+    file_digest,
+    load_eval_space,
+    lowest_det_score_thr,
+    metric_names,
+    trial_settings_for,
+)
+from orchestrator.tune_eval_results import (  # the results; importable from here as before
+    SUMMARY_FILE,
+    parameter_importances,
+    scored_trials,
+    write_results,
+)
 from orchestrator.tune_eval_trial import (  # the trial side; importable from here as before
     DEFAULT_METRIC,
     EVAL_PREFIX,
@@ -58,18 +78,10 @@ from orchestrator.tune_eval_trial import (  # the trial side; importable from he
     trial_run_name,
     trial_settings,
 )
-from trainer.config import EVAL_SETTING_KEYS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "fowkal-tune-eval"
-SUMMARY_FILE = "summary.md"
-# CPUs a trial holds: one decode + one xtcocotools evaluation at a time.
-TRIAL_CPUS = 1.0
-
-
-class TuneEvalError(ValueError):
-    """Bad input to ``fowkal tune-eval``, found before Ray starts; names the file, key or value."""
 
 
 class TuneEvalFailed(RuntimeError):
@@ -95,232 +107,6 @@ class TuneEvalOutcome:
     best_eval_path: str | None = None
     summary_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def metric_names() -> tuple[str, ...]:
-    """Every metric a trial reports: ``eval/<part>_<stat>`` for ``evaluate_wholebody``'s keys."""
-    parts = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
-    stats = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
-    names = [f"{EVAL_PREFIX}{part}_{stat}" for part in parts for stat in stats]
-    return tuple(names + [f"{EVAL_PREFIX}hand_{stat}" for stat in ("AP", "AP50", "AP75", "AR")])
-
-
-def load_eval_space(path: str | os.PathLike) -> SearchSpace:
-    """A search space over evaluation settings only; its metric an ``eval/`` metric (``val/X`` reads as
-    ``eval/X``, the same number on the evaluated set). ``SearchSpaceError`` names the file and the key."""
-    space = load_search_space(path)
-    for name in space.parameters:
-        if name not in EVAL_SETTING_KEYS:
-            raise SearchSpaceError(
-                f"{path}: parameters.{name}: not an evaluation setting; fowkal tune-eval sweeps only what "
-                f"acts after the network ({', '.join(EVAL_SETTING_KEYS)})"
-            )
-    metric = space.metric
-    if metric.startswith("val/"):
-        metric = EVAL_PREFIX + metric[len("val/") :]
-    if metric not in metric_names():
-        raise SearchSpaceError(
-            f"{path}: metric: {space.metric!r} is not an evaluation metric (e.g. {DEFAULT_METRIC}, "
-            "eval/hand_AP)"
-        )
-    return replace(space, metric=metric)
-
-
-def lowest_det_score_thr(space: SearchSpace, base: float) -> float:
-    """The lowest ``data.det_score_thr`` a trial can ask for: the cache must hold those boxes."""
-    param = space.parameters.get("data.det_score_thr")
-    if param is None:
-        return float(base)
-    candidates = [base]
-    if param.distribution == "constant":
-        candidates.append(param.value)
-    elif param.distribution == "categorical":
-        candidates.extend(param.choices)
-    else:
-        candidates.append(param.low)
-    candidates += [p["data.det_score_thr"] for p in space.extra_points if "data.det_score_thr" in p]
-    return float(min(candidates))
-
-
-def blur_kernels(space: SearchSpace, base: int) -> tuple[int, ...]:
-    """Every ``eval.blur_kernel`` a trial can ask for (odd values of an int range), with the base one."""
-    param = space.parameters.get("eval.blur_kernel")
-    values = {int(base)}
-    if param is not None and param.distribution == "constant":
-        values.add(int(param.value))
-    elif param is not None and param.distribution == "categorical":
-        values.update(int(c) for c in param.choices)
-    elif param is not None and param.distribution == "int":
-        values.update(k for k in range(int(param.low), int(param.high) + 1) if k % 2 == 1)
-    return tuple(sorted(values))
-
-
-def base_settings(config) -> dict[str, Any]:
-    """The checkpoint config's evaluation settings by dotted key."""
-    values = {f"eval.{key}": value for key, value in asdict(config.eval).items()}
-    values["data.det_score_thr"] = float(config.data.det_score_thr)
-    return values
-
-
-def defaults_point(space: SearchSpace, settings: dict[str, Any], path) -> dict[str, Any]:
-    """The first point to evaluate: the config's own values of the sampled parameters (they must lie in
-    the space, or the gain over the defaults could not be measured)."""
-    point = {}
-    for name in space.sampled_names:
-        param = space.parameters[name]
-        value = settings[name]
-        if param.distribution in ("uniform", "loguniform") and isinstance(value, int):
-            value = float(value)
-        if not param.contains(value):
-            raise SearchSpaceError(
-                f"{path}: parameters.{name}: the checkpoint's value {value!r} (the first trial, the "
-                f"defaults) lies outside the space; widen it to include {value!r}"
-            )
-        point[name] = value
-    return point
-
-
-def check_det_file(det_file) -> None:
-    """The detection file is read now (``DatasetError`` names file, entry and field) so that a bad one
-    fails before Ray, not in every trial."""
-    from trainer.data import DatasetError, load_detections
-
-    if det_file is None:
-        return
-    if not Path(det_file).is_file():
-        raise TuneEvalError(f"detection file {str(det_file)!r} does not exist (--det-file)")
-    try:
-        load_detections(det_file)
-    except DatasetError as err:
-        raise TuneEvalError(f"--det-file: {err}") from err
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# results
-
-
-def _optuna_distribution(param):
-    import optuna
-
-    if param.distribution == "categorical":
-        return optuna.distributions.CategoricalDistribution(list(param.choices))
-    if param.distribution == "int":
-        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
-    return optuna.distributions.FloatDistribution(
-        param.low, param.high, log=param.distribution == "loguniform"
-    )
-
-
-def parameter_importances(
-    space: SearchSpace, trials: list[tuple[dict, float]], mode: str
-) -> dict[str, float]:
-    """Optuna's (fANOVA) importances of the sampled parameters over the scored trials; {} when fewer than
-    two trials, or no parameter varied."""
-    import optuna
-
-    if len(trials) < 2:
-        return {}
-    distributions = {name: _optuna_distribution(space.parameters[name]) for name in space.sampled_names}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    for params, value in trials:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={k: params[k] for k in distributions}, distributions=distributions, value=value
-            )
-        )
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # as fowkal report's importances
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except (RuntimeError, ValueError, ZeroDivisionError) as err:
-        logger.warning("no parameter importances: %s", err)
-        return {}
-    return {name: float(value) for name, value in importances.items()}
-
-
-def _settings_yaml(values: dict[str, Any]) -> dict:
-    nested: dict[str, dict] = {}
-    for key, value in values.items():
-        section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = value
-    return nested
-
-
-def write_results(
-    plan: EvalSweepPlan,
-    scored: list[dict],
-    defaults: dict[str, Any],
-    importances: dict[str, float],
-    source_args: str,
-) -> tuple[Path | None, Path]:
-    """``best_eval.yaml`` and ``summary.md`` in the sweep directory; ``scored`` holds per trial ``name``,
-    ``run_id``, ``values`` (all settings, dotted) and ``score``."""
-    import yaml
-
-    out = Path(plan.sweep_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sign = 1 if plan.mode == "max" else -1
-    ranked = sorted(scored, key=lambda t: -sign * t["score"])
-    default_trial = next((t for t in scored if t.get("is_default")), None)
-    lines = [f"# fowkal tune-eval {plan.sweep_id}", ""]
-    best_path = None
-    if ranked:
-        best = ranked[0]
-        gain = best["score"] - default_trial["score"] if default_trial else None
-        set_args = " ".join(f"--set {k}={v}" for k, v in best["values"].items())
-        header = (
-            f"# Best evaluation settings of tune-eval {plan.sweep_id} (MLflow run {best['run_id']}, "
-            f"{best['name']}): {plan.metric} = {best['score']:.2f}%"
-            + (f" (defaults {default_trial['score']:.2f}%, gain {gain:+.2f} points)" if default_trial else "")
-            + f"\n# fowkal eval {source_args} {set_args}\n"
-        )
-        best_path = out / BEST_EVAL_FILE
-        best_path.write_text(header + yaml.safe_dump(_settings_yaml(best["values"]), sort_keys=False))
-        lines += [
-            f"Best {plan.metric}: **{best['score']:.2f}%** ({best['name']}); defaults "
-            + (
-                f"{default_trial['score']:.2f}% ({default_trial['name']}), gain **{gain:+.2f}** points."
-                if default_trial
-                else "not scored."
-            ),
-            "",
-            f"Apply: `fowkal eval {source_args} {set_args}`",
-            "",
-        ]
-    names = list(plan.space.sampled_names)
-    lines += ["| trial | " + " | ".join(names) + f" | {plan.metric} (%) |", "|---" * (len(names) + 2) + "|"]
-    for trial in ranked[:10] + (
-        [default_trial] if default_trial and default_trial not in ranked[:10] else []
-    ):
-        mark = " (defaults)" if trial.get("is_default") else ""
-        cells = [
-            str(trial["values"][n])
-            if not isinstance(trial["values"][n], float)
-            else f"{trial['values'][n]:.4g}"
-            for n in names
-        ]
-        lines.append(f"| {trial['name']}{mark} | " + " | ".join(cells) + f" | {trial['score']:.2f} |")
-    lines += ["", "Parameter importances (Optuna, fANOVA):", ""]
-    if importances:
-        lines += ["| parameter | importance |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in importances.items()]
-    else:
-        lines.append("(fewer than two scored trials, or nothing varied)")
-    summary = out / SUMMARY_FILE
-    summary.write_text("\n".join(lines) + "\n")
-    return best_path, summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,7 +222,7 @@ def run_tune_eval(
     digest = hashlib.sha256(
         json.dumps(
             [
-                _file_digest(checkpoint_file(Path(loaded.checkpoint_path))),
+                file_digest(checkpoint_file(Path(loaded.checkpoint_path))),
                 ann_file,
                 det_file,
                 Path(space_path).read_text(),
@@ -495,7 +281,7 @@ def run_tune_eval(
     try:
         client.log_text(parent_run_id, Path(space_path).read_text(), Path(space_path).name)
         # The sweeps' search_space.json: fowkal report reads the parameters' types from it.
-        from orchestrator.sweep import _space_summary
+        from orchestrator.sweep_kinds import space_summary as _space_summary
 
         summary_json = json.dumps(_space_summary(space), indent=1)
         client.log_text(parent_run_id, summary_json, tracking.SPACE_ARTIFACT)
@@ -505,23 +291,7 @@ def run_tune_eval(
         )
         timings["tune_s"] = time.perf_counter() - began
         run_statuses = reconcile_eval_runs(plan, client)
-        scored = []
-        for result in results:
-            if plan.metric not in result["metrics"]:
-                continue
-            values = dict(settings)
-            values.update(space.to_overrides(result["config"], ignore_unknown=True))
-            sampled = {name: values[name] for name in space.sampled_names}
-            scored.append(
-                {
-                    "name": result["name"],
-                    "run_id": result["run_id"],
-                    "values": values,
-                    "sampled": sampled,
-                    "score": float(result["metrics"][plan.metric]),
-                    "is_default": sampled == defaults,
-                }
-            )
+        scored = scored_trials(results, settings, space, defaults)
         importances = parameter_importances(space, [(t["sampled"], t["score"]) for t in scored], space.mode)
         best_path, summary_path = write_results(plan, scored, defaults, importances, source_args)
         for path in (best_path, summary_path):
@@ -581,66 +351,44 @@ def run_tune_eval(
     )
 
 
-def trial_settings_for(space: SearchSpace, settings: dict[str, Any], point: dict) -> None:
-    """Check that ``point`` on ``settings`` gives a valid config (the same rules as ``fowkal eval --set``)."""
-    from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
-
-    values = {**settings, **space.to_overrides({**point}, ignore_unknown=True)}
-    config_from_dict(apply_overrides(config_to_dict(TrainConfig()), values), source="first trials")
-
-
 def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn):
-    """Ray Tune over :func:`run_eval_trial`; returns per trial (name, config, metrics, run id, error) and
-    the Tune statuses."""
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import optuna
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    """Ray Tune over :func:`run_eval_trial` (the sweeps' Tuner set-up: TPE from ``points``, no early
+    stopping); returns per trial (name, config, metrics, run id, error) and the Tune statuses."""
+    from orchestrator.resources import EVAL_TRIAL_CPUS
+    from orchestrator.sweep_settings import SweepError
+    from orchestrator.tuner import TpeSearch, TunerSpec, fit_tuner, start_tune_cluster
 
-    from orchestrator.ray_utils import init_ray, tune_signal_handlers
-
-    resources = init_ray(address, num_cpus=num_cpus, log_to_driver=False)
-    fits = max(1, int(resources.get("CPU", 1) // TRIAL_CPUS))
-    concurrent = min(fits, max_concurrent) if max_concurrent else fits
+    try:
+        resources, concurrent = start_tune_cluster(
+            address, num_cpus, trial_cpus=EVAL_TRIAL_CPUS, requested=max_concurrent
+        )
+    except SweepError as err:  # not even one trial fits the cluster
+        raise TuneEvalError(str(err)) from err
     print_fn(f"cluster: {resources.get('CPU', 0):g} CPU -> up to {concurrent} concurrent trial(s)")
-    searcher = OptunaSearch(
-        space=plan.space.optuna_define_by_run,
+    spec = TunerSpec(
+        trial=run_eval_trial,
+        plan=plan,
+        trial_cpus=EVAL_TRIAL_CPUS,
         metric=plan.metric,
         mode=plan.mode,
-        points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        num_samples=samples,
+        storage_path=plan.sweep_dir,
+        tune_dir=plan.tune_dir,
+        trial_name=lambda trial: trial_run_name(trial.experiment_tag),
+        trial_dirname=lambda trial: f"{trial_run_name(trial.experiment_tag)}_{trial.trial_id}",
+        search=TpeSearch(define_by_run=plan.space.optuna_define_by_run, points=points, seed=seed),
+        reuse_actors=True,  # a trial process keeps the opened cache and the parsed annotation file
+        callbacks=[EvalTrialStatusCallback(plan)],
+        verbose=bool(verbose),
+        max_failures=0,
     )
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_eval_trial, plan=plan), {"cpu": TRIAL_CPUS}),
-        tune_config=tune.TuneConfig(
-            metric=plan.metric,
-            mode=plan.mode,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
-            num_samples=samples,
-            max_concurrent_trials=concurrent,
-            reuse_actors=True,  # a trial process keeps the opened cache and the parsed annotation file
-            trial_name_creator=lambda trial: trial_run_name(trial.experiment_tag),
-            trial_dirname_creator=lambda trial: f"{trial_run_name(trial.experiment_tag)}_{trial.trial_id}",
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=plan.sweep_dir,
-            callbacks=[EvalTrialStatusCallback(plan)],
-            verbose=1 if verbose else 0,
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
-    with tune_signal_handlers():
-        grid = tuner.fit()
-    from orchestrator.trial_status import trial_id_from_path, trial_statuses_from_state
+    grid, statuses = fit_tuner(spec, concurrent)
+    from orchestrator.trial_status import trial_id_from_path
 
     client = tracking.make_client(plan.tracking_uri)
-    results, statuses = [], {}
+    results = []
     for result in grid:
         trial_id = str((result.metrics or {}).get("trial_id") or trial_id_from_path(result.path))
-        statuses[trial_id] = "ERROR" if result.error is not None else "TERMINATED"
         run_id = tracking.find_run_by_resume_key(client, plan.experiment_id, f"{plan.sweep_id}/{trial_id}")
         results.append(
             {
@@ -651,7 +399,6 @@ def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose
                 "error": None if result.error is None else str(result.error).splitlines()[0][:500],
             }
         )
-    statuses.update(trial_statuses_from_state(plan.tune_dir))
     return results, statuses
 
 
@@ -659,6 +406,8 @@ __all__ = [
     "BEST_EVAL_FILE",
     "DEFAULT_EXPERIMENT",
     "DEFAULT_METRIC",
+    "EVAL_PREFIX",
+    "SUMMARY_FILE",
     "EvalSweepPlan",
     "EvalTrialStatusCallback",
     "TuneEvalError",
@@ -666,15 +415,20 @@ __all__ = [
     "TuneEvalOutcome",
     "base_settings",
     "blur_kernels",
+    "check_det_file",
     "defaults_point",
     "evaluate_trial",
-    "open_trial_run",
     "load_eval_space",
     "lowest_det_score_thr",
+    "metric_names",
+    "open_trial_run",
     "parameter_importances",
     "reconcile_eval_runs",
     "run_eval_trial",
     "run_tune_eval",
+    "scored_trials",
     "trial_run_name",
     "trial_settings",
+    "trial_settings_for",
+    "write_results",
 ]

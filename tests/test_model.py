@@ -73,14 +73,49 @@ def test_unknown_backbone_and_bad_keypoint_count():
         build_pose_model("hrnet_w18_small", num_keypoints=0)
 
 
+def _seeded_backbone_init(seed: int) -> dict[str, torch.Tensor]:
+    """timm's random init of the backbone, built as build_pose_model builds it (same seed, same draws)."""
+    torch.manual_seed(seed)
+    net = timm.create_model(
+        "hrnet_w18_small", pretrained=False, features_only=True, feature_location="", out_indices=(1,)
+    )
+    return net.state_dict()
+
+
 def test_never_downloads(monkeypatch):
+    """Nothing reaches the network while a model is built, and its weights are the seeded random init."""
+    import socket
+
     import timm.models._builder as builder
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a hub download was attempted")
+    attempts = []
 
-    monkeypatch.setattr(builder, "load_pretrained", refuse)
-    build_pose_model("hrnet_w18_small")
+    def refuse(name):
+        def refused(*args, **kwargs):
+            attempts.append(name)  # kept even where the caller swallows the error
+            raise ConnectionRefusedError(f"test_never_downloads: {name} refused")
+
+        return refused
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("socket.getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("socket.create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("socket.socket.connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("socket.socket.connect_ex"))
+    monkeypatch.setattr(builder, "load_pretrained", refuse("timm load_pretrained"))
+    torch.manual_seed(0)
+    model = build_pose_model("hrnet_w18_small")
+    other_seed = _seeded_backbone_init(1)
+    assert attempts == [], attempts
+    monkeypatch.undo()
+
+    built = model.backbone.state_dict()
+    reference = _seeded_backbone_init(0)
+    assert len(built) > 100 and set(built) <= set(reference)
+    for key, value in built.items():
+        assert torch.equal(value, reference[key]), key
+    # Weights drawn from the seed, not read from anywhere: another seed gives other convolution weights.
+    conv_keys = [k for k in built if k.endswith(".weight") and built[k].ndim == 4]
+    assert conv_keys and all(not torch.equal(built[k], other_seed[k]) for k in conv_keys)
 
 
 def _imagenet_checkpoint() -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -263,3 +264,88 @@ def test_heatmap_tile_titles_fit_their_tiles():
     text, scale = visualize.fit_text(labels[0], 54)
     assert text.endswith("...") or scale < visualize.FONT_SCALE
     assert (grid[visualize.LINE_HEIGHT :, :60] == 90).all()  # tiles are not drawn over
+
+
+class _ImageLevelFamily:
+    """A family that finds people in whole images itself (as KAPAO does): its poses of an image are the
+    image's ground truth moved 3 px right (unlabelled people too), the smallest first, and a stray pose."""
+
+    name = "image_level_test"
+    predicts_per_box = False
+    heatmap_eval_sweep = False
+
+    def eval_dataset(self, cfg, ann_file, image_dir, det_file=None):
+        from trainer.data import load_wholebody_annotations
+
+        class Images(torch.utils.data.Dataset):
+            image_ids = np.asarray(list(load_wholebody_annotations(ann_file).images))
+
+            def __len__(self):
+                return len(self.image_ids)
+
+            def __getitem__(self, index):
+                return {"image_id": int(self.image_ids[index])}
+
+        return Images()
+
+    def collate_fn(self, cfg):
+        return None
+
+    def predict(self, model, loader, cfg, device, amp_dtype, channels_last):
+        from trainer.data import load_wholebody_annotations
+
+        wanted = [i for batch in loader for i in batch["image_id"].tolist()]
+        ids, poses, scores = [], [], []
+        for inst in load_wholebody_annotations(str(ANN)).instances:
+            if inst.image_id in wanted and not inst.iscrowd:
+                pose = inst.keypoints.astype(np.float64).copy()
+                pose[:, 0] += 3.0
+                pose[:, 2] = np.where(inst.keypoints[:, 2] > 0, 0.9, 0.0)
+                ids.append(inst.image_id)
+                poses.append(pose)
+                scores.append(1.0 / (1.0 + inst.area))  # the smallest person first
+        stray = np.zeros((NUM_KEYPOINTS, 3))
+        stray[:, :2] = 1e4
+        ids, poses, scores = ids + [wanted[0]], poses + [stray], scores + [0.0]
+        return {"image_ids": np.asarray(ids), "keypoints": np.asarray(poses), "scores": np.asarray(scores)}
+
+    def results(self, predictions, cfg):
+        from trainer.evaluate import keypoints_to_results
+
+        return keypoints_to_results(predictions["image_ids"], predictions["keypoints"], predictions["scores"])
+
+
+@needs_mini
+def test_show_asks_the_family_and_matches_whole_image_poses_to_instances(tmp_path, monkeypatch):
+    """A family without person boxes: its poses are matched to the instances by OKS; two families side by
+    side; no heatmap view for a family without heatmaps."""
+    import trainer.model_eval
+    from orchestrator import show
+    from trainer.families import family_of
+
+    image_level = _ImageLevelFamily()
+
+    def family_for(cfg):
+        return image_level if cfg.name == "image-level" else family_of(cfg)
+
+    monkeypatch.setattr(show, "family_of", family_for)
+    monkeypatch.setattr(trainer.model_eval, "family_of", family_for)
+    config = config_from_dict({**TINY_CONFIG, "name": "image-level"})
+    model = show.ShowModel(SimpleNamespace(config=config, model=torch.nn.Identity()), label="image level")
+
+    image_ids = show.select_image_ids(ANN, MINI, config, 3)
+    counts = _expected_instances()
+    assert image_ids == [i for i in _image_sizes() if counts[i] > 0][:3]
+    predicted = show.predict_instances(model, ANN, MINI, image_ids, device=torch.device("cpu"))
+    assert sorted({p.image_id for p in predicted.values()}) == sorted(image_ids)
+    assert len(predicted) == sum(counts[i] for i in image_ids)
+    for inst in predicted.values():  # each instance got its own pose back, not a neighbour's or the stray
+        labelled = inst.ground_truth[:, 2] > 0
+        assert np.allclose(inst.keypoints[labelled], inst.ground_truth[labelled, :2] + [3.0, 0.0])
+        assert np.all(inst.scores[labelled] == 0.9)
+
+    top_down = show.ShowModel(show.load_checkpoint_model(_save_checkpoint(tmp_path / "a.pt", 0)), label="td")
+    files = show.show_skeletons([top_down, model], ANN, MINI, tmp_path / "out", n=2)
+    assert [p.name for p in files] == [f"compare_{i}.png" for i in image_ids[:2]]
+    with pytest.raises(show.EvalError, match="image_level_test"):
+        show.show_heatmaps(model, ANN, MINI, tmp_path / "heat", "foot")

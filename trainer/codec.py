@@ -19,6 +19,7 @@ import functools
 import numpy as np
 import torch
 
+from trainer.flip_modes import FLIP_MODES
 from trainer.keypoints import flip_index as coco_wholebody_flip_index
 
 # Half-width of the Gaussian support, in sigmas, for the keypoint weight rule of encode_unbiased.
@@ -43,15 +44,15 @@ def _check_heatmap_size(heatmap_size) -> tuple[int, int]:
 
 
 def encode_unbiased(
-    keypoints, visible, heatmap_size=(48, 64), sigma: float = 2.0
+    keypoints, visible, heatmap_size=None, sigma: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian target heatmaps centred on exact sub-pixel keypoint locations (DARK's unbiased encoding).
 
     Args:
         keypoints: ``[N, K, 2]`` (x, y) in heatmap pixels (array-like or tensor).
         visible: ``[N, K]``; a keypoint is drawn when ``visible > 0`` (COCO flags 1 and 2 both count).
-        heatmap_size: ``(W, H)`` of the heatmaps.
-        sigma: Gaussian standard deviation in heatmap pixels (the paper uses 2).
+        heatmap_size: ``(W, H)`` of the heatmaps (None: ``trainer.data.PipelineConfig``'s).
+        sigma: Gaussian standard deviation in heatmap pixels (None: ``PipelineConfig``'s, the paper's 2).
 
     Returns:
         ``(heatmaps [N, K, H, W] float32, weights [N, K] float32)``. ``heatmaps[n, k, y, x] =
@@ -61,6 +62,11 @@ def encode_unbiased(
         while ``k - 3 sigma < size`` and ``k + 3 sigma + 1 >= 0`` on each axis (``k`` in ``[-7, size + 6)``
         heatmap px for sigma 2), its target then being the Gaussian's faint tail on the map.
     """
+    if heatmap_size is None or sigma is None:
+        from trainer.data import PipelineConfig  # lazily: trainer.data encodes with this module
+
+        heatmap_size = PipelineConfig.heatmap_size if heatmap_size is None else heatmap_size
+        sigma = PipelineConfig.sigma if sigma is None else sigma
     width, height = _check_heatmap_size(heatmap_size)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
@@ -284,10 +290,6 @@ def decode_dark(heatmaps, blur_kernel: int | None = None):
     if is_numpy:
         return coords.numpy(), scores.numpy()
     return coords, scores
-
-
-# Flip-test modes of ``flip_back_heatmaps``: MMPose's one-pixel shift, none, or the exact sub-pixel mirror.
-FLIP_MODES = ("shift", "none", "exact")
 
 
 def _resolve_flip_mode(shift: bool, mode: str | None) -> str:

@@ -69,6 +69,11 @@ class ExperimentFamily(Protocol):
     arm_key: str | None
     # The metric the best checkpoint maximises (the loop reports it on evaluation epochs).
     selection_metric: str
+    # Whether the prediction rows are the eval data set's samples, one per person box (a top-down family);
+    # False: the family finds the people in whole images itself (``fowkal show`` matches them to the GT).
+    predicts_per_box: bool
+    # Whether the network outputs crop heatmaps that ``fowkal tune-eval`` caches and ``fowkal show`` draws.
+    heatmap_eval_sweep: bool
     # The shared evaluator's numbers the loop reports: evaluate_wholebody key -> metric name
     # (trainer.evaluate.VAL_METRICS, or more).
     val_metrics: Mapping[str, str]

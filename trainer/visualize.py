@@ -62,6 +62,8 @@ PART_COLOURS: dict[str, tuple[int, int, int]] = {
     "lefthand": (255, 0, 255),  # magenta
     "righthand": (180, 0, 255),  # purple-pink
 }
+# Keypoints scoring below this are not drawn (``fowkal show --kpt-thr``'s default).
+DRAW_KEYPOINT_THR = 0.3
 BETTER_COLOUR = (0, 200, 0)  # the second run is closer to the ground truth
 WORSE_COLOUR = (0, 0, 255)  # the second run is farther from the ground truth
 TEXT_COLOUR = (0, 0, 0)
@@ -101,7 +103,7 @@ def draw_wholebody(
     image: np.ndarray,
     keypoints,
     scores=None,
-    score_thr: float = 0.3,
+    score_thr: float = DRAW_KEYPOINT_THR,
     thickness: int = 2,
     radius: int = 2,
 ) -> np.ndarray:
@@ -358,6 +360,7 @@ def tile_grid(tiles: Sequence[np.ndarray], labels: Sequence[str], columns: int) 
 
 __all__ = [
     "BETTER_COLOUR",
+    "DRAW_KEYPOINT_THR",
     "DRAW_SKELETON",
     "FACE_SKELETON",
     "LINE_HEIGHT",

@@ -137,6 +137,7 @@ class KapaoFamily:
     selection_metric = "val/kapao_fitness"
     val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50"}
     heatmap_eval_sweep = False
+    predicts_per_box = False  # KAPAO finds the people in whole images
     protocol_suffix = ", KAPAO NMS + fusion"
 
     def validate(self, cfg, check, fail) -> None:

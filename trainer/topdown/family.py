@@ -114,6 +114,7 @@ class TopDownHeatmapFamily:
     val_metrics = VAL_METRICS
     # ``fowkal tune-eval`` caches this family's heatmaps (trainer.heatmap_cache) and sweeps their decoding.
     heatmap_eval_sweep = True
+    predicts_per_box = True  # one prediction row per person box of the eval data set
 
     def validate(self, cfg, check, fail) -> None:
         topdown_config.validate(cfg, check)
