@@ -4,8 +4,9 @@ Prints, each beside a baseline measured in the same run:
 - ``encode_unbiased`` and ``decode_dark`` for N = 64 instances x 133 keypoints on 64x48 heatmaps, against a
   straightforward per-keypoint Python loop (goal: >= 10x each);
 - samples per second of one worker (main process, one OpenCV / torch thread) of the full training pipeline
-  (``trainer.data.WholeBodyTopDownDataset``, ``train=True``) on the COCO-WholeBody mini set's images and on
-  synthetic images (``trainer.synth.write_synthetic_dataset``);
+  (``trainer.topdown.data.WholeBodyTopDownDataset``, ``train=True``) on the COCO-WholeBody mini set's images
+  and on
+  synthetic images (``trainer.datasets.synth.write_synthetic_dataset``);
 - target generation (``encode_unbiased`` for one instance) as a fraction of one sample's pipeline time
   (goal: <= 10%).
 
@@ -25,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from trainer.codec import decode_dark, encode_unbiased
+from trainer.topdown.codec import decode_dark, encode_unbiased
 
 REPO = Path(__file__).resolve().parents[1]
 MINI_DIR = REPO.parent / "shared" / "data" / "coco_wholebody_mini"
@@ -181,7 +182,7 @@ def _image_root_for(ann_file: Path) -> Path:
 def bench_pipeline(
     name: str, ann_file: Path, image_root: Path, num_samples: int, repeats: int
 ) -> dict[str, float]:
-    from trainer.data import PipelineConfig, WholeBodyTopDownDataset
+    from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset
 
     config = PipelineConfig()
     dataset = WholeBodyTopDownDataset(ann_file, image_root, config=config, train=True)
@@ -243,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"(skipped: {ann_file} not found)")
     try:
-        from trainer.synth import write_synthetic_dataset
+        from trainer.datasets.synth import write_synthetic_dataset
     except ImportError as error:
         print(f"(synthetic data skipped: {error})")
     else:
         with tempfile.TemporaryDirectory() as out_dir:
             synth_ann = Path(write_synthetic_dataset(out_dir, num_images=8 if args.quick else 32, seed=0))
             pipeline["synthetic"] = bench_pipeline(
-                "synthetic (trainer.synth)", synth_ann, _image_root_for(synth_ann), num_samples, repeats
+                "synthetic (trainer.datasets.synth)",
+                synth_ann,
+                _image_root_for(synth_ann),
+                num_samples,
+                repeats,
             )
 
     print("\n## Goals")

@@ -165,7 +165,7 @@ def _kill_all(processes) -> None:
 
 
 def _spooled_steps(output_dir: Path) -> set[int]:
-    from orchestrator.metric_spool import MetricSpool
+    from orchestrator.runs.metric_spool import MetricSpool
 
     steps: set[int] = set()
     for path in (output_dir / "mlflow_spool").glob("*.jsonl"):

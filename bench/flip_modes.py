@@ -1,4 +1,4 @@
-"""Flip-test modes of ``trainer.codec.flip_back_heatmaps``: accuracy and AP.
+"""Flip-test modes of ``trainer.topdown.codec.flip_back_heatmaps``: accuracy and AP.
 
 1. Perfect heatmaps on the real mini COCO-WholeBody set (../shared/data/coco_wholebody_mini, GT boxes): the
    pipeline's own targets for each crop and for its mirror play the network, decoded as evaluation does
@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.codec import (  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.datasets.keypoints import NUM_KEYPOINTS  # noqa: E402
+from trainer.evaluation.wholebody import detections_to_results, evaluate_wholebody  # noqa: E402
+from trainer.topdown.codec import (  # noqa: E402
     FLIP_MODES,
     decode_dark,
     flip_back_heatmaps,
     heatmap_to_image_coords,
 )
-from trainer.config import load_config  # noqa: E402
-from trainer.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations  # noqa: E402
-from trainer.evaluate import detections_to_results, evaluate_wholebody  # noqa: E402
-from trainer.keypoints import NUM_KEYPOINTS  # noqa: E402
+from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations  # noqa: E402
 
 MINI = ROOT.parent / "shared" / "data" / "coco_wholebody_mini"
 MINI_ANN = MINI / "test_coco_wholebody.json"
@@ -137,8 +137,8 @@ def train_smoke(directory: Path, epochs: int | None) -> Path:
 @torch.no_grad()
 def checkpoint_ap(checkpoint_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint_model
-    from trainer.inference import build_eval_dataset, predict_keypoints, results_from_predictions
     from trainer.loop import resolve_datasets
+    from trainer.topdown.inference import build_eval_dataset, predict_keypoints, results_from_predictions
 
     # The project's one checkpoint loader and evaluation dataset (the run's pipeline, cache_dir,
     # gt_instances, detection file and threshold), as fowkal eval builds them.

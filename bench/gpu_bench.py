@@ -139,7 +139,7 @@ def section_loss(settings: dict, step_img_per_s: dict) -> dict:
     import torch
 
     from bench.losses import make_inputs
-    from trainer.losses import HeatmapLoss
+    from trainer.topdown.losses import HeatmapLoss
 
     device = torch.device(settings["device"])
     height, width = settings["input_hw"][0] // 4, settings["input_hw"][1] // 4
@@ -186,7 +186,7 @@ def section_flops(settings: dict, step_img_per_s: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.model import build_pose_model
+    from trainer.topdown.model import build_pose_model
 
     device = torch.device(settings["device"])
     model = build_pose_model(settings["backbone"], NUM_KEYPOINTS, with_kaf=False).to(device)
@@ -214,7 +214,7 @@ def section_loader(settings: dict, step_img_per_s: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from trainer.data import PipelineConfig, WholeBodyTopDownDataset
+    from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset
 
     ann = MINI / "test_coco_wholebody.json"
     if not ann.is_file():

@@ -299,8 +299,8 @@ def section_topdown(settings: dict) -> dict:
     import numpy as np
     import torch
 
-    from trainer.inference import decode_heatmaps
-    from trainer.model import build_pose_model
+    from trainer.topdown.inference import decode_heatmaps
+    from trainer.topdown.model import build_pose_model
 
     device = torch.device(settings["device"])
     torch.manual_seed(0)

@@ -7,7 +7,8 @@
 3. Post-processing ms per image on one thread (decode of the candidates + NMS of both object types + fusion +
    unfused scores; ``poses_from_outputs``) for a crowd of 20 people, K = 17 and 133 (goal: <= 2 ms at K = 17,
    as the paper's fusion <= 1.7 ms), beside the top-down family's decoding of the same 20 people (flip-back
-   + DARK + the inverse crop affine of 20 crops with 64x48 heatmaps; ``trainer.inference.decode_heatmaps``).
+   + DARK + the inverse crop affine of 20 crops with 64x48 heatmaps;
+   ``trainer.topdown.inference.decode_heatmaps``).
 
     .venv/bin/python bench/kapao.py [--quick]
 
@@ -30,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.inference import decode_heatmaps  # noqa: E402
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, outputs_per_anchor  # noqa: E402
 from trainer.kapao.model import build_kapao_model  # noqa: E402
 from trainer.kapao.postprocess import KapaoEvalConfig, candidates, poses_from_outputs  # noqa: E402
+from trainer.topdown.inference import decode_heatmaps  # noqa: E402
 
 BACKGROUND = -20.0  # objectness logit of an empty anchor: sigmoid ~2e-9, below every floor
 

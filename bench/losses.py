@@ -1,4 +1,4 @@
-"""Benchmark of the FoWKAL loss family (trainer/losses.py), all figures measured in the same run.
+"""Benchmark of the FoWKAL loss family (trainer/topdown/losses.py), all figures measured in the same run.
 
 For every variant: forward+backward time per call of ``HeatmapLoss`` (fused pixel pass) on a
 ``[32, 133, 64, 48]`` batch (the paper's batch per GPU and heatmap size), its ratio to ``mse``, and its
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.keypoints import COCO_WHOLEBODY_PARTS  # noqa: E402
-from trainer.losses import LOSS_VARIANTS, HeatmapLoss  # noqa: E402
+from trainer.datasets.keypoints import COCO_WHOLEBODY_PARTS  # noqa: E402
+from trainer.topdown.losses import LOSS_VARIANTS, HeatmapLoss  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Straightforward eager baseline: the equations as one would first write them, autograd everywhere.

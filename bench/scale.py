@@ -209,7 +209,7 @@ def _memory_mb(pid: int | None = None) -> dict[str, float]:
 
 
 def child_load(args: dict) -> dict:
-    from trainer.data import load_wholebody_annotations
+    from trainer.topdown.data import load_wholebody_annotations
 
     before = _memory_mb()
     start = time.perf_counter()
@@ -225,7 +225,7 @@ def child_load(args: dict) -> dict:
 
 
 def child_dataset(args: dict) -> dict:
-    from trainer.data import WholeBodyTopDownDataset
+    from trainer.topdown.data import WholeBodyTopDownDataset
 
     before = _memory_mb()
     start = time.perf_counter()
@@ -277,7 +277,7 @@ def val_predictions(val_ann: Path, det_file: Path, seed: int = 0) -> dict[str, n
 
 
 def child_val(args: dict) -> dict:
-    from trainer.evaluate import WholeBodyEvaluator, detections_to_results
+    from trainer.evaluation.wholebody import WholeBodyEvaluator, detections_to_results
 
     predictions = val_predictions(Path(args["val_ann"]), Path(args["det"]))
     gathered_bytes = len(pickle.dumps(predictions, protocol=pickle.HIGHEST_PROTOCOL))
@@ -328,7 +328,7 @@ def child_headroom(args: dict) -> dict:
     import cv2
     import torch
 
-    from trainer.data import WholeBodyTopDownDataset
+    from trainer.topdown.data import WholeBodyTopDownDataset
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

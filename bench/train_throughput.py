@@ -35,7 +35,7 @@ def measure_steps(config: dict) -> dict:
     """Time ``config['steps']`` training steps after ``config['warmup']``; returns images/s and step times."""
     import torch
 
-    from trainer.model import build_pose_model
+    from trainer.topdown.model import build_pose_model
 
     torch.manual_seed(0)
     torch.set_num_threads(int(config["threads"]))
@@ -99,7 +99,7 @@ def measure_under_ray_train(config: dict, step_fn=_ray_worker, name: str = "benc
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_utils import init_ray
+    from orchestrator.runs.ray_utils import init_ray
 
     init_ray()
     use_gpu = config["device"] == "cuda"

@@ -70,8 +70,8 @@ def main() -> int:
 
     from ray.tune import Callback
 
-    from orchestrator.ablation_arms import load_ablation_arms
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweeps.ablation_arms import load_ablation_arms
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     arms_count = args.arms or (2 if args.quick else 4)
@@ -163,7 +163,7 @@ def main() -> int:
         print(f"  ratio trial / plain run: {mean_trial / plain_seconds:.2f}x")
     print(f"  trials per hour: {3600 * trials / wall:.1f} (with {outcome.max_concurrent} concurrent)")
     print(f"  plain runs per hour, back to back on one core: {3600 / plain_seconds:.1f}")
-    from orchestrator.ray_utils import shutdown_ray
+    from orchestrator.runs.ray_utils import shutdown_ray
 
     shutdown_ray()
     if args.keep:

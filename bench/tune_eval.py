@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.codec import FLIP_MODES  # noqa: E402
 from trainer.config import EvalConfig, load_config  # noqa: E402
-from trainer.inference import decode_heatmaps  # noqa: E402
+from trainer.topdown.codec import FLIP_MODES  # noqa: E402
+from trainer.topdown.inference import decode_heatmaps  # noqa: E402
 
 
 def train_smoke(directory: Path, epochs: int | None) -> Path:
@@ -63,7 +63,7 @@ def untrained_smoke(directory: Path) -> Path:
     from trainer.checkpoint import save_atomic
     from trainer.config import config_to_dict
     from trainer.loop import resolve_datasets
-    from trainer.model import build_pose_model
+    from trainer.topdown.model import build_pose_model
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.synthetic_dir={directory / 'synthetic'}"])
     resolve_datasets(cfg.data)
@@ -94,7 +94,7 @@ def float16_error(cache) -> list[tuple[str, int, float, float]]:
 
 def _realistic_maps(boxes: int, seed: int) -> torch.Tensor:
     """133 sigma-2 Gaussians of 64x48 per box at sub-pixel places, amplitudes 0.05-1, low noise."""
-    from trainer.codec import encode_unbiased
+    from trainer.topdown.codec import encode_unbiased
 
     rng = np.random.default_rng(seed)
     centres = rng.uniform([-3.0, -3.0], [50.0, 66.0], size=(boxes, 133, 2))
@@ -107,8 +107,8 @@ def _realistic_maps(boxes: int, seed: int) -> torch.Tensor:
 def _decode_before(plain, mirrored, center, scale, mode, kernel):
     """decode_heatmaps as it was before the batched path: index_select + flip + cat (or the exact matrix
     after index_select), and DARK's stencil blur as two batched products over the whole batch."""
-    import trainer.codec as codec
-    from trainer.keypoints import flip_index
+    import trainer.topdown.codec as codec
+    from trainer.datasets.keypoints import flip_index
 
     swapped = mirrored.index_select(1, torch.as_tensor(flip_index()))
     if mode == "exact":
@@ -131,7 +131,7 @@ def decode_cost(boxes: int = 256, trials: int = 32) -> list[tuple[str, float | N
     """(what, seconds per 1,000 boxes or None, seconds per trial at 45,000 boxes), one thread, 64 boxes a
     batch: the decoding a trial did before (every trial decodes), and now (once per flip mode, for the 7
     kernels of eval_space.yaml, then every trial of that mode reads the keypoints and selects its boxes)."""
-    from trainer.heatmap_cache import HeatmapCache, _read_decoded, _write_decoded
+    from trainer.topdown.heatmap_cache import HeatmapCache, _read_decoded, _write_decoded
 
     plain, mirrored = _realistic_maps(boxes, 0), _realistic_maps(boxes, 1)
     center = np.random.default_rng(2).uniform(100.0, 500.0, size=(boxes, 2))
@@ -297,7 +297,7 @@ def sweep_section(args) -> None:
         print()
         print(result["summary"])
 
-        from trainer.heatmap_cache import HeatmapCache
+        from trainer.topdown.heatmap_cache import HeatmapCache
 
         cache_dirs = [p for p in (work / "store" / "heatmap_cache").iterdir() if p.is_dir()]
         cache = HeatmapCache.open(cache_dirs[0])

@@ -12,13 +12,13 @@ import argparse
 import functools
 import sys
 
-from orchestrator.sweep_settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
+from orchestrator.sweeps.settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
 from orchestrator.tracking import EMBEDDED_DEFAULT_STORE, TRAIN_EXPERIMENT
 from trainer.arguments import add_config_arguments
-from trainer.flip_modes import FLIP_MODES
-from trainer.visualize import DRAW_KEYPOINT_THR
+from trainer.evaluation.visualize import DRAW_KEYPOINT_THR
+from trainer.topdown.flip_modes import FLIP_MODES
 
-# Stated in the help of every command that logs or shows AP (trainer.metric_units).
+# Stated in the help of every command that logs or shows AP (trainer.evaluation.metric_units).
 UNIT_NOTE = (
     "COCO-WholeBody AP and AR are in percent (0-100) in MLflow, on the console and in the reports;\n"
     "-1 means no labelled ground truth."
@@ -37,7 +37,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from trainer.synth import write_synthetic_dataset
+    from trainer.datasets.synth import write_synthetic_dataset
 
     ann_file = write_synthetic_dataset(args.out, num_images=args.images, seed=args.seed)
     print(f"wrote {args.images} images and {ann_file}")
@@ -52,7 +52,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fowkal train: {err}", file=sys.stderr)
         return 2
-    from orchestrator.train import TrackingIncomplete, TrainingInterrupted, run_training
+    from orchestrator.runs.train import TrackingIncomplete, TrainingInterrupted, run_training
     from trainer.preflight import InputFileError
 
     try:
@@ -112,14 +112,14 @@ def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.sweep.run_sweep)."""
-    from orchestrator.definition_file import SearchSpaceError
+    """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.sweeps.sweep.run_sweep)."""
+    from orchestrator.sweeps.definition_file import SearchSpaceError
     from trainer.config import ConfigError
 
     config = _load_sweep_config(args.command, args)
     if config is None:
         return 2
-    from orchestrator.sweep import SweepFailed, SweepInterrupted, run_sweep
+    from orchestrator.sweeps.sweep import SweepFailed, SweepInterrupted, run_sweep
     from trainer.preflight import InputFileError
 
     try:
@@ -138,7 +138,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.report import ReportError, write_report
+    from orchestrator.reports.report import ReportError, write_report
 
     try:
         uri = tracking.resolve_store_to_read(args.tracking_uri)
@@ -214,8 +214,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from orchestrator.eval_command import EvalError, run_eval
-    from trainer.data import DatasetError
+    from orchestrator.evaluation.eval_command import EvalError, run_eval
+    from trainer.topdown.data import DatasetError
 
     try:
         run_eval(
@@ -244,9 +244,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.eval_command import EvalError
-    from orchestrator.show import run_show
-    from trainer.data import DatasetError
+    from orchestrator.evaluation.eval_command import EvalError
+    from orchestrator.evaluation.show import run_show
+    from trainer.topdown.data import DatasetError
 
     try:
         run_show(
@@ -271,11 +271,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune_eval(args: argparse.Namespace) -> int:
-    """``fowkal tune-eval`` (orchestrator/tune_eval.py): TPE over the evaluation settings of a checkpoint."""
-    from orchestrator.definition_file import SearchSpaceError
-    from orchestrator.eval_command import EvalError
-    from orchestrator.tune_eval import TuneEvalError, TuneEvalFailed, run_tune_eval
-    from trainer.data import DatasetError
+    """``fowkal tune-eval`` (orchestrator/evaluation/tune_eval.py): TPE over the evaluation settings of a
+    checkpoint."""
+    from orchestrator.evaluation.eval_command import EvalError
+    from orchestrator.evaluation.tune_eval import TuneEvalError, TuneEvalFailed, run_tune_eval
+    from orchestrator.sweeps.definition_file import SearchSpaceError
+    from trainer.topdown.data import DatasetError
 
     try:
         run_tune_eval(
@@ -360,7 +361,8 @@ def _add_tune_eval(sub) -> None:
 
 
 def _add_eval_and_show(sub) -> None:
-    """The ``eval`` and ``show`` subcommands (orchestrator/eval_command.py, orchestrator/show.py)."""
+    """The ``eval`` and ``show`` subcommands (orchestrator/evaluation/eval_command.py,
+    orchestrator/evaluation/show.py)."""
     tracking_help = (
         f"MLflow tracking URI of --run (default: $MLFLOW_TRACKING_URI, else {EMBEDDED_DEFAULT_STORE})"
     )

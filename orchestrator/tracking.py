@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trainer.metric_units import METRIC_UNIT
+from trainer.evaluation.metric_units import METRIC_UNIT
 from trainer.topdown.kaf_plot import KAF_PLOT_FILE
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -66,7 +66,8 @@ TAG_FAILED_TRIALS = "fowkal.failed_trials"  # "k of n" on a sweep's parent run
 TAG_RAY_RUN_NAME = "fowkal.ray_run_name"
 TAG_STORAGE_PATH = "fowkal.storage_path"
 TAG_LAST_WORKER_ERROR = "fowkal.last_worker_error"
-# The unit of the run's AP/AR metrics (trainer.metric_units.METRIC_UNIT); absent on runs of earlier versions,
+# The unit of the run's AP/AR metrics (trainer.evaluation.metric_units.METRIC_UNIT); absent on runs of
+# earlier versions,
 # which logged fractions.
 TAG_METRIC_UNIT = "fowkal.metric_unit"
 
@@ -74,7 +75,7 @@ TAG_METRIC_UNIT = "fowkal.metric_unit"
 STEP_KEYS = ("epoch",)
 EPOCH_METRIC = "train/loss"
 
-# `fowkal train`'s MLflow experiment when --experiment is not given (the sweeps': orchestrator.sweep_kinds).
+# `fowkal train`'s MLflow experiment when --experiment is not given (the sweeps': orchestrator.sweeps.kinds).
 TRAIN_EXPERIMENT = "fowkal-train"
 
 # Artifact names. A run's config (trainer.checkpoint reads a config.yaml beside a checkpoint by that name).

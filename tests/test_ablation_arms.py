@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import report
-from orchestrator.ablation_arms import SearchSpaceError, load_ablation_arms
+from orchestrator.reports import report
+from orchestrator.sweeps.ablation_arms import SearchSpaceError, load_ablation_arms
 
 OWN = """\
 description: my own arms
@@ -74,7 +74,7 @@ def test_paper_and_table_are_validated_when_given(tmp_path, extra, fragments):
 def test_the_ambiguities_file_crosses_kaf_mode_and_fwahr_condition_on_fowkal():
     from pathlib import Path
 
-    from orchestrator.ablation_arms import load_ablation_arms
+    from orchestrator.sweeps.ablation_arms import load_ablation_arms
 
     path = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation_ambiguities.yaml"
     arms = load_ablation_arms(path)

@@ -1,4 +1,4 @@
-"""The per-node annotation cache (trainer/annotation_cache.py) behind load_wholebody_annotations.
+"""The per-node annotation cache (trainer/datasets/annotation_cache.py) behind load_wholebody_annotations.
 
 Every test passes a cache directory under tmp_path (and points XDG_CACHE_HOME there), so nothing is written
 into the real home cache.
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.annotations as ann_module
-from trainer.annotation_cache import CachedArrays, cached_arrays, default_cache_dir
-from trainer.data import DatasetError, WholeBodyTopDownDataset, load_wholebody_annotations
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
+import trainer.datasets.annotations as ann_module
+from trainer.datasets.annotation_cache import CachedArrays, cached_arrays, default_cache_dir
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
+from trainer.topdown.data import DatasetError, WholeBodyTopDownDataset, load_wholebody_annotations
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"

@@ -68,7 +68,7 @@ def s3(tmp_path_factory):
 
 @pytest.mark.skipif(Postgres.available() is not None, reason=str(Postgres.available()))
 def test_ablation_against_a_postgresql_mlflow_server_with_artifacts_in_s3(s3, tmp_path):
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     postgres = Postgres()
@@ -124,8 +124,8 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_from_s3(s3, tmp_path):
     from ray.cluster_utils import Cluster
     from ray.train import UserCallback
 
-    from orchestrator.ray_utils import init_ray, shutdown_ray
-    from orchestrator.train import TrainingInterrupted, run_training
+    from orchestrator.runs.ray_utils import init_ray, shutdown_ray
+    from orchestrator.runs.train import TrainingInterrupted, run_training
     from trainer.config import load_config
 
     class InterruptAfterEpoch(UserCallback):  # pickled by value into the Ray Train controller
@@ -204,8 +204,8 @@ def tracking_last_step(client, run_id: str) -> int:
 
 
 def test_bad_storage_uri_is_an_error_before_ray(s3, tmp_path):
-    from orchestrator.ray_utils import shutdown_ray
-    from orchestrator.sweep import SweepError, run_sweep
+    from orchestrator.runs.ray_utils import shutdown_ray
+    from orchestrator.sweeps.sweep import SweepError, run_sweep
     from trainer.config import load_config
 
     shutdown_ray()
@@ -254,8 +254,8 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
     from ray import tune
     from ray.cluster_utils import Cluster
 
-    from orchestrator.ray_utils import init_ray, shutdown_ray
-    from orchestrator.sweep import run_sweep
+    from orchestrator.runs.ray_utils import init_ray, shutdown_ray
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     epochs = 4
@@ -360,7 +360,7 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
     assert hit, "the node removal hit no trial (no worker error, no Tune restart)"
     print(f"node removal hit {hit}; Tune restarted {recoveries.trials}")
     # fowkal eval --run SWEEP/NAME of the trial that lost its node: its best checkpoint, back from the store.
-    from orchestrator.eval_command import download_run_checkpoint
+    from orchestrator.evaluation.eval_command import download_run_checkpoint
 
     loaded = download_run_checkpoint(client, f"{outcome.sweep_id}/{hit[0]}", uri, tmp_path / "eval")
     assert loaded.epoch == epochs and loaded.config.loss.variant in ("mse", "fowkal")
@@ -374,8 +374,8 @@ def test_two_trial_ablation_on_two_nodes_in_s3_survives_node_removal(s3, tmp_pat
 
 
 def test_a_sweeps_tune_state_and_train_runs_go_to_the_storage_uri():
-    from orchestrator.train import storage_join
-    from orchestrator.trial import SweepPlan
+    from orchestrator.runs.train import storage_join
+    from orchestrator.sweeps.trial import SweepPlan
 
     common = {
         "kind": "ablate",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.codec import decode_dark, encode_unbiased, flip_back_heatmaps, heatmap_to_image_coords
-from trainer.geometry import apply_affine, get_warp_matrix
-from trainer.keypoints import FLIP_PAIRS, KEYPOINT_NAMES, NUM_KEYPOINTS
+from trainer.datasets.keypoints import FLIP_PAIRS, KEYPOINT_NAMES, NUM_KEYPOINTS
+from trainer.topdown.codec import decode_dark, encode_unbiased, flip_back_heatmaps, heatmap_to_image_coords
+from trainer.topdown.geometry import apply_affine, get_warp_matrix
 
 HEATMAP_W, HEATMAP_H = 48, 64
 INPUT_W, INPUT_H = 192, 256

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.codec as codec
-from trainer.codec import FLIP_MODES, decode_dark, encode_unbiased, flip_back_heatmaps
+import trainer.topdown.codec as codec
 from trainer.config import EvalConfig
-from trainer.inference import decode_heatmaps
-from trainer.keypoints import NUM_KEYPOINTS, flip_index
+from trainer.datasets.keypoints import NUM_KEYPOINTS, flip_index
+from trainer.topdown.codec import FLIP_MODES, decode_dark, encode_unbiased, flip_back_heatmaps
+from trainer.topdown.inference import decode_heatmaps
 
 HEATMAP_W, HEATMAP_H = 48, 64
 IMAGE_PX_PER_HEATMAP_PX = 200 / HEATMAP_W  # a 200-pixel-wide person box

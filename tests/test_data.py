@@ -1,4 +1,4 @@
-"""COCO-WholeBody reading and the top-down pipeline (trainer/data.py).
+"""COCO-WholeBody reading and the top-down pipeline (trainer/topdown/data.py).
 
 Most tests use the real mini data set (4 images, 14 annotations, 118 detections) and skip without it; the
 augmentation geometry is checked on a tiny generated image whose only bright dot is the one labelled keypoint.
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS, FLIP_PAIRS, NUM_KEYPOINTS
+from trainer.topdown.data import (
     DatasetError,
     PipelineConfig,
     WholeBodyTopDownDataset,
@@ -25,7 +26,6 @@ from trainer.data import (
     load_wholebody_annotations,
     sample_augmentation,
 )
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, FLIP_PAIRS, NUM_KEYPOINTS
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"
@@ -402,7 +402,7 @@ def test_missing_image_errors_by_default_and_is_counted_when_skipped(tmp_path, c
     ann, root = _mini_copy(tmp_path, drop_images=("000000040083.jpg",))
     with pytest.raises(DatasetError, match=r"000000040083\.jpg.*image_id=40083.*198196"):
         WholeBodyTopDownDataset(ann, root)
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer.topdown.data"):
         dataset = WholeBodyTopDownDataset(ann, root, missing_images="skip")
     # Image 40083 holds 2 labelled instances (198196, 230195) out of 12.
     assert len(dataset) == 10

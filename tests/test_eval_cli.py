@@ -18,8 +18,8 @@ import torch
 from orchestrator.cli import main
 from trainer.checkpoint import CheckpointMismatchError, EvalError, load_checkpoint_model
 from trainer.config import config_from_dict, config_to_dict
-from trainer.inference import select_device
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
+from trainer.topdown.inference import select_device
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"
@@ -43,7 +43,7 @@ TINY_CONFIG = {
 
 
 def _tiny_model(seed: int = 0, num_keypoints: int = 133):
-    from trainer.model import build_pose_model
+    from trainer.topdown.model import build_pose_model
 
     torch.manual_seed(seed)
     return build_pose_model("hrnet_w18_small", num_keypoints, with_kaf=False)
@@ -68,9 +68,9 @@ def _independent_results(checkpoint: Path, det_file, flip_test: bool, flip_mode:
     """The paper's protocol written out here with the trainer's pieces: model, dataset, flip+DARK, NMS."""
     from torch.utils.data import DataLoader
 
-    from trainer.data import WholeBodyTopDownDataset
-    from trainer.evaluate import detections_to_results
-    from trainer.inference import predict_keypoints
+    from trainer.evaluation.wholebody import detections_to_results
+    from trainer.topdown.data import WholeBodyTopDownDataset
+    from trainer.topdown.inference import predict_keypoints
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = _tiny_model(seed=123)
@@ -99,7 +99,7 @@ def _assert_same_results(actual: list[dict], expected: list[dict]) -> None:
 
 
 def test_eval_with_detections_end_to_end(tiny_checkpoint, tmp_path, capsys):
-    from trainer.evaluate import evaluate_wholebody
+    from trainer.evaluation.wholebody import evaluate_wholebody
 
     out = tmp_path / "results.json"
     code = main(
@@ -157,7 +157,7 @@ def _noisy_gt_results(seed: int = 0) -> list[dict]:
 
 
 def test_eval_results_file_numbers_equal_evaluate_wholebody(tmp_path, capsys):
-    from trainer.evaluate import evaluate_wholebody
+    from trainer.evaluation.wholebody import evaluate_wholebody
 
     results = _noisy_gt_results()
     path = tmp_path / "noisy.json"
@@ -242,7 +242,8 @@ def test_gpus_without_cuda_is_an_error():
 
 
 def _mlflow_run(tmp_path: Path, checkpoint_state_config: bool, with_checkpoint: bool = True):
-    """A run with ``config.yaml`` and ``best_checkpoint/checkpoint.pt`` (as orchestrator/train.py logs)."""
+    """A run with ``config.yaml`` and ``best_checkpoint/checkpoint.pt`` (as orchestrator/runs/train.py
+    logs)."""
     from orchestrator import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -264,7 +265,7 @@ def _mlflow_run(tmp_path: Path, checkpoint_state_config: bool, with_checkpoint: 
 
 
 def test_eval_run_logs_metrics_and_results_to_mlflow(tmp_path, capsys):
-    from trainer.evaluate import evaluate_wholebody
+    from trainer.evaluation.wholebody import evaluate_wholebody
 
     uri, client, run_id = _mlflow_run(tmp_path, checkpoint_state_config=False)
     out = tmp_path / "run_results.json"
@@ -307,7 +308,7 @@ def test_eval_run_errors_name_the_run(tmp_path, capsys, monkeypatch):
 
 def test_runs_are_found_by_id_name_experiment_or_sweep(tmp_path):
     from orchestrator import tracking
-    from orchestrator.eval_command import get_run
+    from orchestrator.evaluation.eval_command import get_run
 
     uri = f"sqlite:///{tmp_path / 'names.db'}"
     client = tracking.make_client(uri)

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.evaluate import (
+from trainer.datasets.keypoints import SIGMAS
+from trainer.evaluation.wholebody import (
     detections_to_results,
     evaluate_wholebody,
     keypoints_to_results,
     oks_nms,
     rescore_instances,
 )
-from trainer.keypoints import SIGMAS
 
 MINI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 MINI_ANN = MINI_DIR / "test_coco_wholebody.json"
@@ -38,7 +38,7 @@ def annotations() -> dict:
 
 
 def reference_sigmas() -> np.ndarray:
-    # Prefer the shared reference file (independent of trainer.keypoints) when it is there.
+    # Prefer the shared reference file (independent of trainer.datasets.keypoints) when it is there.
     if REFERENCE_KEYPOINTS.is_file():
         return np.asarray(json.loads(REFERENCE_KEYPOINTS.read_text())["sigmas"], dtype=np.float64)
     return np.asarray(SIGMAS, dtype=np.float64)
@@ -268,7 +268,7 @@ def test_scoring_prints_nothing_even_through_a_patched_print(annotations, monkey
     # reach the console either way (the numpy engine prints nothing of its own).
     import builtins
 
-    from trainer.evaluate import WholeBodyEvaluator
+    from trainer.evaluation.wholebody import WholeBodyEvaluator
 
     printed = []
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))

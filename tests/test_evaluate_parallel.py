@@ -1,4 +1,5 @@
-"""Validation at scale (trainer/evaluate.py): the numpy engine, the xtcocotools engine's parallel passes, the
+"""Validation at scale (trainer/evaluation/wholebody.py): the numpy engine, the xtcocotools engine's parallel
+passes, the
 parse-once evaluator and the vectorised OKS-NMS give today's serial numbers, on the mini set and on a
 synthetic val-like set."""
 
@@ -12,8 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.evaluate import WholeBodyEvaluator, detections_to_results, evaluate_wholebody, oks_nms
-from trainer.keypoints import SIGMAS
+from trainer.datasets.keypoints import SIGMAS
+from trainer.evaluation.wholebody import (
+    WholeBodyEvaluator,
+    detections_to_results,
+    evaluate_wholebody,
+    oks_nms,
+)
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"
@@ -197,7 +203,7 @@ def test_oks_nms_matrix_equals_one_to_many_greedy_on_random_clusters():
 def test_evaluator_parses_the_file_once_and_checks_its_inputs(tmp_path, monkeypatch, engine):
     import xtcocotools.coco
 
-    from trainer import keypoint_eval
+    from trainer.evaluation import keypoint_eval
 
     calls, arrays = [], []
     real_init = xtcocotools.coco.COCO.__init__
@@ -248,7 +254,7 @@ def test_passes_fork_only_from_a_single_threaded_process(tmp_path, monkeypatch):
     import multiprocessing
     import threading
 
-    from trainer import evaluate
+    from trainer.evaluation import wholebody as evaluate
 
     ann_file, predictions = synthetic_val_set(tmp_path)
     results = _results(predictions)

@@ -18,8 +18,8 @@ from trainer.config import (
     config_to_dict,
     load_config,
 )
-from trainer.losses import LossConfig
 from trainer.topdown.family import TopDownHeatmapFamily, TopDownTraining
+from trainer.topdown.losses import LossConfig
 
 
 def test_registry_lists_the_top_down_family_and_names_the_known_ones_for_an_unknown_name():
@@ -51,7 +51,7 @@ class ToyLossConfig:
 
     def validate(self) -> None:
         if self.scale <= 0:
-            from trainer.losses import LossSettingError
+            from trainer.topdown.losses import LossSettingError
 
             raise LossSettingError("scale", "scale must be positive")
 

@@ -27,15 +27,15 @@ arms:
 @pytest.fixture(autouse=True)
 def _shutdown_ray_at_end():
     yield
-    from orchestrator.ray_utils import shutdown_ray
+    from orchestrator.runs.ray_utils import shutdown_ray
 
     shutdown_ray()
 
 
 @pytest.mark.slow
 def test_an_ablation_mixes_arms_of_two_families(tmp_path):
-    from orchestrator.report import child_runs, write_report
-    from orchestrator.sweep import run_sweep
+    from orchestrator.reports.report import child_runs, write_report
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     assert SMOKE.is_file(), f"{SMOKE} is missing"

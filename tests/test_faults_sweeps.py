@@ -13,7 +13,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 def test_tpe_ignores_results_without_the_validation_metric():
     """`fowkal tune` over a validation metric with eval_interval > 1: the non-evaluation epochs report no
     val/ metric; Ray's OptunaSearch raised KeyError on the first of them and ended the whole sweep."""
-    from orchestrator.sweep import EvaluationEpochOptunaSearch
+    from orchestrator.sweeps.sweep import EvaluationEpochOptunaSearch
 
     searcher = EvaluationEpochOptunaSearch(
         space=lambda trial: {"loss.omega": trial.suggest_float("loss.omega", 5.0, 30.0)},
@@ -30,7 +30,7 @@ def test_tpe_ignores_results_without_the_validation_metric():
 
 
 def test_tune_restarts_a_trial_within_the_configs_budget_and_never_forever():
-    from orchestrator.sweep import TRIAL_RESTARTS_CAP, trial_restarts
+    from orchestrator.sweeps.sweep import TRIAL_RESTARTS_CAP, trial_restarts
 
     assert trial_restarts(0) == 0 and trial_restarts(2) == 2
     assert trial_restarts(-1) == TRIAL_RESTARTS_CAP > 0  # a failed trial's instant re-failure must end
@@ -39,7 +39,7 @@ def test_tune_restarts_a_trial_within_the_configs_budget_and_never_forever():
 def test_a_trial_whose_training_failed_is_not_trained_again_by_a_restart():
     """Tune restarts a trial whose actor died; a trial whose training failed is recorded in the sweep's
     ledger and its restart fails at once with the first error (Ray Train had already retried it)."""
-    from orchestrator.trial import ControllerLedger
+    from orchestrator.sweeps.trial import ControllerLedger
 
     ledger = ControllerLedger()
     assert ledger.failure("t1") is None
@@ -61,8 +61,8 @@ def test_a_trial_whose_actor_dies_resumes_and_a_diverged_trial_is_not_trained_ag
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.ray_utils import shutdown_ray
-    from orchestrator.sweep import run_sweep
+    from orchestrator.runs.ray_utils import shutdown_ray
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     epochs = 4

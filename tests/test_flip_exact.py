@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.codec import (
+from trainer.topdown.codec import (
     FLIP_MODES,
     decode_dark,
     encode_unbiased,
     flip_back_heatmaps,
     heatmap_to_image_coords,
 )
-from trainer.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
+from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.codec import FLIP_MODES, decode_dark, encode_unbiased, flip_back_heatmaps
 from trainer.config import load_config
+from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.families import get_family
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, outputs_per_anchor
 from trainer.kapao.labels import label_rows, pose_and_keypoint_objects
@@ -28,9 +28,9 @@ from trainer.kapao.postprocess import (
     non_max_suppression,
     poses_from_outputs,
 )
-from trainer.keypoints import NUM_KEYPOINTS
-from trainer.losses import LOSS_VARIANTS, HeatmapLoss
-from trainer.model import build_pose_model
+from trainer.topdown.codec import FLIP_MODES, decode_dark, encode_unbiased, flip_back_heatmaps
+from trainer.topdown.losses import LOSS_VARIANTS, HeatmapLoss
+from trainer.topdown.model import build_pose_model
 
 DEVICE = torch.device(os.environ.get("FOWKAL_TEST_DEVICE", "cuda"))
 

@@ -26,13 +26,13 @@ def no_ray_no_mlflow(monkeypatch):
     """Fail the test if Ray or an MLflow client were started."""
     import ray
 
-    import orchestrator.ray_utils
+    import orchestrator.runs.ray_utils
 
     def refuse(*args, **kwargs):
         raise AssertionError("started although the inputs are invalid")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(orchestrator.ray_utils, "init_ray", refuse)
+    monkeypatch.setattr(orchestrator.runs.ray_utils, "init_ray", refuse)
     monkeypatch.setattr(tracking, "make_client", refuse)
 
 
@@ -103,7 +103,7 @@ def _fake_fit(statuses: dict[str, str]):
     ],
 )
 def test_sweep_exit_code_and_parent_status(tmp_path, monkeypatch, capsys, statuses, code, parent_status):
-    from orchestrator import sweep
+    from orchestrator.sweeps import sweep
 
     monkeypatch.setattr(sweep, "_fit", _fake_fit(statuses))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.annotations import DatasetError
+from trainer.datasets.annotations import DatasetError
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
+from trainer.datasets.synth import write_synthetic_dataset
 from trainer.kapao.dataset import KapaoDataset, KapaoPipelineConfig, collate_kapao, images_to_float
 from trainer.kapao.labels import flip_permutation, letterbox_to_original
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
-from trainer.synth import write_synthetic_dataset
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"

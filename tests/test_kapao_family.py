@@ -11,12 +11,12 @@ import yaml
 
 from trainer.checkpoint import EvalError, load_checkpoint_model
 from trainer.config import ConfigError, config_from_dict, config_to_dict, load_config
-from trainer.data_sources import resolve_datasets
+from trainer.datasets.sources import resolve_datasets
+from trainer.evaluation.model_eval import evaluate_model
 from trainer.families import get_family
 from trainer.kapao.family import EVAL_SETTING_KEYS, KAPAO, KapaoTraining
 from trainer.kapao.optim import KapaoSchedule, cosine_factor, scaled_weight_decay
 from trainer.loop import train_loop_per_worker
-from trainer.model_eval import evaluate_model
 
 
 def tiny_config(tmp_path, **top) -> dict:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.datasets.keypoints import KEYPOINT_NAMES, SIGMAS
 from trainer.kapao.augment import KapaoAugmentConfig, mosaic4, random_affine
 from trainer.kapao.labels import (
     GREY,
@@ -16,7 +17,6 @@ from trainer.kapao.labels import (
     pose_and_keypoint_objects,
     scale_labels,
 )
-from trainer.keypoints import KEYPOINT_NAMES, SIGMAS
 
 FACE = 23 + 28  # face-28, a nose point: sigma 0.007, the smallest
 LEFT_WRIST, RIGHT_WRIST = KEYPOINT_NAMES.index("left_wrist"), KEYPOINT_NAMES.index("right_wrist")

@@ -479,8 +479,8 @@ def _oracle_outputs(annotations, image_index: int, noise_px: float, rng):
 
 
 def _oracle_metrics(settings: KapaoEvalConfig, noise_px: float) -> tuple[dict, int]:
-    from trainer.annotations import load_wholebody_annotations
-    from trainer.evaluate import WholeBodyEvaluator
+    from trainer.datasets.annotations import load_wholebody_annotations
+    from trainer.evaluation.wholebody import WholeBodyEvaluator
 
     annotations = load_wholebody_annotations(ANN_FILE)
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""trainer.keypoint_eval (the numpy engine of WholeBodyEvaluator) against xtcocotools' COCOeval: every
+"""trainer.evaluation.keypoint_eval (the numpy engine of WholeBodyEvaluator) against xtcocotools' COCOeval:
+every
 statistic of every part to 1e-12, on the real mini set with hard cases and on a synthetic val-like set."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import keypoint_eval
-from trainer.evaluate import WholeBodyEvaluator, detections_to_results
-from trainer.keypoints import PART_RANGES, SIGMAS
+from trainer.datasets.keypoints import PART_RANGES, SIGMAS
+from trainer.evaluation import keypoint_eval
+from trainer.evaluation.wholebody import WholeBodyEvaluator, detections_to_results
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO.parent / "shared" / "data" / "coco_wholebody_mini"

@@ -1,4 +1,4 @@
-"""trainer/keypoints.py checked against ../shared/reference/coco_wholebody_keypoints.json."""
+"""trainer/datasets/keypoints.py checked against ../shared/reference/coco_wholebody_keypoints.json."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import keypoints as kp
+from trainer.datasets import keypoints as kp
 
 REFERENCE = (
     Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "coco_wholebody_keypoints.json"

@@ -1,4 +1,4 @@
-"""Tests of trainer/losses.py against hand computations and an independent NumPy implementation."""
+"""Tests of trainer/topdown/losses.py against hand computations and an independent NumPy implementation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.keypoints import COCO_WHOLEBODY_PARTS
-from trainer.losses import LOSS_VARIANTS, HeatmapLoss, awing, fwahr_weight, wahr_weight
+from trainer.datasets.keypoints import COCO_WHOLEBODY_PARTS
+from trainer.topdown.losses import LOSS_VARIANTS, HeatmapLoss, awing, fwahr_weight, wahr_weight
 
 VARIANTS = ("mse", "awing", "heuristic", "kal", "heuristic_wahr", "heuristic_fwahr", "kal_wahr", "fowkal")
 KAL_VARIANTS = ("kal", "kal_wahr", "fowkal")
@@ -492,7 +492,7 @@ def test_elementwise_errors():
 
 
 def test_loss_config_is_the_one_set_of_settings():
-    from trainer.losses import LossConfig, LossSettingError
+    from trainer.topdown.losses import LossConfig, LossSettingError
 
     cfg = LossConfig(variant="kal_wahr", gamma=0.02, tau=0.5, reg_weight=0.3)
     by_config = HeatmapLoss(cfg)

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from orchestrator import metric_spool, tracking
-from orchestrator.metric_spool import (
+from orchestrator import tracking
+from orchestrator.runs import metric_spool
+from orchestrator.runs.metric_spool import (
     TAG_REPLAYED_VALUES,
     MetricSender,
     MetricSpool,
@@ -138,7 +139,7 @@ def test_a_later_process_replays_the_spool_and_a_repeated_delivery_is_stored_onc
 
 
 def test_report_callback_spools_during_an_outage_and_its_sender_delivers_later(tmp_path, store, monkeypatch):
-    from orchestrator.train import MlflowReportCallback
+    from orchestrator.runs.train import MlflowReportCallback
 
     uri, client, experiment_id = store
     run_id = tracking.start_run(client, experiment_id, "callback")
@@ -180,7 +181,7 @@ def test_tracking_server_probe(tmp_path):
 
 
 def test_finish_marker_sits_beside_the_spool(tmp_path):
-    from orchestrator.train import finish_marker
+    from orchestrator.runs.train import finish_marker
 
     spool = MetricSpool(spool_path(tmp_path, "run9"))
     assert finish_marker(spool) == tmp_path.resolve() / "mlflow_spool" / "run9.finish.json"
@@ -191,7 +192,7 @@ def test_server_unreachable_at_the_end_keeps_the_record_and_names_server_and_pen
 ):
     import socket
 
-    import orchestrator.train as train
+    import orchestrator.runs.train as train
     from trainer.config import config_from_dict
 
     uri, client, experiment_id = store
@@ -222,7 +223,7 @@ def test_server_unreachable_at_the_end_keeps_the_record_and_names_server_and_pen
 
 
 def test_a_worker_error_tag_never_holds_up_the_controller(tmp_path, store, monkeypatch):
-    from orchestrator.train import MlflowReportCallback
+    from orchestrator.runs.train import MlflowReportCallback
 
     uri, client, experiment_id = store
     run_id = tracking.start_run(client, experiment_id, "worker-error")

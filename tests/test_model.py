@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from trainer.model import PretrainedWeightsError, build_pose_model, load_backbone_weights
+from trainer.topdown.model import PretrainedWeightsError, build_pose_model, load_backbone_weights
 
 # Every test here trains or runs a model: one torch thread (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.ablation_arms import load_ablation_arms
-from orchestrator.progress import SweepProgress, format_duration
-from orchestrator.trial import SweepPlan
+from orchestrator.sweeps.ablation_arms import load_ablation_arms
+from orchestrator.sweeps.progress import SweepProgress, format_duration
+from orchestrator.sweeps.trial import SweepPlan
 
 ARMS = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation_paper.yaml"
 

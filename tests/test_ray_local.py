@@ -22,7 +22,7 @@ def test_local_ray_servers_listen_on_loopback_only():
         import json, os, time
         import psutil
         import ray.train  # imported first, as fowkal's modules do, before the local Ray starts
-        from orchestrator.ray_utils import init_ray, shutdown_ray
+        from orchestrator.runs.ray_utils import init_ray, shutdown_ray
 
         init_ray(num_cpus=2)
 
@@ -64,7 +64,7 @@ def test_local_ray_servers_listen_on_loopback_only():
 def test_tune_signal_handlers_gives_the_handlers_back():
     import signal
 
-    from orchestrator.ray_utils import tune_signal_handlers
+    from orchestrator.runs.ray_utils import tune_signal_handlers
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with tune_signal_handlers():
@@ -77,7 +77,7 @@ def test_shutdown_leaves_single_node_mode(monkeypatch):
     """A later multi-node Ray in the same process (ray.cluster_utils.Cluster) must not inherit it."""
     from ray._private import ray_constants
 
-    from orchestrator import ray_utils
+    from orchestrator.runs import ray_utils
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)

@@ -24,7 +24,8 @@ from report_store import (
     own_ablation,
 )
 
-from orchestrator import report, tracking
+from orchestrator import tracking
+from orchestrator.reports import report
 
 ARMS = [
     {

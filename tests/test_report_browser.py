@@ -8,7 +8,8 @@ import shutil
 import pytest
 from report_store import OWN_ARMS, own_ablation
 
-from orchestrator import report, tracking
+from orchestrator import tracking
+from orchestrator.reports import report
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

@@ -12,8 +12,8 @@ import torch
 
 import trainer.loop as loop
 from trainer.config import config_from_dict
-from trainer.data import WholeBodyTopDownDataset
 from trainer.loop import train_loop_per_worker
+from trainer.topdown.data import WholeBodyTopDownDataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""A run's outputs in MLflow (orchestrator/run_outputs.py): the data set inputs survive a concurrent trial.
+"""A run's outputs in MLflow (orchestrator/runs/outputs.py): the data set inputs survive a concurrent trial.
 
 Trials of one sweep log the same data sets at about the same time; the store creates a data set once per
 experiment (unique on experiment, name, digest), so a trial that loses that race gets an error from
@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from orchestrator import tracking
-from orchestrator.run_outputs import DATASET_INPUT_ATTEMPTS, log_run_outputs
+from orchestrator.runs.outputs import DATASET_INPUT_ATTEMPTS, log_run_outputs
 from trainer.config import load_config
 from trainer.loop import resolve_datasets
 

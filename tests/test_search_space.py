@@ -11,8 +11,8 @@ import numpy as np
 import optuna
 import pytest
 
-from orchestrator.ablation_arms import load_ablation_arms
-from orchestrator.sweep_space import SearchSpaceError, load_search_space
+from orchestrator.sweeps.ablation_arms import load_ablation_arms
+from orchestrator.sweeps.space import SearchSpaceError, load_search_space
 from trainer.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, config_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -537,7 +537,7 @@ def test_apply_overrides_creates_missing_sections_and_rejects_unknown_keys():
 
 
 def test_when_may_name_variant_properties_instead_of_lists(tmp_path):
-    from trainer.losses import LOSS_VARIANTS
+    from trainer.topdown.losses import LOSS_VARIANTS
 
     space = load_search_space(FOWKAL_SPACE)
     when = {name: p.when.get("loss.variant") for name, p in space.parameters.items() if p.when}

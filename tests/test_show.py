@@ -1,4 +1,5 @@
-"""`fowkal show` and trainer/visualize.py: OKS by hand, moved-keypoint marks, PNG sizes, MLflow artifacts."""
+"""`fowkal show` and trainer/evaluation/visualize.py: OKS by hand, moved-keypoint marks, PNG sizes, MLflow
+artifacts."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from trainer import visualize
 from trainer.config import config_from_dict, config_to_dict
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS
+from trainer.evaluation import visualize
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"
@@ -33,7 +34,7 @@ TINY_CONFIG = {
 
 
 def _save_checkpoint(path: Path, seed: int) -> Path:
-    from trainer.model import build_pose_model
+    from trainer.topdown.model import build_pose_model
 
     torch.manual_seed(seed)
     model = build_pose_model("hrnet_w18_small", NUM_KEYPOINTS, with_kaf=False)
@@ -89,7 +90,7 @@ def test_draw_wholebody_draws_only_confident_keypoints_in_part_colours():
 
 
 def _instance(ground_truth, keypoints, scores=None):
-    from orchestrator.show import InstancePrediction
+    from orchestrator.evaluation.show import InstancePrediction
 
     return InstancePrediction(
         ann_id=1,
@@ -107,7 +108,7 @@ def _colour_mask(image, colour):
 
 
 def test_comparison_marks_the_keypoint_that_moved_in_the_better_or_worse_colour():
-    from orchestrator.show import render_comparison
+    from orchestrator.evaluation.show import render_comparison
 
     image = np.full((200, 160, 3), 128, dtype=np.uint8)
     truth = np.zeros((NUM_KEYPOINTS, 3))
@@ -275,7 +276,7 @@ class _ImageLevelFamily:
     heatmap_eval_sweep = False
 
     def eval_dataset(self, cfg, ann_file, image_dir, det_file=None):
-        from trainer.data import load_wholebody_annotations
+        from trainer.topdown.data import load_wholebody_annotations
 
         class Images(torch.utils.data.Dataset):
             image_ids = np.asarray(list(load_wholebody_annotations(ann_file).images))
@@ -292,7 +293,7 @@ class _ImageLevelFamily:
         return None
 
     def predict(self, model, loader, cfg, device, amp_dtype, channels_last):
-        from trainer.data import load_wholebody_annotations
+        from trainer.topdown.data import load_wholebody_annotations
 
         wanted = [i for batch in loader for i in batch["image_id"].tolist()]
         ids, poses, scores = [], [], []
@@ -310,7 +311,7 @@ class _ImageLevelFamily:
         return {"image_ids": np.asarray(ids), "keypoints": np.asarray(poses), "scores": np.asarray(scores)}
 
     def results(self, predictions, cfg):
-        from trainer.evaluate import keypoints_to_results
+        from trainer.evaluation.wholebody import keypoints_to_results
 
         return keypoints_to_results(predictions["image_ids"], predictions["keypoints"], predictions["scores"])
 
@@ -319,8 +320,8 @@ class _ImageLevelFamily:
 def test_show_asks_the_family_and_matches_whole_image_poses_to_instances(tmp_path, monkeypatch):
     """A family without person boxes: its poses are matched to the instances by OKS; two families side by
     side; no heatmap view for a family without heatmaps."""
-    import trainer.model_eval
-    from orchestrator import show
+    import trainer.evaluation.model_eval
+    from orchestrator.evaluation import show
     from trainer.families import family_of
 
     image_level = _ImageLevelFamily()
@@ -329,7 +330,7 @@ def test_show_asks_the_family_and_matches_whole_image_poses_to_instances(tmp_pat
         return image_level if cfg.name == "image-level" else family_of(cfg)
 
     monkeypatch.setattr(show, "family_of", family_for)
-    monkeypatch.setattr(trainer.model_eval, "family_of", family_for)
+    monkeypatch.setattr(trainer.evaluation.model_eval, "family_of", family_for)
     config = config_from_dict({**TINY_CONFIG, "name": "image-level"})
     model = show.ShowModel(SimpleNamespace(config=config, model=torch.nn.Identity()), label="image level")
 

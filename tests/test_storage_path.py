@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import default_storage_path, is_storage_uri, resolve_storage_path
+from orchestrator.runs.train import default_storage_path, is_storage_uri, resolve_storage_path
 from trainer.config import config_from_dict
 
 

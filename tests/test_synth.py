@@ -1,4 +1,4 @@
-"""Synthetic COCO-WholeBody data set (trainer/synth.py) and ``fowkal data synth``."""
+"""Synthetic COCO-WholeBody data set (trainer/datasets/synth.py) and ``fowkal data synth``."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main as cli_main
-from trainer.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
-from trainer.keypoints import (
+from trainer.datasets.keypoints import (
     ANNOTATION_KEYPOINT_FIELDS,
     FLIP_PAIRS,
     KEYPOINT_NAMES,
     NUM_KEYPOINTS,
     PART_RANGES,
 )
-from trainer.synth import (
+from trainer.datasets.synth import (
     _OCCLUDER_LABEL,
     FACE_TEMPLATE,
     _annotate,
     _sample_person,
     write_synthetic_dataset,
 )
+from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
 
 MINI_ANN = (
     Path(__file__).resolve().parents[1].parent

@@ -98,9 +98,9 @@ def server(tmp_path):
 def test_outage_mid_training_and_at_the_end_loses_nothing(server, tmp_path, monkeypatch):
     from ray.train import UserCallback
 
-    import orchestrator.train as train
-    from orchestrator.metric_spool import TAG_REPLAYED_VALUES, MetricSpool, spool_path
-    from orchestrator.ray_utils import init_ray, shutdown_ray
+    import orchestrator.runs.train as train
+    from orchestrator.runs.metric_spool import TAG_REPLAYED_VALUES, MetricSpool, spool_path
+    from orchestrator.runs.ray_utils import init_ray, shutdown_ray
     from trainer.config import load_config
 
     # MLflow's client gives up at once when the server is gone (the default retries for minutes); the
@@ -163,7 +163,7 @@ def test_outage_mid_training_and_at_the_end_loses_nothing(server, tmp_path, monk
     def no_training(*args, **kwargs):
         raise AssertionError("the record was completed by training again")
 
-    monkeypatch.setattr("orchestrator.ray_utils.init_ray", no_training)
+    monkeypatch.setattr("orchestrator.runs.ray_utils.init_ray", no_training)
     monkeypatch.setattr(train, "build_torch_trainer", no_training)
     outcome = train.run_training(cfg, tracking_uri=server.uri, storage_path=storage, print_fn=lines.append)
 

@@ -47,8 +47,8 @@ def _overrides(tmp: Path, synth_dir: Path, **values) -> list[str]:
 
 
 def test_local_ray_size_and_stable_run_name(tmp_path, monkeypatch):
-    from orchestrator.ray_utils import MIN_LOCAL_LOGICAL_CPUS, local_logical_cpus
-    from orchestrator.train import stable_run_name
+    from orchestrator.runs.ray_utils import MIN_LOCAL_LOGICAL_CPUS, local_logical_cpus
+    from orchestrator.runs.train import stable_run_name
     from trainer.config import load_config
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -241,7 +241,7 @@ def test_ray_job_submit_runs_fowkal_train(tmp_path):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from orchestrator.ray_utils import init_ray, shutdown_ray
+    from orchestrator.runs.ray_utils import init_ray, shutdown_ray
 
     init_ray(num_cpus=4)
     yield
@@ -273,12 +273,12 @@ def _untrained_scores(cfg) -> dict[str, float]:
     """COCO-WholeBody scores of a freshly initialised model on the run's validation set (flip test, DARK)."""
     from torch.utils.data import DataLoader
 
-    from trainer.data import WholeBodyTopDownDataset
-    from trainer.evaluate import evaluate_wholebody
-    from trainer.inference import predict_keypoints, results_from_predictions
+    from trainer.evaluation.wholebody import evaluate_wholebody
     from trainer.loop import resolve_datasets
-    from trainer.losses import HeatmapLoss
-    from trainer.model import build_pose_model
+    from trainer.topdown.data import WholeBodyTopDownDataset
+    from trainer.topdown.inference import predict_keypoints, results_from_predictions
+    from trainer.topdown.losses import HeatmapLoss
+    from trainer.topdown.model import build_pose_model
 
     torch.manual_seed(cfg.seed)
     paths = resolve_datasets(cfg.data)
@@ -294,7 +294,7 @@ def _untrained_scores(cfg) -> dict[str, float]:
 
 
 def test_failed_training_ends_the_mlflow_run_failed(local_ray, tmp_path, synth_dir):
-    from orchestrator.train import run_training
+    from orchestrator.runs.train import run_training
     from trainer.config import load_config
 
     # A failure inside the workers (the input files are fine, so the checks before Ray pass): a batch larger
@@ -321,10 +321,10 @@ def test_interrupted_run_is_killed_and_resumes_at_the_next_epoch(local_ray, tmp_
     """
     from ray.train import UserCallback
 
-    from orchestrator.train import TrainingInterrupted, run_training
+    from orchestrator.runs.train import TrainingInterrupted, run_training
     from trainer.config import load_config
-    from trainer.data import WholeBodyTopDownDataset
     from trainer.loop import resolve_datasets, train_loop_per_worker
+    from trainer.topdown.data import WholeBodyTopDownDataset
 
     class InterruptAfterEpoch(UserCallback):  # defined here: pickled by value into the Ray Train controller
         def __init__(self, epoch: int, pid: int):
@@ -441,7 +441,7 @@ SMOKE_OVERRIDES = {
 def test_smoke_config_trains_under_ray_train_with_two_workers(local_ray, tmp_path, synth_dir):
     import yaml
 
-    from orchestrator.train import run_training
+    from orchestrator.runs.train import run_training
     from trainer.config import config_to_dict, flatten_config, load_config
 
     epochs = SMOKE_EPOCHS

@@ -89,13 +89,13 @@ def omega_space(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _shutdown_ray_at_end():
     yield
-    from orchestrator.ray_utils import shutdown_ray
+    from orchestrator.runs.ray_utils import shutdown_ray
 
     shutdown_ray()
 
 
 def _children(client, parent_id: str) -> list:
-    from orchestrator.report import child_runs
+    from orchestrator.reports.report import child_runs
 
     parent = client.get_run(parent_id)
     return child_runs(client, parent.info.experiment_id, parent_id)
@@ -120,14 +120,14 @@ def _assert_no_live_placement_groups():
 def test_bad_inputs_fail_before_ray_starts(tmp_path, monkeypatch, capsys, synth_dir):
     import ray
 
-    import orchestrator.ray_utils
+    import orchestrator.runs.ray_utils
     from orchestrator.cli import main
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started although the inputs are invalid")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(orchestrator.ray_utils, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.runs.ray_utils, "init_ray", no_ray)
     out = tmp_path / "out"
     sets = [arg for override in _overrides(out, synth_dir) for arg in ("--set", override)]
     cases = {
@@ -173,12 +173,12 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, monkeypatch, capsys, synth_
 
 
 def test_trial_configs_names_statuses_and_concurrency(tmp_path, synth_dir):
-    from orchestrator.ablation_arms import load_ablation_arms
-    from orchestrator.resources import derive_max_concurrent
-    from orchestrator.sweep_settings import SweepError
-    from orchestrator.sweep_space import load_search_space
-    from orchestrator.trial import SweepPlan, trial_run_name, trial_train_config
-    from orchestrator.trial_status import trial_end_status
+    from orchestrator.runs.resources import derive_max_concurrent
+    from orchestrator.sweeps.ablation_arms import load_ablation_arms
+    from orchestrator.sweeps.settings import SweepError
+    from orchestrator.sweeps.space import load_search_space
+    from orchestrator.sweeps.trial import SweepPlan, trial_run_name, trial_train_config
+    from orchestrator.sweeps.trial_status import trial_end_status
     from trainer.config import config_to_dict
 
     base = _config(tmp_path / "out", synth_dir)
@@ -228,8 +228,8 @@ def test_trial_configs_names_statuses_and_concurrency(tmp_path, synth_dir):
 
 def test_one_settings_object_from_the_cli_and_the_sweep_identity(synth_dir, tmp_path):
     from orchestrator.cli import build_parser, sweep_settings_from_args
-    from orchestrator.sweep import sweep_name_for
-    from orchestrator.sweep_settings import SweepSettings
+    from orchestrator.sweeps.settings import SweepSettings
+    from orchestrator.sweeps.sweep import sweep_name_for
 
     args = build_parser().parse_args(["tune", "--config", str(SMOKE), "--space", str(LOSS_SPACE)])
     settings = sweep_settings_from_args(args)
@@ -297,7 +297,7 @@ def _asha_stop_epochs(losses_in_trial_order: list[list[float]], grace: int, fact
 
 
 def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file_is_touched_later(tmp_path):
-    from orchestrator.trial_status import trial_statuses_from_state
+    from orchestrator.sweeps.trial_status import trial_statuses_from_state
 
     def write_state(name: str, statuses: dict[str, str]) -> Path:
         trials = [[json.dumps({"trial_id": tid, "status": status}), {}] for tid, status in statuses.items()]
@@ -323,7 +323,7 @@ def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file
 def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir, omega_space):
     import yaml
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -406,8 +406,8 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, synth_dir, omega_space):
-    from orchestrator.sweep import run_sweep
-    from orchestrator.trial_status import trial_statuses_from_state
+    from orchestrator.sweeps.sweep import run_sweep
+    from orchestrator.sweeps.trial_status import trial_statuses_from_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
@@ -555,8 +555,8 @@ def mlflow_server(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_dir, mlflow_server):
-    from orchestrator.report import write_report
-    from orchestrator.sweep import run_sweep
+    from orchestrator.reports.report import write_report
+    from orchestrator.sweeps.sweep import run_sweep
 
     arms = tmp_path / "arms.yaml"
     arms.write_text(
@@ -631,8 +631,8 @@ def test_a_finished_trial_stays_finished_when_tune_ends_it_on_resume(tmp_path, s
     may end the trial function right there with SystemExit(0); that is no failure of the trial."""
     import ray.tune
 
-    from orchestrator import trial
-    from orchestrator.ablation_arms import load_ablation_arms
+    from orchestrator.sweeps import trial
+    from orchestrator.sweeps.ablation_arms import load_ablation_arms
     from trainer.config import config_to_dict
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -19,10 +19,10 @@ import yaml
 from test_eval_cli import ANN, DET, MINI, TINY_CONFIG, _save_checkpoint, _tiny_model
 
 from orchestrator.cli import main
-from orchestrator.definition_file import SearchSpaceError
+from orchestrator.sweeps.definition_file import SearchSpaceError
 from trainer.checkpoint import CheckpointMismatchError, load_checkpoint_model
 from trainer.config import EVAL_SETTING_KEYS, ConfigError, EvalConfig, config_from_dict
-from trainer.keypoints import ANNOTATION_KEYPOINT_FIELDS
+from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_SPACE = REPO / "search_spaces" / "eval_space.yaml"
@@ -48,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def det_cache(tiny_checkpoint, tmp_path_factory):
-    from trainer.heatmap_cache import build_heatmap_cache
+    from trainer.topdown.heatmap_cache import build_heatmap_cache
 
     loaded = load_checkpoint_model(tiny_checkpoint)
     root = tmp_path_factory.mktemp("heatmap_cache")
@@ -118,8 +118,8 @@ def test_eval_set_applies_settings_and_names_a_bad_key(tiny_checkpoint, tmp_path
 
 @pytest.mark.parametrize("settings", [[], OTHER_SETTINGS], ids=["defaults", "other"])
 def test_trial_evaluation_equals_fowkal_eval(tiny_checkpoint, det_cache, tmp_path, settings):
-    from trainer.evaluate import WholeBodyEvaluator, evaluate_wholebody
-    from trainer.inference import apply_eval_settings, results_from_predictions
+    from trainer.evaluation.wholebody import WholeBodyEvaluator, evaluate_wholebody
+    from trainer.topdown.inference import apply_eval_settings, results_from_predictions
 
     expected, results_file = _eval_cli(tiny_checkpoint, tmp_path, [f"--set={s}" for s in settings])
     config = apply_eval_settings(load_checkpoint_model(tiny_checkpoint).config, settings)
@@ -136,7 +136,7 @@ def test_trial_evaluation_equals_fowkal_eval(tiny_checkpoint, det_cache, tmp_pat
 def test_cache_is_reused_selects_boxes_and_refuses_thresholds_it_cannot_answer(
     tiny_checkpoint, det_cache, tmp_path
 ):
-    from trainer.heatmap_cache import CACHE_DTYPE, HeatmapCache, build_heatmap_cache
+    from trainer.topdown.heatmap_cache import CACHE_DTYPE, HeatmapCache, build_heatmap_cache
 
     assert det_cache.plain.shape == det_cache.mirrored.shape == (118, 133, 8, 8)
     assert det_cache.plain.dtype == CACHE_DTYPE and det_cache.stride == 4.0
@@ -162,8 +162,8 @@ def test_cache_is_reused_selects_boxes_and_refuses_thresholds_it_cannot_answer(
 
 
 def test_decoded_keypoints_are_kept_per_flip_mode_and_kernel(det_cache, tmp_path, monkeypatch):
-    from trainer.heatmap_cache import HeatmapCache
-    from trainer.inference import decode_heatmaps
+    from trainer.topdown.heatmap_cache import HeatmapCache
+    from trainer.topdown.inference import decode_heatmaps
 
     calls = []
     original = HeatmapCache.decode
@@ -218,7 +218,12 @@ def _space(tmp_path, text: str) -> Path:
 
 
 def test_eval_space_loads_and_rejects_keys_that_are_not_evaluation_settings(tmp_path):
-    from orchestrator.tune_eval import base_settings, defaults_point, load_eval_space, trial_settings
+    from orchestrator.evaluation.tune_eval import (
+        base_settings,
+        defaults_point,
+        load_eval_space,
+        trial_settings,
+    )
 
     space = load_eval_space(EVAL_SPACE)
     assert set(space.parameters) == set(EVAL_SETTING_KEYS) and space.metric == "eval/wholebody_AP"
@@ -249,7 +254,7 @@ def test_eval_space_loads_and_rejects_keys_that_are_not_evaluation_settings(tmp_
     with pytest.raises(SearchSpaceError, match=r"eval\.nms_thr.*0\.9"):
         defaults_point(narrow, settings, "narrow.yaml")
 
-    from orchestrator.tune_eval import EvalSweepPlan
+    from orchestrator.evaluation.tune_eval import EvalSweepPlan
 
     plan = EvalSweepPlan("s", str(tmp_path), str(tmp_path), str(ANN), settings, True, 8, "", "", "", space)
     chosen, det = trial_settings(plan, {**point, "eval.nms_thr": 0.5, "data.det_score_thr": 0.25})
@@ -257,7 +262,7 @@ def test_eval_space_loads_and_rejects_keys_that_are_not_evaluation_settings(tmp_
 
 
 def test_parameter_importances_rank_the_parameter_that_decides():
-    from orchestrator.tune_eval import load_eval_space, parameter_importances
+    from orchestrator.evaluation.tune_eval import load_eval_space, parameter_importances
 
     space = load_eval_space(EVAL_SPACE)
     rng = np.random.default_rng(0)
@@ -284,13 +289,13 @@ def test_parameter_importances_rank_the_parameter_that_decides():
 def test_bad_inputs_fail_before_ray_starts(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     import ray
 
-    import orchestrator.ray_utils
+    import orchestrator.runs.ray_utils
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started although the inputs are invalid")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(orchestrator.ray_utils, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.runs.ray_utils, "init_ray", no_ray)
     base = ["tune-eval", "--ann", str(ANN), "--images", str(MINI), "--samples", "2"]
     base += ["--storage-path", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     ckpt = ["--checkpoint", str(tiny_checkpoint)]
@@ -333,10 +338,10 @@ def test_bad_inputs_fail_before_ray_starts(tiny_checkpoint, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     from orchestrator import tracking
-    from orchestrator.eval_command import run_eval
-    from orchestrator.ray_utils import shutdown_ray
-    from orchestrator.report_records import child_runs
-    from orchestrator.tune_eval import run_tune_eval
+    from orchestrator.evaluation.eval_command import run_eval
+    from orchestrator.evaluation.tune_eval import run_tune_eval
+    from orchestrator.reports.records import child_runs
+    from orchestrator.runs.ray_utils import shutdown_ray
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
@@ -406,7 +411,7 @@ def test_tune_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert {"best_eval.yaml", "summary.md"} <= names
     assert "gain/eval/wholebody_AP" in parent.data.metrics
     # fowkal report reads the real sweep: the first trial as the defaults, the gain the sweep logged.
-    from orchestrator.report import write_report
+    from orchestrator.reports.report import write_report
 
     md_path, _ = write_report(
         outcome.sweep_id, tracking_uri=uri, out_dir=tmp_path / "report", print_fn=lambda _: None
@@ -443,7 +448,7 @@ def _fit_without_ray(plan, points, samples, seed, *args, **kwargs):
     """Stands in for ``tune_eval._fit``: the given points, then random ones, each a child run opened as a
     trial opens it, scored by :func:`_made_up_metrics`."""
     from orchestrator import tracking
-    from orchestrator.tune_eval import open_trial_run
+    from orchestrator.evaluation.tune_eval import open_trial_run
 
     rng = np.random.default_rng(seed)
     configs = list(points) + [BEST_POINT]
@@ -472,10 +477,10 @@ def _fit_without_ray(plan, points, samples, seed, *args, **kwargs):
 def test_report_of_a_tune_eval_best_settings_gain_importances_links(
     tiny_checkpoint, tmp_path, monkeypatch, capsys
 ):
-    import orchestrator.tune_eval as tune_eval
+    import orchestrator.evaluation.tune_eval as tune_eval
     from orchestrator import tracking
-    from orchestrator.report import write_report
-    from orchestrator.report_records import ReportError, child_runs, load_sweep
+    from orchestrator.reports.records import ReportError, child_runs, load_sweep
+    from orchestrator.reports.report import write_report
 
     monkeypatch.setattr(tune_eval, "_fit", _fit_without_ray)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -551,7 +556,7 @@ def test_eval_trial_status_callback_ends_children_by_the_sweeps_rules(tmp_path):
     from types import SimpleNamespace
 
     from orchestrator import tracking
-    from orchestrator.tune_eval import (
+    from orchestrator.evaluation.tune_eval import (
         EvalSweepPlan,
         EvalTrialStatusCallback,
         base_settings,
@@ -594,9 +599,10 @@ def test_eval_trial_status_callback_ends_children_by_the_sweeps_rules(tmp_path):
 
 
 def test_a_trial_logs_ap_in_percent_as_fowkal_eval(tmp_path, monkeypatch):
-    """xtcocotools gives fractions; a trial's eval/* metrics are percent (trainer.metric_units), -1 kept."""
-    import orchestrator.tune_eval_trial as trial_side
-    from orchestrator.tune_eval import (
+    """xtcocotools gives fractions; a trial's eval/* metrics are percent (trainer.evaluation.metric_units),
+    -1 kept."""
+    import orchestrator.evaluation.tune_eval_trial as trial_side
+    from orchestrator.evaluation.tune_eval import (
         EvalSweepPlan,
         base_settings,
         defaults_point,

@@ -47,7 +47,9 @@ class CheckpointMismatchError(EvalError):
 class LoadedCheckpoint:
     """A model rebuilt from a checkpoint, with the run config it was built from."""
 
-    model: Any  # the family's network (trainer.model.PoseModel for the top-down family), eval mode, CPU
+    model: (
+        Any  # the family's network (trainer.topdown.model.PoseModel for the top-down family), eval mode, CPU
+    )
     config: Any  # trainer.config.TrainConfig
     checkpoint_path: Path
     config_source: str

@@ -35,10 +35,8 @@ from typing import Any
 
 import yaml
 
-from trainer.data_sources import DATA_KINDS, DataSourceConfig, validate_data_source
+from trainer.datasets.sources import DATA_KINDS, DataSourceConfig, validate_data_source
 from trainer.families import DEFAULT_FAMILY, FAMILIES, UnknownFamilyError, get_family
-from trainer.losses import LOSS_VARIANTS as HEATMAP_LOSS_VARIANTS
-from trainer.losses import LossConfig
 
 # The top-down family's sections, importable from here as before families existed.
 from trainer.topdown.config import (
@@ -50,6 +48,8 @@ from trainer.topdown.config import (
     ModelConfig,
     OptimConfig,
 )
+from trainer.topdown.losses import LOSS_VARIANTS as HEATMAP_LOSS_VARIANTS
+from trainer.topdown.losses import LossConfig
 
 LOSS_VARIANTS: tuple[str, ...] = tuple(HEATMAP_LOSS_VARIANTS)
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")

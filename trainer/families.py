@@ -75,7 +75,7 @@ class ExperimentFamily(Protocol):
     # Whether the network outputs crop heatmaps that ``fowkal tune-eval`` caches and ``fowkal show`` draws.
     heatmap_eval_sweep: bool
     # The shared evaluator's numbers the loop reports: evaluate_wholebody key -> metric name
-    # (trainer.evaluate.VAL_METRICS, or more).
+    # (trainer.evaluation.wholebody.VAL_METRICS, or more).
     val_metrics: Mapping[str, str]
 
     def validate(self, cfg, check: Callable[[bool, str, Any, str], None]) -> None:
@@ -88,7 +88,7 @@ class ExperimentFamily(Protocol):
         """MLflow tags that describe the run (e.g. ``loss_variant``)."""
 
     def build_datasets(self, cfg, paths: Mapping[str, str | None]):
-        """``(train_set, val_set)`` for :func:`trainer.data_sources.resolve_datasets`' paths."""
+        """``(train_set, val_set)`` for :func:`trainer.datasets.sources.resolve_datasets`' paths."""
 
     def eval_dataset(self, cfg, ann_file, image_dir, det_file=None):
         """The test-mode data set ``fowkal eval`` runs on (``det_file``: person detections, for a family

@@ -40,10 +40,10 @@ from trainer.checkpoint import (
     save_atomic,
 )
 from trainer.config import TrainConfig, config_from_dict, config_to_dict
-from trainer.data_sources import dataset_paths, resolve_datasets
-from trainer.evaluate import VAL_METRICS, WholeBodyEvaluator
+from trainer.datasets.sources import dataset_paths, resolve_datasets
+from trainer.evaluation.metric_units import to_percent
+from trainer.evaluation.wholebody import VAL_METRICS, WholeBodyEvaluator
 from trainer.families import family_of
-from trainer.metric_units import to_percent
 from trainer.rng_state import rng_state, seed_everything, set_rng_state
 from trainer.runtime import autocast_dtype, worker_context
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import TrainConfig
-from trainer.data import DatasetError, load_detections, load_wholebody_annotations
+from trainer.topdown.data import DatasetError, load_detections, load_wholebody_annotations
 
 
 class InputFileError(ValueError):

@@ -1,9 +1,10 @@
 """The KAPAO data set: whole COCO-WholeBody images (no person crops) with pose and keypoint objects.
 
-``KapaoDataset`` reads the same files as the top-down ``trainer.data.WholeBodyTopDownDataset`` through the
+``KapaoDataset`` reads the same files as the top-down ``trainer.topdown.data.WholeBodyTopDownDataset``
+through the
 same machinery: ``load_wholebody_annotations`` (the per-node memory-mapped annotation cache), one directory
 listing per image directory for the missing-image check, and the per-worker augmentation generator with its
-checkpointable state (``trainer.dataset_common``). One sample is one image of the annotation file:
+checkpointable state (``trainer.datasets.common``). One sample is one image of the annotation file:
 
 - ``train=True``: ``trainer.kapao.augment.augment_sample`` (mosaic, random affine, HSV, flip).
 - ``train=False``: the letterbox only, every image of the file (also those without persons) in file order;
@@ -29,8 +30,8 @@ import cv2
 import numpy as np
 import torch
 
-from trainer.annotations import DatasetError, load_wholebody_annotations
-from trainer.dataset_common import AugmentationGenerator, regular_files
+from trainer.datasets.annotations import DatasetError, load_wholebody_annotations
+from trainer.datasets.common import AugmentationGenerator, regular_files
 from trainer.kapao.augment import KapaoAugmentConfig, augment_sample
 from trainer.kapao.labels import (
     KP_BBOX_MODES,
@@ -77,7 +78,8 @@ class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
     """COCO-WholeBody images as KAPAO samples (module docstring); arguments as the top-down data set's.
 
     ``sigmas``: the OKS sigmas of the sigma box mode (default: the first ``num_keypoints`` of
-    ``trainer.keypoints.SIGMAS``). ``missing_images``: ``"error"`` raises ``DatasetError`` naming the first
+    ``trainer.datasets.keypoints.SIGMAS``). ``missing_images``: ``"error"`` raises ``DatasetError`` naming
+    the first
     missing files, ``"skip"`` drops their images (count in ``num_skipped_missing_images``).
     """
 

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.data_sources import DataSourceConfig
-from trainer.evaluate import VAL_METRICS
+from trainer.datasets.keypoints import NUM_KEYPOINTS, SIGMAS
+from trainer.datasets.sources import DataSourceConfig
+from trainer.evaluation.wholebody import VAL_METRICS
 from trainer.kapao.dataset import KapaoPipelineConfig, collate_kapao, images_to_float
 from trainer.kapao.loss import KapaoLoss, KapaoLossConfig, KapaoLossSettingError
 from trainer.kapao.model import KAPAO_SIZES
 from trainer.kapao.optim import KapaoOptimConfig, ModelEMA, build_optimizer
 from trainer.kapao.postprocess import KapaoEvalConfig, KapaoEvalSettingError, poses_from_outputs, to_wholebody
-from trainer.keypoints import NUM_KEYPOINTS, SIGMAS
 
 KEYPOINT_SETS: dict[str, int] = {"wholebody": NUM_KEYPOINTS, "body": 17}
 MAX_KP_BBOX = 0.5
@@ -233,7 +233,7 @@ class KapaoFamily:
         return predict_poses(model, loader, cfg.eval, device, amp_dtype, channels_last)
 
     def results(self, predictions: Mapping, cfg) -> list[dict]:
-        from trainer.evaluate import keypoints_to_results
+        from trainer.evaluation.wholebody import keypoints_to_results
 
         if len(predictions["image_ids"]) == 0:
             return []

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from trainer.keypoints import NUM_KEYPOINTS, SIGMAS, flip_index
+from trainer.datasets.keypoints import NUM_KEYPOINTS, SIGMAS, flip_index
 
 GREY = 114  # YOLOv5's padding / border value
 KP_BBOX_MODES: tuple[str, ...] = ("fixed", "sigma")
@@ -194,7 +194,7 @@ def keypoint_box_fractions(
     """Keypoint-object box side per keypoint as a fraction of the longest image side, ``[K]`` float64.
 
     ``fixed``: ``kp_bbox`` for every keypoint (the paper). ``sigma``: ``c * sigma_k`` with ``sigmas``
-    (default: the first K of ``trainer.keypoints.SIGMAS``) and ``c = sigma_scale``, by default
+    (default: the first K of ``trainer.datasets.keypoints.SIGMAS``) and ``c = sigma_scale``, by default
     ``kp_bbox / mean(sigma)`` (module docstring).
     """
     if kp_bbox_mode not in KP_BBOX_MODES:
@@ -267,7 +267,8 @@ def pose_and_keypoint_objects(
 
 
 def flip_permutation(num_keypoints: int) -> np.ndarray:
-    """Left-right keypoint permutation: ``trainer.keypoints.flip_index()`` (its first 17 for K = 17, which
+    """Left-right keypoint permutation: ``trainer.datasets.keypoints.flip_index()`` (its first 17 for K = 17,
+    which
     the body's pairs keep closed)."""
     index = np.asarray(flip_index(), dtype=np.int64)[:num_keypoints]
     if num_keypoints not in SUPPORTED_KEYPOINTS or index.max() >= num_keypoints:

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.kapao.anchors import ANCHORS_PER_STRIDE, P6_ANCHORS, STRIDES, outputs_per_anchor
-from trainer.keypoints import NUM_KEYPOINTS
 
 KAPAO_SIZES: tuple[str, ...] = ("s", "m", "l")
 

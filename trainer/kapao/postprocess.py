@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, nms
 
-from trainer.evaluate import keypoints_to_results
+from trainer.datasets.keypoints import NUM_KEYPOINTS
+from trainer.evaluation.wholebody import keypoints_to_results
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
-from trainer.keypoints import NUM_KEYPOINTS
 
 # The score an unfused keypoint gets: "pose" = its pose's confidence; "zero" = the authors' 0, with which the
 # evaluator (as xtcocotools) drops a result on every part where no keypoint was fused (kapao_facts.md).
@@ -560,7 +560,8 @@ def to_wholebody(keypoints) -> np.ndarray:
 
 
 def poses_to_results(image_ids: Sequence, poses: Sequence[tuple]) -> list[dict]:
-    """COCO-WholeBody result dicts (``trainer.evaluate.keypoints_to_results``) of per-image ``(keypoints,
+    """COCO-WholeBody result dicts (``trainer.evaluation.wholebody.keypoints_to_results``) of per-image
+    ``(keypoints,
     scores)`` as ``poses_from_outputs`` returns them, ``image_ids`` in the same order."""
     if len(image_ids) != len(poses):
         raise ValueError(f"{len(image_ids)} image ids for {len(poses)} images")

@@ -1,17 +1,17 @@
 """The top-down family's config sections (``data``, ``model``, ``optim``, ``eval``; ``loss`` is
-``trainer.losses.LossConfig``) and their range checks. Each default is written here once."""
+``trainer.topdown.losses.LossConfig``) and their range checks. Each default is written here once."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from trainer.codec import FLIP_MODES
-from trainer.data import PipelineConfig
-from trainer.data_sources import DataSourceConfig
-from trainer.evaluate import OKS_NMS_THR, RESCORE_KEYPOINT_THR
-from trainer.losses import LOSS_VARIANTS
-from trainer.model import SUPPORTED_BACKBONES
+from trainer.datasets.sources import DataSourceConfig
+from trainer.evaluation.wholebody import OKS_NMS_THR, RESCORE_KEYPOINT_THR
+from trainer.topdown.codec import FLIP_MODES
+from trainer.topdown.data import PipelineConfig
+from trainer.topdown.losses import LOSS_VARIANTS
+from trainer.topdown.model import SUPPORTED_BACKBONES
 
 # The paper's schedule (Implementation Details): lr x0.1 at epochs 170 and 200 of 210.
 PAPER_EPOCHS = 210

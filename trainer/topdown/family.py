@@ -1,8 +1,11 @@
 """The top-down heatmap family as the shared code sees it (``trainer.families.ExperimentFamily``).
 
-HRNet on person crops (``trainer.model``), DARK heatmaps (``trainer.codec``), the crop pipeline
-(``trainer.data``), the FoWKAL loss family (``trainer.losses``: the variant table), flip test + DARK +
-rescoring + OKS-NMS at evaluation (``trainer.inference``). Per epoch it reports the loss per part and, for
+HRNet on person crops (``trainer.topdown.model``), DARK heatmaps (``trainer.topdown.codec``), the crop
+pipeline
+(``trainer.topdown.data``), the FoWKAL loss family (``trainer.topdown.losses``: the variant table), flip test
++ DARK +
+rescoring + OKS-NMS at evaluation (``trainer.topdown.inference``). Per epoch it reports the loss per part
+and, for
 the variants with a KAF head (KAL), the per-part mean and spread of the keypoint-wise adaptive factors;
 checkpoints hold the KAF history ``[epochs, K]`` (the paper's Fig. 5), also written as ``kaf_history.npy``.
 """
@@ -16,10 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.evaluate import VAL_METRICS
-from trainer.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
-from trainer.losses import LOSS_VARIANTS, VARIANT_PROPERTIES, HeatmapLoss, LossConfig, LossSettingError
+from trainer.datasets.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
+from trainer.evaluation.wholebody import VAL_METRICS
 from trainer.topdown import config as topdown_config
+from trainer.topdown.losses import (
+    LOSS_VARIANTS,
+    VARIANT_PROPERTIES,
+    HeatmapLoss,
+    LossConfig,
+    LossSettingError,
+)
 
 PARTS = tuple(COCO_WHOLEBODY_PARTS)  # body, foot, face, hand
 KAF_HISTORY_FILE = "kaf_history.npy"
@@ -112,7 +121,8 @@ class TopDownHeatmapFamily:
     arm_key = "loss.variant"
     selection_metric = "val/wholebody_AP"
     val_metrics = VAL_METRICS
-    # ``fowkal tune-eval`` caches this family's heatmaps (trainer.heatmap_cache) and sweeps their decoding.
+    # ``fowkal tune-eval`` caches this family's heatmaps (trainer.topdown.heatmap_cache) and sweeps their
+    # decoding.
     heatmap_eval_sweep = True
     predicts_per_box = True  # one prediction row per person box of the eval data set
 
@@ -130,7 +140,7 @@ class TopDownHeatmapFamily:
         return {"loss_variant": cfg.loss.variant}
 
     def build_datasets(self, cfg, paths: Mapping[str, str | None]):
-        from trainer.data import WholeBodyTopDownDataset
+        from trainer.topdown.data import WholeBodyTopDownDataset
 
         annotations = {"cache_dir": cfg.data.cache_dir, "gt_instances": cfg.data.gt_instances}
         train_set = WholeBodyTopDownDataset(
@@ -149,7 +159,7 @@ class TopDownHeatmapFamily:
 
     def eval_dataset(self, cfg, ann_file, image_dir, det_file=None):
         """The test-mode crops of ``ann_file``'s GT boxes, or of ``det_file``'s person detections."""
-        from trainer.data import WholeBodyTopDownDataset
+        from trainer.topdown.data import WholeBodyTopDownDataset
 
         return WholeBodyTopDownDataset(
             ann_file,
@@ -169,7 +179,7 @@ class TopDownHeatmapFamily:
         return LOSS_VARIANTS[cfg.loss.variant].needs_kaf
 
     def build_model(self, cfg, pretrained: bool = True) -> torch.nn.Module:
-        from trainer.model import build_pose_model
+        from trainer.topdown.model import build_pose_model
 
         return build_pose_model(
             cfg.model.backbone,
@@ -208,7 +218,7 @@ class TopDownHeatmapFamily:
         return TopDownTraining(cfg, device)
 
     def predict(self, model, loader, cfg, device, amp_dtype, channels_last: bool) -> dict:
-        from trainer.inference import predict_keypoints
+        from trainer.topdown.inference import predict_keypoints
 
         return predict_keypoints(
             model,
@@ -222,7 +232,7 @@ class TopDownHeatmapFamily:
         )
 
     def results(self, predictions: Mapping, cfg) -> list[dict]:
-        from trainer.inference import results_from_predictions
+        from trainer.topdown.inference import results_from_predictions
 
         return results_from_predictions(predictions, cfg.eval)
 

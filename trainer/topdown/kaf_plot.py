@@ -30,7 +30,7 @@ def plot_kaf_history(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from trainer.keypoints import PART_RANGES
+    from trainer.datasets.keypoints import PART_RANGES
 
     ranges = dict(part_ranges if part_ranges is not None else PART_RANGES)
     history = np.asarray(kaf_history, dtype=np.float64)

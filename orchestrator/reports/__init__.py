@@ -1,0 +1,1 @@
+"""``fowkal report``: read a sweep back from MLflow, compute its tables and intervals, draw, render."""
