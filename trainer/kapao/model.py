@@ -43,6 +43,7 @@ from torch import nn
 
 from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.kapao.anchors import ANCHORS_PER_STRIDE, P6_ANCHORS, STRIDES, outputs_per_anchor
+from trainer.pretrained import PretrainedWeightsError, check_fits, read_state_dict  # noqa: F401 - raised here
 
 KAPAO_SIZES: tuple[str, ...] = ("s", "m", "l")
 
@@ -85,10 +86,6 @@ SIZE_SPECS: dict[str, KapaoSizeSpec] = {
 
 # timm's cs3darknet stages at strides 8, 16, 32 (index 0 is the stride-2 stem, 1 the stride-4 stage).
 _BACKBONE_OUT_INDICES = (2, 3, 4)
-
-
-class PretrainedWeightsError(ValueError):
-    """A pretrained weights file that is missing, unreadable or does not fit the backbone."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,40 +337,6 @@ def build_kapao_model(
 # Pretrained backbone weights from a local file
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PretrainedWeightsError(f"pretrained weights file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        elif suffix in (".pth", ".pt", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise PretrainedWeightsError(
-                f"pretrained weights file {str(path)!r}: unknown suffix {suffix!r} "
-                "(expected .safetensors, .pth, .pt or .bin)"
-            )
-    except PretrainedWeightsError:
-        raise
-    except Exception as err:  # torch/safetensors raise many types for corrupt or unsafe files
-        raise PretrainedWeightsError(f"could not read pretrained weights file {str(path)!r}: {err}") from err
-    # Training checkpoints often wrap the weights.
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedWeightsError(
-            f"pretrained weights file {str(path)!r} does not hold a state dict of tensors"
-        )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):  # a whole KapaoModel's weights: take the backbone part
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    return state
-
-
 def _feature_net_key(key: str, top_level: set[str]) -> str:
     """Map a timm classification-model key to the features_only model's spelling.
 
@@ -397,7 +360,7 @@ def load_backbone_weights(model: KapaoModel, path: str | Path) -> None:
     exports: the model's own are kept). Any other extra key is an error (likely another architecture).
     """
     path = Path(path)
-    raw = _read_state_dict(path)
+    raw = read_state_dict(path)
     top_level = {name for name, _ in model.backbone.named_children()}
     expected = model.backbone.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -408,20 +371,6 @@ def load_backbone_weights(model: KapaoModel, path: str | Path) -> None:
             state[mapped] = value
         elif not key.startswith(_CLASSIFICATION_HEAD_PREFIXES):
             unexpected.append(key)
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or mismatched or unexpected:
-        lines = [f"pretrained weights file {str(path)!r} does not fit backbone {model.backbone_name!r}:"]
-        for label, keys in (
-            ("shape mismatches", mismatched),
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-        ):
-            if keys:
-                lines.append(f"  {len(keys)} {label}, first: {', '.join(keys[:5])}")
-        raise PretrainedWeightsError("\n".join(lines))
+    counters = [k for k in expected if k.endswith("num_batches_tracked")]
+    check_fits(path, model.backbone_name, state, expected, unexpected, optional=counters)
     model.backbone.load_state_dict(state, strict=False)

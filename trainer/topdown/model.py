@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from trainer.datasets.keypoints import NUM_KEYPOINTS
+from trainer.pretrained import PretrainedWeightsError, check_fits, read_state_dict  # noqa: F401 - raised here
 
 SUPPORTED_BACKBONES: tuple[str, ...] = ("hrnet_w32", "hrnet_w18_small", "hrnet_w48")
 
@@ -33,10 +34,6 @@ _CLASSIFICATION_HEAD_PREFIXES: tuple[str, ...] = (
     "final_layer.",
     "classifier.",
 )
-
-
-class PretrainedWeightsError(ValueError):
-    """A pretrained weights file that is missing, unreadable or does not fit the backbone."""
 
 
 class KafHead(nn.Module):
@@ -131,40 +128,6 @@ def build_pose_model(
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PretrainedWeightsError(f"pretrained weights file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        elif suffix in (".pth", ".pt", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise PretrainedWeightsError(
-                f"pretrained weights file {str(path)!r}: unknown suffix {suffix!r} "
-                "(expected .safetensors, .pth, .pt or .bin)"
-            )
-    except PretrainedWeightsError:
-        raise
-    except Exception as err:  # torch/safetensors raise many types for corrupt or unsafe files
-        raise PretrainedWeightsError(f"could not read pretrained weights file {str(path)!r}: {err}") from err
-    # Training checkpoints often wrap the weights.
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedWeightsError(
-            f"pretrained weights file {str(path)!r} does not hold a state dict of tensors"
-        )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):  # a whole PoseModel's weights: take the backbone part
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    return state
-
-
 def load_backbone_weights(model: PoseModel, path: str | Path) -> None:
     """Load ImageNet weights for ``model.backbone`` from a local file; raise if anything does not fit.
 
@@ -172,14 +135,8 @@ def load_backbone_weights(model: PoseModel, path: str | Path) -> None:
     pruned last-stage fuse layers are ignored; any other extra key is an error (likely another architecture).
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     expected = model.backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
     unexpected = [
         k
         for k in state
@@ -187,14 +144,5 @@ def load_backbone_weights(model: PoseModel, path: str | Path) -> None:
         and k not in model.pruned_backbone_keys
         and not k.startswith(_CLASSIFICATION_HEAD_PREFIXES)
     ]
-    if missing or mismatched or unexpected:
-        lines = [f"pretrained weights file {str(path)!r} does not fit backbone {model.backbone_name!r}:"]
-        for label, keys in (
-            ("shape mismatches", mismatched),
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-        ):
-            if keys:
-                lines.append(f"  {len(keys)} {label}, first: {', '.join(keys[:5])}")
-        raise PretrainedWeightsError("\n".join(lines))
+    check_fits(path, model.backbone_name, state, expected, unexpected)
     model.backbone.load_state_dict({k: state[k] for k in expected}, strict=True)
