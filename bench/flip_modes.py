@@ -137,8 +137,9 @@ def train_smoke(directory: Path, epochs: int | None) -> Path:
 @torch.no_grad()
 def checkpoint_ap(checkpoint_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint_model
+    from trainer.evaluation.model_eval import build_eval_dataset
     from trainer.loop import resolve_datasets
-    from trainer.topdown.inference import build_eval_dataset, predict_keypoints, results_from_predictions
+    from trainer.topdown.inference import predict_keypoints, results_from_predictions
 
     # The project's one checkpoint loader and evaluation dataset (the run's pipeline, cache_dir,
     # gt_instances, detection file and threshold), as fowkal eval builds them.

@@ -19,7 +19,7 @@ from orchestrator.cli import main
 from trainer.checkpoint import CheckpointMismatchError, EvalError, load_checkpoint_model
 from trainer.config import config_from_dict, config_to_dict
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
-from trainer.topdown.inference import select_device
+from trainer.evaluation.model_eval import select_device
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
 ANN = MINI / "test_coco_wholebody.json"

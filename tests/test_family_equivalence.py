@@ -13,8 +13,8 @@ import pytest
 
 from trainer.checkpoint import load_checkpoint_model
 from trainer.config import config_to_dict, load_config, resolve_paths
+from trainer.evaluation.model_eval import evaluate_model
 from trainer.loop import dataset_paths, train_loop_per_worker
-from trainer.topdown.inference import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "data" / "smoke_topdown_before_seam.json").read_text())

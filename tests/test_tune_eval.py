@@ -118,8 +118,9 @@ def test_eval_set_applies_settings_and_names_a_bad_key(tiny_checkpoint, tmp_path
 
 @pytest.mark.parametrize("settings", [[], OTHER_SETTINGS], ids=["defaults", "other"])
 def test_trial_evaluation_equals_fowkal_eval(tiny_checkpoint, det_cache, tmp_path, settings):
+    from trainer.evaluation.model_eval import apply_eval_settings
     from trainer.evaluation.wholebody import WholeBodyEvaluator, evaluate_wholebody
-    from trainer.topdown.inference import apply_eval_settings, results_from_predictions
+    from trainer.topdown.inference import results_from_predictions
 
     expected, results_file = _eval_cli(tiny_checkpoint, tmp_path, [f"--set={s}" for s in settings])
     config = apply_eval_settings(load_checkpoint_model(tiny_checkpoint).config, settings)

@@ -40,9 +40,9 @@ from orchestrator import tracking
 from orchestrator.evaluation.run_lookup import download_run_checkpoint, get_run, store_of_run
 from trainer.checkpoint import CheckpointMismatchError, EvalError, LoadedCheckpoint, load_checkpoint_model
 from trainer.evaluation.metric_units import UNIT_LABEL, metrics_to_percent
+from trainer.evaluation.model_eval import EvalOutcome, apply_eval_settings, evaluate_model, score_results_file
 from trainer.families import family_of
 from trainer.topdown.codec import FLIP_MODES
-from trainer.topdown.inference import EvalOutcome, apply_eval_settings, evaluate_model, score_results_file
 
 EVAL_PREFIX = "eval/"
 DEFAULT_RESULTS_FILE = "wholebody_results.json"

@@ -52,8 +52,8 @@ from orchestrator.evaluation.run_lookup import download_run_checkpoint, get_run,
 from trainer.checkpoint import EvalError, LoadedCheckpoint, load_checkpoint_model
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS
 from trainer.evaluation import visualize
+from trainer.evaluation.model_eval import build_eval_dataset, select_device
 from trainer.families import family_of
-from trainer.topdown.inference import build_eval_dataset, select_device
 
 SHOW_ARTIFACT_DIR = "show"
 HEATMAP_PARTS: tuple[str, ...] = ("body", "foot", "face", "hand", "lefthand", "righthand")

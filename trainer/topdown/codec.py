@@ -230,7 +230,7 @@ def decode_dark(heatmaps, blur_kernel: int | None = None):
     values; it only matters where the 1e-10 floor before the log applies, i.e. never near a real peak.
     """
     if blur_kernel is None:
-        from trainer.config import EvalConfig  # lazily: trainer.config imports this module
+        from trainer.topdown.config import EvalConfig  # lazily: trainer.topdown.config imports this module
 
         blur_kernel = EvalConfig.blur_kernel
     is_numpy = not isinstance(heatmaps, torch.Tensor)

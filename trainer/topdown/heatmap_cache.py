@@ -39,17 +39,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.checkpoint import LoadedCheckpoint
-from trainer.config import EvalConfig
+from trainer.evaluation.model_eval import build_eval_dataset, select_device, with_progress
 from trainer.evaluation.wholebody import WholeBodyEvaluator
+from trainer.runtime import autocast_dtype
 from trainer.topdown.codec import flip_back_heatmaps
-from trainer.topdown.inference import (
-    autocast_dtype,
-    build_eval_dataset,
-    decode_heatmaps,
-    results_from_predictions,
-    select_device,
-    with_progress,
-)
+from trainer.topdown.config import EvalConfig
+from trainer.topdown.inference import decode_heatmaps, results_from_predictions
 
 # Storage type of the cached heatmaps. float32: the model's own output, so decoding a cached map is
 # bit-identical to decoding it live (bench/tune_eval.py measures how far float16 would move the keypoints).

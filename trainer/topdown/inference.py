@@ -3,8 +3,8 @@
 One path for the training loop's validation, ``fowkal eval`` and ``fowkal show``: ``predict_keypoints``
 turns a loader of test crops into image-space keypoints, ``results_from_predictions`` into COCO-WholeBody
 results (instance rescoring and per-image OKS-NMS, applied to GT boxes as well, as MMPose and the paper do).
-Running it over a data set and scoring it (``evaluate_model`` and the rest, re-exported here) is shared by
-the families: ``trainer.evaluation.model_eval``.
+Running it over a data set and scoring it (``evaluate_model``) is shared by the families:
+``trainer.evaluation.model_eval``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.config import (
-    EvalConfig,
-)
 from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.evaluation.wholebody import detections_to_results
 from trainer.topdown.codec import decode_dark, flip_back_heatmaps, heatmap_to_image_coords
+from trainer.topdown.config import EvalConfig
 from trainer.topdown.model import PoseModel
 
 
@@ -120,28 +118,4 @@ def results_from_predictions(
     )
 
 
-# Shared by every family (trainer.evaluation.model_eval, trainer.runtime); importable from here as before.
-from trainer.evaluation.model_eval import (  # noqa: E402
-    EvalOutcome,
-    apply_eval_settings,
-    build_eval_dataset,
-    evaluate_model,
-    score_results_file,
-    select_device,
-    with_progress,
-)
-from trainer.runtime import autocast_dtype  # noqa: E402
-
-__all__ = [
-    "EvalOutcome",
-    "apply_eval_settings",
-    "autocast_dtype",
-    "build_eval_dataset",
-    "decode_heatmaps",
-    "evaluate_model",
-    "predict_keypoints",
-    "results_from_predictions",
-    "score_results_file",
-    "select_device",
-    "with_progress",
-]
+__all__ = ["decode_heatmaps", "predict_keypoints", "results_from_predictions"]
