@@ -123,8 +123,8 @@ class ExperimentFamily(Protocol):
         """Files a finished run logs beside its checkpoints (written into ``out_dir`` from the last
         checkpoint's directory), and notes to print: ``(files, notes)``."""
 
-    # What ``fowkal eval`` prints after the flip-test word (", DARK" for the top-down family).
-    protocol_suffix: str
+    def describe_protocol(self, cfg, flip_test: bool, det_file=None, det_score_thr=None) -> tuple[str, str]:
+        """What ``fowkal eval`` ran on and how: ``("ground-truth boxes", "flip test, DARK")``."""
 
     def describe_inference(self, cfg) -> str:
         """The model and its input, for ``fowkal eval``'s first line."""

@@ -165,11 +165,7 @@ def run_eval(
             print_fn(
                 f"{family.name}: {family.describe_inference(config)}; config from {loaded.config_source}"
             )
-            boxes = (
-                f"detections {det_file} (score >= {det_score_thr})"
-                if det_file is not None
-                else "ground-truth boxes"
-            )
+            boxes, protocol = family.describe_protocol(config, flip_test, det_file, det_score_thr)
             outcome = evaluate_model(
                 loaded,
                 ann_file,
@@ -190,13 +186,9 @@ def run_eval(
             print_fn(f"wrote {len(outcome.results)} results to {out_path}")
         else:
             out_path = Path(results_file)
-        protocol = (
-            ""
-            if results_file is not None
-            else (", flip test" if flip_test else ", no flip test") + family_of(config).protocol_suffix
-        )
         metrics = metrics_to_percent(outcome.metrics)
-        print_fn(f"COCO-WholeBody on {ann_file} ({boxes}: {outcome.num_boxes}{protocol}); {UNIT_LABEL}")
+        how = "" if results_file is not None else f", {protocol}"
+        print_fn(f"COCO-WholeBody on {ann_file} ({boxes}: {outcome.num_boxes}{how}); {UNIT_LABEL}")
         print_fn(format_table(metrics))
         if client is not None:
             tags = {

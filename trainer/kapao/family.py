@@ -138,7 +138,9 @@ class KapaoFamily:
     val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50"}
     heatmap_eval_sweep = False
     predicts_per_box = False  # KAPAO finds the people in whole images
-    protocol_suffix = ", KAPAO NMS + fusion"
+
+    def describe_protocol(self, cfg, flip_test: bool, det_file=None, det_score_thr=None) -> tuple[str, str]:
+        return "whole images", "NMS per object type, " + ("fusion" if cfg.eval.fusion else "no fusion")
 
     def validate(self, cfg, check, fail) -> None:
         data = cfg.data

@@ -188,7 +188,9 @@ class TopDownHeatmapFamily:
             pretrained_path=cfg.model.pretrained_path if pretrained else None,
         )
 
-    protocol_suffix = ", DARK"  # how `fowkal eval` names the decoding after the flip test
+    def describe_protocol(self, cfg, flip_test: bool, det_file=None, det_score_thr=None) -> tuple[str, str]:
+        boxes = f"detections {det_file} (score >= {det_score_thr})" if det_file else "ground-truth boxes"
+        return boxes, f"{'flip test' if flip_test else 'no flip test'}, DARK"
 
     def describe_inference(self, cfg) -> str:
         """The model and its input, for ``fowkal eval``'s first line."""
