@@ -11,10 +11,22 @@ import cv2
 import numpy as np
 import torch
 
+from trainer.datasets.annotations import DatasetError
+
 # OpenCV's own thread pool does not survive fork(): a DataLoader worker forked while the parent's pool
 # exists deadlocks on its first cv2 call (seen here with cv2.setNumThreads in a worker). Parallelism comes
 # from DataLoader workers, so OpenCV runs single-threaded in every process, as MMEngine also sets it.
 cv2.setNumThreads(0)
+
+
+def read_bgr_image(path: str, ids: str) -> np.ndarray:
+    """The BGR uint8 image at ``path``; ``DatasetError`` naming the file and ``ids`` (e.g. ``image_id=1``)
+    when it is missing or not a decodable image."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
+        raise DatasetError(f"{path}: image file {reason} ({ids})")
+    return image
 
 
 def regular_files(directory: str) -> set[str]:
@@ -72,4 +84,4 @@ class AugmentationGenerator:
         self._rng, self._rng_key = rng, ("main", os.getpid())
 
 
-__all__ = ["AugmentationGenerator", "regular_files"]
+__all__ = ["AugmentationGenerator", "read_bgr_image", "regular_files"]

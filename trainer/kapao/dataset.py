@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from trainer.datasets.annotations import DatasetError, load_wholebody_annotations
-from trainer.datasets.common import AugmentationGenerator, regular_files
+from trainer.datasets.common import AugmentationGenerator, read_bgr_image, regular_files
 from trainer.kapao.augment import KapaoAugmentConfig, augment_sample
 from trainer.kapao.labels import (
     KP_BBOX_MODES,
@@ -165,14 +165,7 @@ class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
     def read_image(self, index: int) -> np.ndarray:
         """BGR uint8 image of sample ``index``; ``DatasetError`` (file, image id) if unreadable."""
         row = int(self._images[index])
-        path = self._image_path(row)
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
-            raise DatasetError(
-                f"{path}: image file {reason} (image_id={int(self._annotations.image_ids[row])})"
-            )
-        return image
+        return read_bgr_image(self._image_path(row), f"image_id={int(self._annotations.image_ids[row])}")
 
     # ------------------------------------------------------------------------------------------------------
     # Labels

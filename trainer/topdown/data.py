@@ -69,7 +69,7 @@ from trainer.datasets.annotations import (  # noqa: F401 - also the data set's p
     load_detections,
     load_wholebody_annotations,
 )
-from trainer.datasets.common import AugmentationGenerator, regular_files
+from trainer.datasets.common import AugmentationGenerator, read_bgr_image, regular_files
 from trainer.datasets.keypoints import NUM_KEYPOINTS, PART_RANGES, flip_index
 from trainer.datasets.sources import DEFAULT_GT_INSTANCES, GT_INSTANCE_RULES
 from trainer.topdown.geometry import apply_affine, get_warp_matrix
@@ -416,15 +416,8 @@ class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
 
     def read_image(self, index: int) -> np.ndarray:
         """BGR uint8 image of sample ``index``; ``DatasetError`` naming the file and ids if unreadable."""
-        image_id = int(self._image_ids[index])
-        path = self._image_path(index)
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
-            raise DatasetError(
-                f"{path}: image file {reason} (image_id={image_id}, ann_id={int(self._ann_ids[index])})"
-            )
-        return image
+        ids = f"image_id={int(self._image_ids[index])}, ann_id={int(self._ann_ids[index])}"
+        return read_bgr_image(self._image_path(index), ids)
 
     def __getitem__(self, index: int) -> dict:
         config = self.config
