@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import complete_box_iou_loss
+from torchvision.ops import box_convert, complete_box_iou_loss
 
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
 
@@ -197,14 +197,11 @@ def build_targets(
     return [match_targets(targets, hw, a, anchor_t) for hw, a in zip(grids_hw, anchors_grid, strict=True)]
 
 
-def _xywh_to_xyxy(box: Tensor) -> Tensor:
-    xy, wh = box[:, :2], box[:, 2:]
-    return torch.cat((xy - wh / 2, xy + wh / 2), dim=1)
-
-
 def complete_iou(pred_xywh: Tensor, target_xywh: Tensor) -> Tensor:
     """CIoU (Zheng et al. 2020) of matching rows of ``[P, 4]`` centre-size boxes (torchvision's, eps 1e-7)."""
-    return 1.0 - complete_box_iou_loss(_xywh_to_xyxy(pred_xywh), _xywh_to_xyxy(target_xywh), reduction="none")
+    return 1.0 - complete_box_iou_loss(
+        box_convert(pred_xywh, "cxcywh", "xyxy"), box_convert(target_xywh, "cxcywh", "xyxy"), reduction="none"
+    )
 
 
 class KapaoLoss(nn.Module):

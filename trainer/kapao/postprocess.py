@@ -28,7 +28,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms, box_convert, nms
 
 from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.evaluation.wholebody import keypoints_to_results
@@ -204,11 +204,6 @@ class Candidates:
         return Candidates(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
 
-def _xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    half = boxes[..., 2:4] / 2
-    return torch.cat([boxes[..., 0:2] - half, boxes[..., 0:2] + half], dim=-1)
-
-
 def _split_by_type(
     boxes, conf, label, pose_keypoints, pose_floor: float, keypoint_floor: float
 ) -> Candidates:
@@ -217,10 +212,10 @@ def _split_by_type(
     is_pose = ((label == 0) & (conf > pose_floor)).nonzero().squeeze(1)
     is_kp = ((label > 0) & (conf > keypoint_floor)).nonzero().squeeze(1)
     return Candidates(
-        pose_boxes=_xywh_to_xyxy(boxes[is_pose]),
+        pose_boxes=box_convert(boxes[is_pose], "cxcywh", "xyxy"),
         pose_scores=conf[is_pose],
         pose_keypoints=pose_keypoints(is_pose),
-        kp_boxes=_xywh_to_xyxy(boxes[is_kp]),
+        kp_boxes=box_convert(boxes[is_kp], "cxcywh", "xyxy"),
         kp_scores=conf[is_kp],
         kp_classes=label[is_kp] - 1,
     )
