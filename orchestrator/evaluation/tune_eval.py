@@ -185,7 +185,7 @@ def run_tune_eval(
     from trainer.families import family_of
 
     family = family_of(config)
-    if not getattr(family, "heatmap_eval_sweep", False):
+    if not family.heatmap_eval_sweep:
         raise TuneEvalError(
             f"{loaded.checkpoint_path}: a checkpoint of family {family.name!r}: fowkal tune-eval sweeps the "
             "heatmap decoding of the top-down family only (its cached heatmaps)"
