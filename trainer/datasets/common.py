@@ -19,13 +19,53 @@ from trainer.datasets.annotations import DatasetError
 cv2.setNumThreads(0)
 
 
-def read_bgr_image(path: str, ids: str) -> np.ndarray:
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND\xaeB`\x82"
+_TAIL_BYTES = 64
+
+
+def truncation_problem(path: str) -> str | None:
+    """Why the JPEG or PNG file at ``path`` is cut short, or None. OpenCV decodes a truncated file without
+    an error (the missing rows come out grey), so the end marker is checked first (the last bytes, cheap);
+    a file that does not end with it (data appended after the marker, which some cameras write) is decoded
+    strictly by Pillow, which raises on a premature end. Other formats: None (OpenCV's decode decides)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - _TAIL_BYTES))
+        tail = handle.read().rstrip(b"\x00\r\n\t ")
+    if head.startswith(b"\xff\xd8"):
+        if tail.endswith(_JPEG_END):
+            return None
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if tail.endswith(_PNG_END):
+            return None
+    else:
+        return None
+    from PIL import Image, ImageFile
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide Pillow switch someone else may have set
+        return "truncated (no end marker)"
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"truncated ({err})"
+    return None
+
+
+def read_bgr_image(path: str, ids: str, check_truncation: bool = True) -> np.ndarray:
     """The BGR uint8 image at ``path``; ``DatasetError`` naming the file and ``ids`` (e.g. ``image_id=1``)
-    when it is missing or not a decodable image."""
+    when it is missing, not a decodable image, or (``check_truncation``) a JPEG/PNG cut short."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
         raise DatasetError(f"{path}: image file {reason} ({ids})")
+    if check_truncation:
+        problem = truncation_problem(path)
+        if problem is not None:
+            raise DatasetError(f"{path}: image file {problem} ({ids})")
     return image
 
 
@@ -84,4 +124,4 @@ class AugmentationGenerator:
         self._rng, self._rng_key = rng, ("main", os.getpid())
 
 
-__all__ = ["AugmentationGenerator", "read_bgr_image", "regular_files"]
+__all__ = ["AugmentationGenerator", "read_bgr_image", "regular_files", "truncation_problem"]
