@@ -180,3 +180,29 @@ def test_the_shared_loop_and_checkpoint_reader_run_a_registered_family(toy_famil
     assert metrics["train/loss"] == pytest.approx(3.0 * metrics["train/loss_unscaled"], rel=1e-6)
     loaded = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert loaded.config.family == "toy" and loaded.label == "toy (toy3)"
+
+
+def test_every_registered_family_has_every_attribute_the_protocol_names():
+    """The shared code asks a family through ``ExperimentFamily``; a family missing one of its methods fails
+    only when a command reaches that question (e.g. a sweep's description), so check them all here."""
+    wanted = {name for name in vars(families.ExperimentFamily) if not name.startswith("_")}
+    wanted |= set(families.ExperimentFamily.__annotations__)
+    for name, family in families.FAMILIES.items():
+        missing = sorted(attr for attr in wanted if not hasattr(family, attr))
+        assert not missing, f"family {name!r} lacks {missing}"
+
+
+@pytest.mark.parametrize("config_path", ["configs/smoke.yaml", "configs/smoke_kapao.yaml"])
+def test_a_sweep_description_asks_the_config_family_for_its_model_and_learning_rate(config_path):
+    from orchestrator.sweeps.settings import SweepSettings
+    from orchestrator.sweeps.sweep import sweep_description
+
+    config = load_config(config_path)
+
+    class Plan:  # what the ablate kind's describe reads
+        arms = ()
+        seeds = 1
+
+    text = sweep_description("ablate", config, SweepSettings(), Plan())
+    model, learning_rate = families.family_of(config).describe_recipe(config)
+    assert f"Model: {model}, {config.epochs} epochs" in text and learning_rate in text

@@ -63,6 +63,7 @@ from orchestrator.sweeps.tune import (  # noqa: F401 (re-exported: tests and cal
 from orchestrator.sweeps.tune import fit_sweep as _fit  # a module global, so that tests can replace it
 from trainer.config import ConfigError, TrainConfig, config_digest, config_to_dict, flatten_config
 from trainer.evaluation.metric_units import UNIT_LABEL
+from trainer.families import family_of
 from trainer.preflight import check_input_files
 
 logger = logging.getLogger(__name__)
@@ -360,13 +361,12 @@ def sweep_description(kind: str, config: TrainConfig, settings: SweepSettings, p
         where += f"{data.synthetic_val_images} validation images)"
     else:
         where = f"COCO-WholeBody ({data.train_ann_file}; validation {data.val_ann_file})"
-    width, height = config.data.pipeline.input_size
+    model, learning_rate = family_of(config).describe_recipe(config)
     sweep_kind = get_sweep_kind(kind)
     return (
         f"{sweep_kind.title}: {sweep_kind.describe(plan, settings)}. Data: {where}. Model: "
-        f"{config.model.backbone} at {height}x{width} (h x w), {config.epochs} epochs, batch "
-        f"{config.batch_size} x {config.num_workers} worker(s), lr {config.optim.lr:g}. Metrics are "
-        f"{UNIT_LABEL}; best/ metrics are the best epoch's."
+        f"{model}, {config.epochs} epochs, batch {config.batch_size} x {config.num_workers} worker(s), "
+        f"{learning_rate}. Metrics are {UNIT_LABEL}; best/ metrics are the best epoch's."
     )
 
 
