@@ -3,7 +3,8 @@
     .venv/bin/python bench/faults.py                 # every scenario, 60 s outages
     .venv/bin/python bench/faults.py --only outage-short,end-down --outage 60
 
-Each scenario runs `fowkal train --config configs/smoke.yaml` (smaller by --set: --epochs epochs of
+Each scenario runs `fowkal train --config configs/smoke.yaml` (or `--config configs/smoke_kapao.yaml`: the
+same scenarios for the KAPAO family, with its own arms and space) (smaller by --set: --epochs epochs of
 --images synthetic images, evaluation at the last) as a fresh process, against an `mlflow server` (SQLite
 backend) on 127.0.0.1 that this script starts, kills and restarts. The fault is injected when MLflow (or,
 during an outage, the run's spool) shows that an epoch was reported:
@@ -56,6 +57,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from services import MlflowServer  # noqa: E402
 
+from trainer.config import load_config  # noqa: E402
+
 SMOKE = REPO / "configs" / "smoke.yaml"
 VENV_BIN = Path(sys.executable).parent
 TRAIN_SCENARIOS = (
@@ -83,6 +86,25 @@ arms:
   - {key: f, name: fowkal, label: (f) FoWKAL, table: '2', overrides: {loss.variant: fowkal%s},
      paper: {wholebody_AP: 61.6}}
 """
+
+# The same scenarios for a KAPAO config (--config configs/smoke_kapao.yaml): its loss key, arms and lr key.
+KAPAO_TUNE_SPACE = """\
+family: kapao
+metric: val/wholebody_AP
+mode: max
+parameters:
+  loss.kp: {distribution: loguniform, low: 0.0025, high: 0.25, paper: 0.025}
+"""
+KAPAO_ARMS = """\
+arms:
+  - {key: a, name: bs05, label: bs/w 0.05, family: kapao, overrides: {data.kp_bbox: 0.05}}
+  - {key: f, name: bs10, label: bs/w 0.1, family: kapao, overrides: {data.kp_bbox: 0.1%s}}
+"""
+# Per family: the tune space, the arms (%s: the nan-trial's diverging override), that override.
+SWEEP_FILES = {
+    "topdown_heatmap": (TUNE_SPACE, ARMS, ", optim.lr: 1.0e+30"),
+    "kapao": (KAPAO_TUNE_SPACE, KAPAO_ARMS, ", optim.lr0: 1.0e+30"),
+}
 
 
 def baseline_of(name: str) -> str:
@@ -202,18 +224,33 @@ class Scenario:
         if self.name == "node-removal":
             sets["num_workers"] = 2
         if not self.sweep:
-            command = [str(VENV_BIN / "fowkal"), "train", "--config", str(SMOKE)]
+            command = [str(VENV_BIN / "fowkal"), "train", "--config", str(self.args.config)]
             if self.address:
                 command += ["--address", self.address]
         elif self.kind == "tune":
             space = self.dir / "space.yaml"
-            space.write_text(TUNE_SPACE)
-            command = [str(VENV_BIN / "fowkal"), "tune", "--config", str(SMOKE), "--space", str(space)]
+            space.write_text(self.args.sweep_files[0])
+            command = [
+                str(VENV_BIN / "fowkal"),
+                "tune",
+                "--config",
+                str(self.args.config),
+                "--space",
+                str(space),
+            ]
             command += ["--samples", "2", "--quiet"]
         else:
             arms = self.dir / "arms.yaml"
-            arms.write_text(ARMS % (", optim.lr: 1.0e+30" if self.name == "nan-trial" else ""))
-            command = [str(VENV_BIN / "fowkal"), "ablate", "--config", str(SMOKE), "--arms", str(arms)]
+            _, arms_text, diverging = self.args.sweep_files
+            arms.write_text(arms_text % (diverging if self.name == "nan-trial" else ""))
+            command = [
+                str(VENV_BIN / "fowkal"),
+                "ablate",
+                "--config",
+                str(self.args.config),
+                "--arms",
+                str(arms),
+            ]
             command += ["--seeds", "1", "--quiet"]
         command += ["--tracking-uri", self.server.uri, "--experiment", self.experiment]
         for key, value in sets.items():
@@ -426,6 +463,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # Long enough that a 60 s outage after epoch 1 ends before training does (epochs take ~5 s here).
+    parser.add_argument(
+        "--config", default=str(SMOKE), help="the config every scenario runs (a smoke config)"
+    )
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--images", type=int, default=128, help="synthetic training images")
     parser.add_argument("--outage", type=float, default=60.0, help="seconds the server is down mid-training")
@@ -439,6 +479,7 @@ def main() -> int:
         "--no-baseline", action="store_true", help="do not add the no-fault run of each scenario's kind"
     )
     args = parser.parse_args()
+    args.sweep_files = SWEEP_FILES[load_config(args.config).family]
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
