@@ -344,3 +344,19 @@ def test_shape_errors_are_named():
         KapaoLoss()(outputs[:3], torch.zeros(0, 12))
     with pytest.raises(ValueError, match="implies input"):
         KapaoLoss()([outputs[0], outputs[0], outputs[2], outputs[3]], torch.zeros(0, 12))
+
+
+def test_ciou_gradient_is_finite_for_a_predicted_height_below_float32_resolution():
+    """A height of 1e-6 at centre 100 vanishes in ``y2 - y1`` (float32), where torchvision's CIoU divides by
+    it: the NaN gradient that ended a KAPAO run. The authors add eps to the height; so do we."""
+    from trainer.kapao.loss import complete_iou
+
+    pred = torch.tensor([[100.0, 100.0, 3.0, 1e-6]], requires_grad=True)
+    target = torch.tensor([[100.5, 100.0, 4.0, 4.0]])
+    ciou = complete_iou(pred, target)
+    ciou.sum().backward()
+    assert torch.isfinite(ciou).all() and torch.isfinite(pred.grad).all()
+    regular = torch.tensor([[0.4, 0.6, 1.5, 2.5]])
+    assert complete_iou(regular, torch.tensor([[0.5, 0.5, 2.0, 2.0]])).item() == pytest.approx(
+        ciou_by_hand((0.4, 0.6, 1.5, 2.5), (0.5, 0.5, 2.0, 2.0)), rel=1e-5
+    )

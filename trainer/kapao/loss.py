@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, complete_box_iou_loss
 
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
 
@@ -197,11 +196,25 @@ def build_targets(
     return [match_targets(targets, hw, a, anchor_t) for hw, a in zip(grids_hw, anchors_grid, strict=True)]
 
 
-def complete_iou(pred_xywh: Tensor, target_xywh: Tensor) -> Tensor:
-    """CIoU (Zheng et al. 2020) of matching rows of ``[P, 4]`` centre-size boxes (torchvision's, eps 1e-7)."""
-    return 1.0 - complete_box_iou_loss(
-        box_convert(pred_xywh, "cxcywh", "xyxy"), box_convert(target_xywh, "cxcywh", "xyxy"), reduction="none"
-    )
+def complete_iou(pred_xywh: Tensor, target_xywh: Tensor, eps: float = 1e-7) -> Tensor:
+    """CIoU (Zheng et al. 2020) of matching rows of ``[P, 4]`` centre-size boxes, as the authors'
+    ``bbox_iou``: ``eps`` added to the heights and the union. Not torchvision's ``complete_box_iou_loss``:
+    it divides by the height recomputed as ``y2 - y1``, which is exactly 0 for a predicted height below
+    float32's resolution at its centre, and its gradient there is NaN (seen in a KAPAO run at update 213)."""
+    (px, py, pw, ph), (tx, ty, tw, th) = pred_xywh.unbind(-1), target_xywh.unbind(-1)
+    ph, th = ph + eps, th + eps
+    inter_w = (torch.minimum(px + pw / 2, tx + tw / 2) - torch.maximum(px - pw / 2, tx - tw / 2)).clamp(min=0)
+    inter_h = (torch.minimum(py + ph / 2, ty + th / 2) - torch.maximum(py - ph / 2, ty - th / 2)).clamp(min=0)
+    inter = inter_w * inter_h
+    iou = inter / (pw * ph + tw * th - inter + eps)
+    enclosing_w = torch.maximum(px + pw / 2, tx + tw / 2) - torch.minimum(px - pw / 2, tx - tw / 2)
+    enclosing_h = torch.maximum(py + ph / 2, ty + th / 2) - torch.minimum(py - ph / 2, ty - th / 2)
+    diagonal2 = enclosing_w**2 + enclosing_h**2 + eps
+    centre2 = (px - tx) ** 2 + (py - ty) ** 2
+    aspect = (4 / math.pi**2) * (torch.atan(tw / th) - torch.atan(pw / ph)) ** 2
+    with torch.no_grad():
+        alpha = aspect / (aspect - iou + (1 + eps))
+    return iou - (centre2 / diagonal2 + aspect * alpha)
 
 
 class KapaoLoss(nn.Module):
