@@ -19,6 +19,8 @@ from trainer.loop import dataset_paths, train_loop_per_worker
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "data" / "smoke_topdown_before_seam.json").read_text())
 TIMINGS = ("time/epoch_s", "throughput/img_per_s")
+# Reported since the fixture was recorded: the smoke data hold no bad image and no empty box.
+DATA_COUNTS = ("data/bad_images", "data/dropped_instances")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,8 +45,11 @@ def test_smoke_training_gives_the_recorded_epochs(tmp_path):
     train_loop_per_worker(config_to_dict(cfg), report_fn=lambda metrics, _: rows.append(dict(metrics)))
     assert len(rows) == len(FIXTURE["epochs"])
     for row, expected in zip(rows, FIXTURE["epochs"], strict=True):
+        assert [row[k] for k in DATA_COUNTS] == [0, 0]
         _assert_same(
-            {k: v for k, v in row.items() if k not in TIMINGS}, expected, f"epoch {expected['epoch']}"
+            {k: v for k, v in row.items() if k not in TIMINGS + DATA_COUNTS},
+            expected,
+            f"epoch {expected['epoch']}",
         )
 
 

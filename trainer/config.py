@@ -261,15 +261,24 @@ def flatten_config(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def config_digest(cfg: TrainConfig | Mapping, exclude: typing.Iterable[str] = ("max_failures",)) -> str:
-    """8 hex digits of the config's content, without the top-level keys that do not change what is trained.
+def config_digest(
+    cfg: TrainConfig | Mapping, exclude: typing.Iterable[str] = ("max_failures", "data.max_bad_images")
+) -> str:
+    """8 hex digits of the config's content, without the (dotted) keys that do not change what is trained.
 
     The identity behind resumable names: ``fowkal train``'s Ray run name and a sweep's default name. The
-    default family is left out, so a config keeps the digest it had before families existed.
+    default family is left out, so a config keeps the digest it had before families existed; so are the
+    limits on failures (``max_failures``, ``data.max_bad_images``: a run raised past one resumes under its
+    name).
     """
     values = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else copy.deepcopy(dict(cfg))
     for key in exclude:
-        values.pop(key, None)
+        *sections, leaf = key.split(".")
+        node = values
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     if values.get("family") == DEFAULT_FAMILY:
         values.pop("family")
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]

@@ -13,6 +13,10 @@ it wraps the model in DDP and the loader in a DistributedSampler through ``ray.t
 
 Metrics reported each epoch: ``epoch``, ``train/loss``, ``train/loss_<part>`` (the family's loss parts),
 the family's own (the top-down family's KAL variants: ``kaf/<part>_mean`` and ``kaf/<part>_std``),
+``data/bad_images`` (distinct unreadable image files the training data skipped this epoch, over every
+worker; listed in ``bad_images.txt``, and the run fails past ``data.max_bad_images``:
+``trainer.datasets.bad_images``), ``data/dropped_instances`` (the run's GT instances whose box is empty once
+clipped to its image, a constant of its annotation files, logged every epoch beside ``data/bad_images``),
 ``time/epoch_s``, ``throughput/img_per_s``; on evaluation epochs (every ``eval_interval`` epochs and the
 last) also ``val/wholebody_AP``, ``val/wholebody_AR``, ``val/{body,foot,face,hand}_AP``, scored by the
 shared COCO-WholeBody evaluator. The best checkpoint maximises the family's ``selection_score``.
@@ -40,6 +44,8 @@ from trainer.checkpoint import (
     save_atomic,
 )
 from trainer.config import TrainConfig, config_from_dict, config_to_dict
+from trainer.datasets.annotations import count_dropped_instances
+from trainer.datasets.bad_images import SAMPLE_KEY, BadImageTracker, CollateBadImages
 from trainer.datasets.sources import dataset_paths, resolve_datasets
 from trainer.evaluation.metric_units import to_percent
 from trainer.evaluation.wholebody import VAL_METRICS, WholeBodyEvaluator
@@ -100,6 +106,7 @@ def train_loop_per_worker(
     # ---- data
     paths = resolve_datasets(cfg.data)
     train_set, val_set = family.build_datasets(cfg, paths)
+    dropped_instances = count_dropped_instances((paths["train_ann"], paths["val_ann"]), cfg.data.cache_dir)
     if len(train_set) < cfg.batch_size * world_size:
         raise ValueError(
             f"the training set {paths['train_ann']} has {len(train_set)} samples, fewer than batch_size "
@@ -111,7 +118,8 @@ def train_loop_per_worker(
         # Not persistent: each epoch's workers are seeded from torch's generator, which the checkpoint
         # restores, so a resumed run sees the same augmentations as an uninterrupted one.
         "persistent_workers": False,
-        "collate_fn": family.collate_fn(cfg),
+        # The samples' records of skipped bad images come back from the loader processes with the batches.
+        "collate_fn": CollateBadImages(family.collate_fn(cfg)),
     }
     # drop_last: equal, full batches on every worker (BatchNorm statistics, DDP step count). With several
     # workers, our own seeded DistributedSampler (prepare_data_loader keeps it and only moves batches).
@@ -174,6 +182,18 @@ def train_loop_per_worker(
     model = raw_model
     if context.under_ray:
         model = ray.train.torch.prepare_model(raw_model)  # DDP when world_size > 1
+    bad_images = BadImageTracker(
+        cfg.data.max_bad_images,
+        seen=state.get("bad_images", []) if state is not None else (),
+        directory=output_dir if is_main else None,
+    )
+    gather_bad_images = None
+    if context.distributed:
+
+        def gather_bad_images(value: list) -> list:
+            parts: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(parts, value)
+            return parts
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -187,6 +207,7 @@ def train_loop_per_worker(
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # iterations, samples
         optimizer.zero_grad(set_to_none=True)
         for iteration, batch in enumerate(train_loader):
+            bad_images.add(batch.pop(SAMPLE_KEY, ()))
             total, parts = objective.step(model, batch, device, amp_dtype, channels_last)
             if not torch.isfinite(total):
                 raise FloatingPointError(
@@ -223,6 +244,8 @@ def train_loop_per_worker(
         for name, value in zip(objective.loss_parts, loss_means[1:], strict=True):
             metrics[f"train/loss_{name}"] = value
         metrics.update(objective.epoch_metrics(context.all_reduce if context.distributed else None))
+        metrics["data/bad_images"] = bad_images.end_epoch(gather_bad_images)
+        metrics["data/dropped_instances"] = dropped_instances
         metrics["throughput/img_per_s"] = float(counts[1]) / train_seconds
 
         # ---- evaluate: the family predicts this worker's slice, rank 0 scores with the shared evaluator
@@ -243,7 +266,7 @@ def train_loop_per_worker(
                 torch.distributed.broadcast_object_list(val_metrics, src=0)
             metrics.update(val_metrics[0])
         metrics["time/epoch_s"] = time.perf_counter() - epoch_start
-        score = family.selection_score(metrics)
+        score = family.selection_score(metrics, cfg)
         if score is not None:  # e.g. a weighted mix of APs: reported so that Ray keeps the best checkpoint
             metrics.setdefault(family.selection_metric, score)
         is_best = score is not None and score > best_score
@@ -261,6 +284,7 @@ def train_loop_per_worker(
             **objective.checkpoint_state(),
             "rng": rng_state(),
             "data_rng": train_set.generator_state() or "",
+            "bad_images": bad_images.state(),
             "config": config_to_dict(cfg),
             "metrics": metrics,
         }
@@ -268,6 +292,7 @@ def train_loop_per_worker(
             with open(output_dir / "metrics.jsonl", "a") as stream:
                 stream.write(json.dumps(metrics) + "\n")
             objective.write_outputs(output_dir)
+            bad_images.write(output_dir)
             say("[fowkal] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), log_file)
         if context.under_ray:
             with tempfile.TemporaryDirectory() as directory:
@@ -275,6 +300,7 @@ def train_loop_per_worker(
                 if is_main:
                     torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
                     objective.write_outputs(directory)
+                    bad_images.write(directory)
                     ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report(metrics, checkpoint=ray_checkpoint)
         else:

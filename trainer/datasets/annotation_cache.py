@@ -35,8 +35,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# Bumped whenever the array layout or the conversion changes, so older entries are rebuilt.
-FORMAT_VERSION = 1
+# Bumped whenever the array layout or the conversion changes, so older entries are rebuilt (2: the clipped
+# GT boxes and which of them are kept).
+FORMAT_VERSION = 2
 _HEAD_BYTES = 1 << 20
 _META = "meta.json"
 _CRC_CHUNK = 8 << 20

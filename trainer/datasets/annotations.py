@@ -8,6 +8,12 @@
 AP_H 56
 boxes used by MMPose and the paper). Anything malformed raises ``DatasetError`` naming the file and the
 annotation id / field / value, before anything is cached.
+
+Ground-truth boxes as MMPose's ``BaseCocoStyleDataset.parse_data_info`` / ``_is_valid_instance`` treat them:
+clipped to ``[0, W - 1] x [0, H - 1]`` of their image (``clipped_boxes``, x1 y1 x2 y2); an instance whose
+clipped box is empty (a width or height <= 0, or a box wholly outside its image) is dropped by every data
+set (``box_kept`` false), counted (``num_dropped_instances``) and named once per process in one line on
+stderr. A box value that is not finite is an error, as a keypoint value is.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +77,10 @@ class WholeBodyAnnotations:
     annotations in file order: ``ann_ids``, ``ann_image_ids``, ``bboxes [N, 4]`` (float64), ``areas``,
     ``iscrowd``, ``num_keypoints``, ``keypoints [N, 133, 3]`` (float32), ``part_valid [N, 4]`` (int8 over
     ``PART_VALID_NAMES``: 1 true, 0 false, -1 absent), ``labelled_body`` and ``labelled_total`` (labelled
-    keypoints among the 17 body ones and among all 133). ``images`` and ``instances`` build the record
-    views on first use (a full-size train file: ~250k objects, so the dataset does not use them).
+    keypoints among the 17 body ones and among all 133), ``clipped_boxes [N, 4]`` (float64 x1 y1 x2 y2,
+    clipped to the image as MMPose does) and ``box_kept [N]`` (bool: the clipped box is not empty; the data
+    sets drop the others). ``images`` and ``instances`` build the record views on first use (a full-size
+    train file: ~250k objects, so the dataset does not use them).
     """
 
     _ARRAYS = (
@@ -89,6 +98,8 @@ class WholeBodyAnnotations:
         "part_valid",
         "labelled_body",
         "labelled_total",
+        "clipped_boxes",
+        "box_kept",
     )
 
     def __init__(self, ann_file: str, arrays: CachedArrays) -> None:
@@ -144,6 +155,23 @@ class WholeBodyAnnotations:
             ]
         return self._instances
 
+    @property
+    def num_dropped_instances(self) -> int:
+        """Annotations (crowd ones included) whose box is empty once clipped to its image: no data set uses
+        them."""
+        return int(np.count_nonzero(~np.asarray(self.box_kept)))
+
+    def dropped_instances_line(self) -> str | None:
+        """The one line that names the file, the count and the first dropped annotation ids; None if none."""
+        count = self.num_dropped_instances
+        if not count:
+            return None
+        ids = np.asarray(self.ann_ids)[~np.asarray(self.box_kept)][:5].tolist()
+        return (
+            f"{self.ann_file}: {count} instance(s) dropped: 'bbox' empty once clipped to its image "
+            f"(ann ids {', '.join(map(str, ids))}{', ...' if count > len(ids) else ''})"
+        )
+
     def instances_with_keypoints(self) -> list[InstanceRecord]:
         """Instances with at least one labelled keypoint (of 133)."""
         labelled = np.asarray(self.labelled_total) > 0
@@ -184,23 +212,47 @@ def _as_floats(value, length: int, where: str) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise DatasetError(f"{where} must hold numbers, got {value!r}") from None
-    if not np.isfinite(array).all():
-        raise DatasetError(f"{where} holds non-finite values")
+    finite = np.isfinite(array)
+    if not finite.all():
+        position = int(np.argmin(finite))
+        raise DatasetError(f"{where} holds a non-finite value: {array[position]} at position {position}")
     return array
+
+
+def clip_boxes_to_images(
+    bboxes: np.ndarray, widths: np.ndarray, heights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """MMPose's GT-box sanitation (``BaseCocoStyleDataset.parse_data_info`` and ``_is_valid_instance``):
+    COCO ``[x, y, w, h]`` boxes clipped to ``[0, W - 1] x [0, H - 1]`` of their image, as ``[x1, y1, x2,
+    y2]`` float64, and whether each clipped box is non-empty (x2 > x1 and y2 > y1)."""
+    x, y, w, h = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4).T
+    right = np.asarray(widths, dtype=np.float64) - 1.0
+    bottom = np.asarray(heights, dtype=np.float64) - 1.0
+    x1, y1 = np.minimum(np.maximum(x, 0.0), right), np.minimum(np.maximum(y, 0.0), bottom)
+    x2, y2 = np.minimum(np.maximum(x + w, 0.0), right), np.minimum(np.maximum(y + h, 0.0), bottom)
+    return np.stack([x1, y1, x2, y2], axis=1).reshape(-1, 4), (x2 > x1) & (y2 > y1)
 
 
 def _annotation_arrays(images: dict, ann_rows: dict) -> dict[str, np.ndarray]:
     """Both parsers' output in the cache's layout (``WholeBodyAnnotations`` names the arrays)."""
     keypoints = ann_rows["keypoints"]
     labelled = keypoints[:, :, 2] > 0
+    image_ids = np.asarray(images["id"], dtype=np.int64)
+    widths = np.asarray(images["width"], dtype=np.int64)
+    heights = np.asarray(images["height"], dtype=np.int64)
+    ann_image_ids = np.asarray(ann_rows["image_id"], dtype=np.int64)
+    bboxes = np.asarray(ann_rows["bbox"], dtype=np.float64).reshape(-1, 4)
+    by_id = np.argsort(image_ids, kind="stable")  # image ids are unique and every annotation's is known
+    image_rows = by_id[np.searchsorted(image_ids, ann_image_ids, sorter=by_id)]
+    clipped, kept = clip_boxes_to_images(bboxes, widths[image_rows], heights[image_rows])
     return {
-        "image_ids": np.asarray(images["id"], dtype=np.int64),
+        "image_ids": image_ids,
         "file_names": np.asarray(images["file_name"], dtype=np.str_).reshape(-1),
-        "image_widths": np.asarray(images["width"], dtype=np.int64),
-        "image_heights": np.asarray(images["height"], dtype=np.int64),
+        "image_widths": widths,
+        "image_heights": heights,
         "ann_ids": np.asarray(ann_rows["id"], dtype=np.int64),
-        "ann_image_ids": np.asarray(ann_rows["image_id"], dtype=np.int64),
-        "bboxes": np.asarray(ann_rows["bbox"], dtype=np.float64).reshape(-1, 4),
+        "ann_image_ids": ann_image_ids,
+        "bboxes": bboxes,
         "areas": np.asarray(ann_rows["area"], dtype=np.float64),
         "iscrowd": np.asarray(ann_rows["iscrowd"], dtype=np.int64),
         "num_keypoints": np.asarray(ann_rows["num_keypoints"], dtype=np.int64),
@@ -208,6 +260,8 @@ def _annotation_arrays(images: dict, ann_rows: dict) -> dict[str, np.ndarray]:
         "part_valid": np.asarray(ann_rows["part_valid"], dtype=np.int8).reshape(-1, len(PART_VALID_NAMES)),
         "labelled_body": labelled[:, :17].sum(axis=1).astype(np.int16),
         "labelled_total": labelled.sum(axis=1).astype(np.int16),
+        "clipped_boxes": clipped,
+        "box_kept": kept,
     }
 
 
@@ -425,14 +479,54 @@ def load_wholebody_annotations(
     ``cache_dir`` (None: ``trainer.datasets.annotation_cache.default_cache_dir()``); later calls, in any
     process,
     memory-map that copy (``trainer.datasets.annotation_cache``). Raises ``DatasetError`` on malformed JSON, a
-    missing field, a keypoint array of the wrong length, a non-numeric value, a duplicate id or an unknown
-    ``image_id``, naming the file, the annotation id, the field and the value, before anything is cached.
+    missing field, a keypoint array of the wrong length, a non-numeric or non-finite value (a box's too), a
+    duplicate id or an unknown ``image_id``, naming the file, the annotation id, the field and the value,
+    before anything is cached. Instances whose box is empty once clipped to its image are kept in the arrays
+    (``box_kept`` false) and named in one line on stderr, once per process and file.
     """
     path = Path(ann_file)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     arrays = cached_arrays(path, "wholebody", _convert_annotation_file, cache_dir=cache_dir)
-    return WholeBodyAnnotations(ann_file=str(path), arrays=arrays)
+    annotations = WholeBodyAnnotations(ann_file=str(path), arrays=arrays)
+    _report_dropped_instances(annotations, path)
+    return annotations
+
+
+# The file versions whose dropped instances this process has named (one line per file, not per data set).
+_REPORTED_FILES: set[tuple[str, int, int]] = set()
+
+
+def _report_dropped_instances(annotations: WholeBodyAnnotations, path: Path) -> None:
+    """Name the dropped instances of ``path`` once per process on stderr. Not in a Ray Train worker: the
+    command that started it read the files before Ray (``trainer.preflight``) and named them there, once
+    (each worker's stderr would reach the same console again)."""
+    line = annotations.dropped_instances_line()
+    if line is None:
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _REPORTED_FILES:
+        return
+    _REPORTED_FILES.add(key)
+    if "ray.train" in sys.modules:  # no Ray Train imported: not a Ray Train worker
+        from trainer.runtime import ray_train_context
+
+        if ray_train_context() is not None:
+            return
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def count_dropped_instances(
+    ann_files: typing.Iterable[str | os.PathLike | None], cache_dir: str | os.PathLike | None = None
+) -> int:
+    """Dropped instances (``WholeBodyAnnotations.num_dropped_instances``) of the distinct files named (a run's
+    train and val files; None entries are skipped); the files come through the cache, as the data sets'."""
+    files = {str(Path(f).resolve()) for f in ann_files if f is not None}
+    return sum(
+        load_wholebody_annotations(f, cache_dir=cache_dir).num_dropped_instances for f in sorted(files)
+    )
 
 
 def load_detections(det_file: str | os.PathLike, score_thr: float = 0.0) -> list[DetectionRecord]:

@@ -55,17 +55,32 @@ def truncation_problem(path: str) -> str | None:
     return None
 
 
+class ImageFileError(DatasetError):
+    """An image file that is missing, not a decodable image or cut short: ``path`` and ``problem`` (what
+    ``trainer.datasets.bad_images`` records when training skips it)."""
+
+    # The message alone constructs one too: a DataLoader worker re-raises an error as ``type(error)(text)``.
+    def __init__(self, message: str, path: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.problem = problem
+
+    def __reduce__(self):
+        return type(self), (str(self), self.path, self.problem)
+
+
 def read_bgr_image(path: str, ids: str, check_truncation: bool = True) -> np.ndarray:
-    """The BGR uint8 image at ``path``; ``DatasetError`` naming the file and ``ids`` (e.g. ``image_id=1``)
-    when it is missing, not a decodable image, or (``check_truncation``) a JPEG/PNG cut short."""
+    """The BGR uint8 image at ``path``; ``ImageFileError`` (a ``DatasetError``) naming the file and ``ids``
+    (e.g. ``image_id=1``) when it is missing, not a decodable image, or (``check_truncation``) a JPEG/PNG cut
+    short."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         reason = "missing" if not os.path.isfile(path) else "unreadable (not a decodable image)"
-        raise DatasetError(f"{path}: image file {reason} ({ids})")
+        raise ImageFileError(f"{path}: image file {reason} ({ids})", path, reason)
     if check_truncation:
         problem = truncation_problem(path)
         if problem is not None:
-            raise DatasetError(f"{path}: image file {problem} ({ids})")
+            raise ImageFileError(f"{path}: image file {problem} ({ids})", path, problem)
     return image
 
 
@@ -124,4 +139,4 @@ class AugmentationGenerator:
         self._rng, self._rng_key = rng, ("main", os.getpid())
 
 
-__all__ = ["AugmentationGenerator", "read_bgr_image", "regular_files", "truncation_problem"]
+__all__ = ["AugmentationGenerator", "ImageFileError", "read_bgr_image", "regular_files", "truncation_problem"]

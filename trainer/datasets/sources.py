@@ -45,6 +45,9 @@ class DataSourceConfig:
     # ~/.cache/fowkal.
     cache_dir: str | None = None
     gt_instances: str = DEFAULT_GT_INSTANCES  # GT_INSTANCE_RULES
+    # Distinct unreadable image files (missing, undecodable, truncated) a training run skips before it fails
+    # (trainer.datasets.bad_images); 0 = fail at the first. Evaluation never skips one.
+    max_bad_images: int = 100
 
 
 def validate_data_source(data: DataSourceConfig, check) -> None:
@@ -54,6 +57,14 @@ def validate_data_source(data: DataSourceConfig, check) -> None:
         value = getattr(data, key)
         check(value >= 1, f"data.{key}", value, "an integer >= 1")
     check(data.loader_workers >= 0, "data.loader_workers", data.loader_workers, "an integer >= 0")
+    check(
+        isinstance(data.max_bad_images, int)
+        and not isinstance(data.max_bad_images, bool)
+        and data.max_bad_images >= 0,
+        "data.max_bad_images",
+        data.max_bad_images,
+        "an integer >= 0 (0 = fail at the first unreadable training image)",
+    )
     check(
         data.gt_instances in GT_INSTANCE_RULES,
         "data.gt_instances",

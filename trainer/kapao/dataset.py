@@ -10,10 +10,14 @@ checkpointable state (``trainer.datasets.common``). One sample is one image of t
 - ``train=False``: the letterbox only, every image of the file (also those without persons) in file order;
   the sample carries ``ratio`` and ``pad`` to map predictions back (``letterbox_to_original``).
 
-Objects (``trainer.kapao.labels``): every non-crowd person is a pose object; each of its labelled keypoints a
-keypoint object. ``num_keypoints=17`` keeps only the first 17 (COCO body) keypoints of each annotation.
+Objects (``trainer.kapao.labels``): every non-crowd person whose box is not empty once clipped to its image
+(``trainer.datasets.annotations``: MMPose's rule; the others are dropped instances) is a pose object; each of
+its labelled keypoints a keypoint object. ``num_keypoints=17`` keeps only the first 17 (COCO body)
+keypoints of each annotation.
 Training uses every image of the file too (YOLOv5 keeps images without labels as background; the
-authors' image list is the whole split).
+authors' image list is the whole split). An image that cannot be read in training (gone, undecodable,
+truncated) is replaced by the next one, also as a mosaic tile, and recorded in the sample
+(``trainer.datasets.bad_images``); in evaluation it is a ``DatasetError`` naming it.
 
 Batches (``collate_kapao``): ``images`` uint8 ``[B, 3, S, S]`` RGB, as YOLOv5 moves them (a quarter of the
 float bytes to the accelerator); ``images_to_float`` divides by 255 on the tensor's device, with no
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 from trainer.datasets.annotations import DatasetError, load_wholebody_annotations
+from trainer.datasets.bad_images import SAMPLE_KEY, encode_met, load_skipping_bad_images
 from trainer.datasets.common import AugmentationGenerator, read_bgr_image, regular_files
 from trainer.kapao.augment import KapaoAugmentConfig, augment_sample
 from trainer.kapao.labels import (
@@ -110,7 +115,7 @@ class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
         # Non-crowd annotations grouped by image (file order inside an image): rows[starts[i]:ends[i]].
         image_ids = np.asarray(annotations.image_ids)
         by_id = np.argsort(image_ids, kind="stable")
-        persons = np.nonzero(np.asarray(annotations.iscrowd) == 0)[0]
+        persons = np.nonzero((np.asarray(annotations.iscrowd) == 0) & np.asarray(annotations.box_kept))[0]
         person_images = by_id[
             np.searchsorted(image_ids, np.asarray(annotations.ann_image_ids)[persons], sorter=by_id)
         ]
@@ -124,12 +129,16 @@ class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
         self._check_images(missing_images)
         self._rng: np.random.Generator | None = None
         self._rng_key: object = None
+        self._bad_images: dict[str, str] = {}  # this process's unreadable files (training skips them)
 
     # ------------------------------------------------------------------------------------------------------
     # Files
 
     def _image_path(self, image_row: int) -> str:
         return os.path.join(self.image_root, str(self._annotations.file_names[image_row]))
+
+    def _sample_path(self, index: int) -> str:
+        return self._image_path(int(self._images[index]))
 
     def _check_images(self, missing_images: str) -> None:
         listings: dict[str, set[str]] = {}
@@ -207,10 +216,21 @@ class KapaoDataset(AugmentationGenerator, torch.utils.data.Dataset):
         size = self.config.input_size
         extra: dict = {}
         if self.train:
+            met: dict[str, str] = {}
+            used: list[int] = []  # the sample's own image (the first tile loaded) or its replacement
+
+            def load(i: int) -> tuple[np.ndarray, ObjectLabels]:
+                tile, loaded = load_skipping_bad_images(
+                    self._load_resized, i, len(self), self._sample_path, self._bad_images, met, self.ann_file
+                )
+                used.append(loaded)
+                return tile
+
             image, labels, flipped = augment_sample(
-                self._load_resized, index, len(self), size, self.config, self._generator()
+                load, index, len(self), size, self.config, self._generator()
             )
-            extra["flipped"] = flipped
+            index = used[0]
+            extra.update(flipped=flipped, **{SAMPLE_KEY: encode_met(met)})
         else:
             original = self.read_image(index)
             height, width = original.shape[:2]

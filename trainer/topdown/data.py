@@ -30,8 +30,9 @@ Sampling facts and choices (documented because MMPose versions differ):
   loop's ``image.flip(-1)`` plus ``trainer.topdown.codec.flip_back_heatmaps`` is the matching flip test.
 - Missing images: ``missing_images="error"`` (default) raises ``DatasetError`` at construction naming the
   first missing files, their annotation ids and the count; ``"skip"`` drops their samples and logs a warning
-  with the count (also kept in ``num_skipped_missing_images``). An image that exists but cannot be decoded
-  raises ``DatasetError`` when read.
+  with the count (also kept in ``num_skipped_missing_images``). An image that cannot be read when a sample
+  is made (gone, undecodable or truncated): in evaluation a ``DatasetError`` naming it; in training the next
+  sample takes its place and the file is recorded in the sample (``trainer.datasets.bad_images``).
 - Training / GT-box evaluation samples: non-crowd instances with at least one labelled *body* keypoint
   (MMPose drops ``num_keypoints == 0`` even when face or hand points are labelled; ``gt_instances="any"``
   keeps every instance with any of the 133) and a non-empty box after clipping to the image (MMPose).
@@ -69,6 +70,7 @@ from trainer.datasets.annotations import (  # noqa: F401 - also the data set's p
     load_detections,
     load_wholebody_annotations,
 )
+from trainer.datasets.bad_images import SAMPLE_KEY, encode_met, load_skipping_bad_images
 from trainer.datasets.common import AugmentationGenerator, read_bgr_image, regular_files
 from trainer.datasets.keypoints import NUM_KEYPOINTS, PART_RANGES, flip_index
 from trainer.datasets.sources import DEFAULT_GT_INSTANCES, GT_INSTANCE_RULES
@@ -295,15 +297,15 @@ class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
             rows = np.nonzero((np.asarray(annotations.iscrowd) == 0) & (np.asarray(labelled) > 0))[0]
             image_ids = np.asarray(annotations.ann_image_ids)[rows]
             sample_images = image_rows(image_ids)
-            # Clip to the image (MMPose's GT-box sanitation); empty boxes and non-positive areas are skipped.
-            x, y, w, h = np.asarray(annotations.bboxes)[rows].T
-            widths = np.asarray(annotations.image_widths)[sample_images] - 1.0
-            heights = np.asarray(annotations.image_heights)[sample_images] - 1.0
-            x1, y1 = np.minimum(np.maximum(x, 0.0), widths), np.minimum(np.maximum(y, 0.0), heights)
-            x2 = np.minimum(np.maximum(x + w, 0.0), widths)
-            y2 = np.minimum(np.maximum(y + h, 0.0), heights)
-            keep = (x2 > x1) & (y2 > y1) & (np.asarray(annotations.areas)[rows] > 0)
+            # Boxes clipped to the image (MMPose's GT-box sanitation, trainer.datasets.annotations): empty
+            # ones (already counted and named as the file's dropped instances) and non-positive areas go.
+            x1, y1, x2, y2 = np.asarray(annotations.clipped_boxes)[rows].T
+            box_kept = np.asarray(annotations.box_kept)[rows]
+            keep = box_kept & (np.asarray(annotations.areas)[rows] > 0)
             self.num_skipped_boxes = int((~keep).sum())
+            no_area = int((box_kept & ~keep).sum())
+            if no_area:
+                logger.warning("%s: skipped %d instance(s) with a non-positive 'area'", ann_file, no_area)
             self._rows = rows[keep]
             self._image_ids = image_ids[keep]
             self._image_rows = sample_images[keep]
@@ -322,14 +324,14 @@ class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
                 )
             keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
             self.num_skipped_boxes = int((~keep).sum())
+            if self.num_skipped_boxes:
+                logger.warning("%s: skipped %d empty boxes", det_file, self.num_skipped_boxes)
             self._image_ids = image_ids[keep]
             self._image_rows = image_rows(self._image_ids)
             self._rows = np.full(len(self._image_ids), -1, dtype=np.int64)
             self._ann_ids = np.full(len(self._image_ids), -1, dtype=np.int64)
             boxes = boxes[keep]
             self._scores = np.asarray([det.score for det in detections], dtype=np.float32)[keep]
-        if self.num_skipped_boxes:
-            logger.warning("%s: skipped %d empty boxes", det_file or ann_file, self.num_skipped_boxes)
 
         # Flat NumPy arrays, not lists of objects: cheap to pickle to workers and copy-on-write friendly.
         self._boxes = boxes.astype(np.float32).reshape(-1, 4)
@@ -350,6 +352,7 @@ class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
         self._inv_std = 1.0 / (np.asarray(self.config.std, dtype=np.float32) * 255.0)
         self._rng: np.random.Generator | None = None
         self._rng_key: object = None
+        self._bad_images: dict[str, str] = {}  # this process's unreadable files (training skips them)
 
     @property
     def images(self) -> dict[int, ImageRecord]:
@@ -420,6 +423,16 @@ class WholeBodyTopDownDataset(AugmentationGenerator, torch.utils.data.Dataset):
         return read_bgr_image(self._image_path(index), ids)
 
     def __getitem__(self, index: int) -> dict:
+        if not self.train:
+            return self._sample(index)
+        met: dict[str, str] = {}
+        sample, _ = load_skipping_bad_images(
+            self._sample, index, len(self), self._image_path, self._bad_images, met, self.ann_file
+        )
+        sample[SAMPLE_KEY] = encode_met(met)
+        return sample
+
+    def _sample(self, index: int) -> dict:
         config = self.config
         image = self.read_image(index)
         center = self._centers[index].copy()
