@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
-from orchestrator.sweeps.settings import DEFAULT_EXPERIMENTS, SweepError, SweepSettings
+from orchestrator.sweeps.settings import DEFAULT_EXPERIMENTS, SweepSettings
 from orchestrator.tracking import EMBEDDED_DEFAULT_STORE, TRAIN_EXPERIMENT
 from trainer.arguments import add_config_arguments
 from trainer.evaluation.visualize import DRAW_KEYPOINT_THR
@@ -44,46 +45,25 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from orchestrator.data_check_command import data_check_command
+
+    return data_check_command(args.ann, args.images, args.workers, args.out, progress=not args.no_progress)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError, load_config
+    from orchestrator.runs.train import run_training
+    from trainer.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"fowkal train: {err}", file=sys.stderr)
-        return 2
-    from orchestrator.runs.train import TrackingIncomplete, TrainingInterrupted, run_training
-    from trainer.preflight import InputFileError
-
-    try:
-        run_training(
-            config,
-            tracking_uri=args.tracking_uri,
-            address=args.address,
-            storage_path=args.storage_path,
-            resume=not args.no_resume,
-            experiment_name=args.experiment,
-        )
-    except InputFileError as err:
-        print(f"fowkal train: {err}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as err:
-        print(f"fowkal train: {err}", file=sys.stderr)
-        return 130
-    except TrackingIncomplete as err:  # trained; the MLflow record is completed by running the command again
-        print(f"fowkal train: {err}", file=sys.stderr)
-        return 1
+    run_training(
+        load_config(args.config, args.overrides),
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        storage_path=args.storage_path,
+        resume=not args.no_resume,
+        experiment_name=args.experiment,
+    )
     return 0
-
-
-def _load_sweep_config(command: str, args: argparse.Namespace):
-    from trainer.config import ConfigError, load_config
-
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"fowkal {command}: {err}", file=sys.stderr)
-        return None
 
 
 def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
@@ -113,43 +93,19 @@ def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """``fowkal tune`` and ``fowkal ablate`` (one engine: orchestrator.sweeps.sweep.run_sweep)."""
-    from orchestrator.sweeps.definition_file import SearchSpaceError
-    from trainer.config import ConfigError
+    from orchestrator.sweeps.sweep import run_sweep
+    from trainer.config import load_config
 
-    config = _load_sweep_config(args.command, args)
-    if config is None:
-        return 2
-    from orchestrator.sweeps.sweep import SweepFailed, SweepInterrupted, run_sweep
-    from trainer.preflight import InputFileError
-
-    try:
-        run_sweep(args.command, config, sweep_settings_from_args(args))
-    except (SweepError, SearchSpaceError, ConfigError, InputFileError) as err:
-        print(f"fowkal {args.command}: {err}", file=sys.stderr)
-        return 2
-    except SweepFailed as err:
-        print(f"fowkal {args.command}: {err}", file=sys.stderr)
-        return 1
-    except SweepInterrupted as err:
-        print(f"fowkal {args.command}: {err}", file=sys.stderr)
-        return 130
+    run_sweep(args.command, load_config(args.config, args.overrides), sweep_settings_from_args(args))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.reports.report import ReportError, write_report
+    from orchestrator.reports.report import write_report
 
-    try:
-        uri = tracking.resolve_store_to_read(args.tracking_uri)
-    except FileNotFoundError as err:
-        print(f"fowkal report: {err}", file=sys.stderr)
-        return 2
-    try:
-        write_report(args.experiment, tracking_uri=uri, out_dir=args.out, all_sweeps=args.all)
-    except ReportError as err:
-        print(f"fowkal report: {err}", file=sys.stderr)
-        return 2
+    uri = tracking.resolve_store_to_read(args.tracking_uri)
+    write_report(args.experiment, tracking_uri=uri, out_dir=args.out, all_sweeps=args.all)
     return 0
 
 
@@ -214,96 +170,73 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from orchestrator.evaluation.eval_command import EvalError, run_eval
-    from trainer.topdown.data import DatasetError
+    from orchestrator.evaluation.eval_command import run_eval
 
-    try:
-        run_eval(
-            ann_file=args.ann,
-            image_dir=args.images,
-            checkpoint=args.checkpoint,
-            run_id=args.run,
-            results_file=args.results,
-            det_file=args.det_file,
-            det_score_thr=args.det_score_thr,
-            flip_test=not args.no_flip,
-            batch_size=args.batch,
-            workers=args.workers,
-            gpus=args.gpus,
-            out=args.out,
-            tracking_uri=args.tracking_uri,
-            progress=not args.no_progress,
-            experiment=args.experiment,
-            flip_mode=args.flip_mode,
-            overrides=args.eval_overrides,
-        )
-    except (EvalError, DatasetError) as err:
-        print(f"fowkal eval: {err}", file=sys.stderr)
-        return 2
+    run_eval(
+        ann_file=args.ann,
+        image_dir=args.images,
+        checkpoint=args.checkpoint,
+        run_id=args.run,
+        results_file=args.results,
+        det_file=args.det_file,
+        det_score_thr=args.det_score_thr,
+        flip_test=not args.no_flip,
+        batch_size=args.batch,
+        workers=args.workers,
+        gpus=args.gpus,
+        out=args.out,
+        tracking_uri=args.tracking_uri,
+        progress=not args.no_progress,
+        experiment=args.experiment,
+        flip_mode=args.flip_mode,
+        overrides=args.eval_overrides,
+    )
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.evaluation.eval_command import EvalError
     from orchestrator.evaluation.show import run_show
-    from trainer.topdown.data import DatasetError
 
-    try:
-        run_show(
-            sources=args.models,
-            ann_file=args.ann,
-            image_dir=args.images,
-            out_dir=args.out,
-            n=args.n,
-            log=args.log,
-            tracking_uri=args.tracking_uri,
-            heatmaps=args.heatmaps,
-            instance=args.instance,
-            kpt_thr=args.kpt_thr,
-            top_k=args.top_k,
-            flip_test=not args.no_flip,
-            experiment=args.experiment,
-        )
-    except (EvalError, DatasetError) as err:
-        print(f"fowkal show: {err}", file=sys.stderr)
-        return 2
+    run_show(
+        sources=args.models,
+        ann_file=args.ann,
+        image_dir=args.images,
+        out_dir=args.out,
+        n=args.n,
+        log=args.log,
+        tracking_uri=args.tracking_uri,
+        heatmaps=args.heatmaps,
+        instance=args.instance,
+        kpt_thr=args.kpt_thr,
+        top_k=args.top_k,
+        flip_test=not args.no_flip,
+        experiment=args.experiment,
+    )
     return 0
 
 
 def _cmd_tune_eval(args: argparse.Namespace) -> int:
     """``fowkal tune-eval`` (orchestrator/evaluation/tune_eval.py): TPE over the evaluation settings of a
     checkpoint."""
-    from orchestrator.evaluation.eval_command import EvalError
-    from orchestrator.evaluation.tune_eval import TuneEvalError, TuneEvalFailed, run_tune_eval
-    from orchestrator.sweeps.definition_file import SearchSpaceError
-    from trainer.topdown.data import DatasetError
+    from orchestrator.evaluation.tune_eval import run_tune_eval
 
-    try:
-        run_tune_eval(
-            run=args.run,
-            checkpoint=args.checkpoint,
-            ann_file=args.ann,
-            image_dir=args.images,
-            det_file=args.det_file,
-            space_path=args.space,
-            samples=args.samples,
-            seed=args.seed,
-            tracking_uri=args.tracking_uri,
-            experiment=args.experiment,
-            storage_path=args.storage_path,
-            max_concurrent=args.max_concurrent,
-            address=args.address,
-            verbose=0 if args.quiet else 1,
-        )
-    except (TuneEvalError, SearchSpaceError, EvalError, DatasetError) as err:
-        print(f"fowkal tune-eval: {err}", file=sys.stderr)
-        return 2
-    except TuneEvalFailed as err:
-        print(f"fowkal tune-eval: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fowkal tune-eval: interrupted", file=sys.stderr)
-        return 130
+    run_tune_eval(
+        run=args.run,
+        checkpoint=args.checkpoint,
+        ann_file=args.ann,
+        image_dir=args.images,
+        det_file=args.det_file,
+        space_path=args.space,
+        samples=args.samples,
+        seed=args.seed,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        storage_path=args.storage_path,
+        max_concurrent=args.max_concurrent,
+        address=args.address,
+        holdout=args.holdout,
+        verbose=0 if args.quiet else 1,
+    )
     return 0
 
 
@@ -325,14 +258,19 @@ def _add_tune_eval(sub) -> None:
     """The ``tune-eval`` subcommand."""
     parser = sub.add_parser(
         "tune-eval",
-        help="Optuna TPE over the evaluation settings of one checkpoint (flip mode, DARK kernel, rescoring, "
-        "OKS-NMS, detection threshold): the network runs once, each Ray Tune trial only decodes and scores",
+        help="Optuna TPE over the evaluation settings of one checkpoint (top-down: flip mode, DARK kernel, "
+        "rescoring, OKS-NMS, detection threshold; KAPAO: its thresholds, fusion, TTA): the network runs "
+        "once, each Ray Tune trial only decodes and scores",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", default=None, metavar="RUN", help=RUN_HELP)
     source.add_argument("--checkpoint", default=None, metavar="CKPT", help=CHECKPOINT_HELP)
     _add_data_arguments(parser, images_required=True)
-    parser.add_argument("--space", required=True, help="search space (search_spaces/eval_space.yaml)")
+    parser.add_argument(
+        "--space",
+        required=True,
+        help="search space (search_spaces/eval_space.yaml; KAPAO: kapao_eval_space.yaml)",
+    )
     parser.add_argument("--samples", type=int, required=True, help="trials (the first: the defaults)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument(
@@ -355,6 +293,15 @@ def _add_tune_eval(sub) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials")
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        metavar="F",
+        help="hold out this fraction of the images (0 < F < 1, a split by image id seeded by --seed): the "
+        "trials tune on the rest, the best settings are then scored on the held-out part (default: none, "
+        "tune and score on every image)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=_cmd_tune_eval)
@@ -495,6 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, default=64, help="number of images")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     synth.set_defaults(func=_cmd_data_synth)
+    check = data_sub.add_parser(
+        "check",
+        help="validate an annotation file as the commands do, then decode every image it names in parallel "
+        "processes; report missing, unreadable, truncated and wrongly sized images",
+        description="Reads the annotation file with the reader every command uses (the same errors), then\n"
+        "decodes every image it names as the data sets do (cv2.imread) in --workers processes, with a\n"
+        "progress line on stderr. Reported, printed and written to --out as report.txt and report.json:\n"
+        "missing, unreadable, truncated (no end marker and a strict decode fails) and size mismatching the\n"
+        "annotation's width x height.\n\n"
+        "exit status: 0 clean; 1 the data has problems (an invalid annotation file or any image problem);\n"
+        "2 a usage error (no such annotation file or image directory, --workers < 1).",
+    )
+    check.add_argument("--ann", required=True, help="COCO-WholeBody annotation JSON")
+    check.add_argument("--images", required=True, help="image directory (the file names are relative to it)")
+    check.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: the machine's CPU count)"
+    )
+    check.add_argument(
+        "--out",
+        default=None,
+        help="directory for report.txt and report.json, created (default: ./data_check)",
+    )
+    check.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    check.set_defaults(func=_cmd_data_check)
 
     train = sub.add_parser(
         "train",
@@ -578,9 +549,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tracking_uri_used(args: argparse.Namespace) -> str | None:
+    """The tracking URI a command line will use when it is a server (its flag, else ``MLFLOW_TRACKING_URI``);
+    None for a command that uses none (``eval``/``show`` of a checkpoint file, ``data``)."""
+    if not hasattr(args, "tracking_uri"):
+        return None
+    models = getattr(args, "models", None) or []
+    uses_runs = getattr(args, "run", None) is not None or any(kind == "run" for kind, _ in models)
+    if args.command in ("eval", "show") and not (uses_runs or getattr(args, "log", False)):
+        return None
+    return (args.tracking_uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a ``fowkal`` command line; an error ends it as ``orchestrator.user_errors.report_error`` says (one
+    line and exit status 2 for a user's error, a traceback for a bug)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    try:
+        uri = _tracking_uri_used(args)
+        if uri is not None:
+            from orchestrator.tracking import check_tracking_server
+
+            check_tracking_server(uri)  # answers, and lets these credentials in, before Ray starts
+        return int(args.func(args) or 0)
+    except (Exception, KeyboardInterrupt) as err:
+        from orchestrator.user_errors import report_error
+
+        status = report_error(command, err)
+        if status is None:
+            raise
+        return status
 
 
 if __name__ == "__main__":

@@ -89,6 +89,90 @@ SPACE_ARTIFACT = "search_space.json"  # a sweep's parent run
 ERROR_ARTIFACT = "error.txt"
 
 
+class TrackingStoreError(FileNotFoundError):
+    """A store to read that does not exist (a ``sqlite:///`` file); the message names it and the flag."""
+
+
+class TrackingServerError(ValueError):
+    """A tracking server that does not answer or refuses the credentials; the message names the server
+    (never a password)."""
+
+
+# Where MLflow's client takes a tracking server's credentials from (HTTP basic authentication).
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+SERVER_CHECK_TIMEOUT_S = 10.0
+
+
+def is_tracking_server(tracking_uri: str | None) -> bool:
+    return bool(tracking_uri) and str(tracking_uri).startswith(("http://", "https://"))
+
+
+def shown_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` as it may be printed: without the user-info part (``user:password@``) of a URL."""
+    return re.sub(r"^(https?://)[^/@]*@", r"\1", str(tracking_uri))
+
+
+def check_tracking_server(tracking_uri: str) -> None:
+    """For a tracking server (``http(s)://``): raise :class:`TrackingServerError` unless it answers and
+    accepts this machine's credentials (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, as
+    MLflow's client sends them). Local stores pass. Commands call it before Ray or a model starts."""
+    if not is_tracking_server(tracking_uri):
+        return
+    import urllib.error
+    import urllib.request
+
+    from mlflow.exceptions import MlflowException
+
+    server = shown_uri(tracking_uri)
+    try:  # /health answers without credentials, and without MLflow's retries on a server that is down
+        with urllib.request.urlopen(server.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answers; the request below says whether it lets us in
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingServerError(
+            f"tracking server {server} does not answer ({reason}); start it, or pass another --tracking-uri "
+            "(or MLFLOW_TRACKING_URI)"
+        ) from None
+    try:
+        make_client(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        status = err.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        user = os.environ.get(USERNAME_ENV, "").strip()
+        given = (
+            f"user {user!r} from {USERNAME_ENV} / {PASSWORD_ENV}"
+            if user
+            else f"none given: set {USERNAME_ENV} and {PASSWORD_ENV} on this machine"
+        )
+        # ``from None``: the client's error says nothing more, and no traceback shows a request's headers.
+        raise TrackingServerError(
+            f"tracking server {server} refused the credentials (HTTP {status}; {given})"
+        ) from None
+
+
+# MLflow's switch for the tqdm bar it draws per artifact download or upload call (read at each call).
+ARTIFACTS_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextlib.contextmanager
+def artifact_progress_bars_off():
+    """No MLflow progress bars for the artifact transfers made in the block (the caller prints its own
+    line)."""
+    previous = os.environ.get(ARTIFACTS_PROGRESS_BAR_ENV)
+    os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ARTIFACTS_PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = previous
+
+
 def resolve_tracking_uri(cli_value: str | None, output_dir: str | os.PathLike) -> str:
     """Tracking URI by precedence: the CLI flag, then ``MLFLOW_TRACKING_URI``, then a SQLite file.
 
@@ -131,7 +215,7 @@ def resolve_store_to_read(cli_value: str | None) -> str:
     uri = uri or EMBEDDED_DEFAULT_STORE
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
-        raise FileNotFoundError(
+        raise TrackingStoreError(
             f"no MLflow store at {database} (tracking URI {uri}); pass --tracking-uri or set "
             "MLFLOW_TRACKING_URI (fowkal train/tune/ablate write sqlite:///<output_dir>/mlflow.db)"
         )

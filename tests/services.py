@@ -183,8 +183,14 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with the given backend store and artifact destination."""
 
     def __init__(
-        self, root: Path, backend_store_uri: str, artifacts_destination: str, env: dict | None = None
+        self,
+        root: Path,
+        backend_store_uri: str,
+        artifacts_destination: str,
+        env: dict | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
+        self.extra_args = extra_args  # e.g. ("--app-name", "basic-auth")
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -209,6 +215,7 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 "1",
+                *self.extra_args,
             ],
             stdout=open(log, "ab"),
             stderr=subprocess.STDOUT,

@@ -68,10 +68,16 @@ def get_run(client, run_ref: str, tracking_uri: str, experiment: str | None = No
 
 
 def download_run_checkpoint(
-    client, run_ref: str, tracking_uri: str, dest: str | os.PathLike, experiment: str | None = None
+    client,
+    run_ref: str,
+    tracking_uri: str,
+    dest: str | os.PathLike,
+    experiment: str | None = None,
+    print_fn=print,
 ) -> LoadedCheckpoint:
     """Download a run's ``best_checkpoint`` (and ``config.yaml``) artifacts to ``dest`` and load the model;
-    ``run_ref`` as for :func:`get_run`."""
+    ``run_ref`` as for :func:`get_run`. One line says what is downloaded (MLflow's own progress bar, one per
+    download call, is off)."""
     run = get_run(client, run_ref, tracking_uri, experiment)
     run_id = run.info.run_id
     names = [info.path for info in client.list_artifacts(run_id)]
@@ -81,10 +87,15 @@ def download_run_checkpoint(
             f"{BEST_CHECKPOINT_ARTIFACT!r} artifact (artifacts: {names or 'none'}); fowkal train logs it "
             "(and every sweep trial) once an evaluation epoch has produced a best checkpoint"
         )
-    checkpoint_dir = client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, str(dest))
-    config_file = None
-    if CONFIG_ARTIFACT in names:
-        config_file = client.download_artifacts(run_id, CONFIG_ARTIFACT, str(dest))
+    wanted = [name for name in (BEST_CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT) if name in names]
+    print_fn(
+        f"downloading {' and '.join(wanted)} of MLflow run {run_id} from {tracking.shown_uri(tracking_uri)}"
+    )
+    with tracking.artifact_progress_bars_off():
+        checkpoint_dir = client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, str(dest))
+        config_file = None
+        if CONFIG_ARTIFACT in names:
+            config_file = client.download_artifacts(run_id, CONFIG_ARTIFACT, str(dest))
     loaded = load_checkpoint_model(
         checkpoint_dir, config_file, config_origin=f"artifact {CONFIG_ARTIFACT} of MLflow run {run_id}"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 
 # A Train V2 run needs one CPU per worker (the controller takes none), and a sweep also runs one
@@ -16,6 +17,14 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 # every server it starts (GCS, raylet, object manager, workers, agents) listens on loopback only. Without it
 # a local Ray on Linux listens on every interface of the machine.
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# Ray's head node takes its GCS port from this variable when ray.init names none (ray._private.node).
+_GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+# Where every Ray process that does not know its cluster looks for it (ray._private.services).
+_RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# Variables init_ray set for a local Ray, with what they were, for shutdown_ray to put back.
+_saved_env: list[tuple[str, str | None]] = []
 
 
 # What _single_node_mode changed, for shutdown_ray to put back: a later Ray in the same process (a
@@ -41,6 +50,41 @@ def _single_node_mode() -> None:
     previous_env = os.environ.get(_SINGLE_NODE_ENV)
     os.environ[_SINGLE_NODE_ENV] = "0"  # the processes Ray starts read it at their import
     _saved_cluster_mode.append((previous_env, _set_cluster_switch(False)))
+
+
+def _set_env_until_shutdown(name: str, value: str) -> None:
+    _saved_env.append((name, os.environ.get(name)))
+    os.environ[name] = value
+
+
+def _restore_env() -> None:
+    while _saved_env:
+        name, previous = _saved_env.pop()
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _address_own_cluster() -> str:
+    """Choose the GCS address of the local Ray about to start and put it in ``RAY_ADDRESS`` (until
+    ``shutdown_ray``), so that this process and every process the local Ray starts inherit it.
+
+    Ray's own actors that look their cluster up by themselves (Train V2's PlacementGroupCleaner asks the
+    State API, which resolves ``RAY_ADDRESS``, else the only Ray running on the machine) would otherwise find
+    another command's local Ray too and fail with "Found multiple active Ray instances". The address must be
+    known before ``ray.init``: the raylet copies this process's environment when it starts, and the workers
+    copy the raylet's. ``ray.init(address="local")`` itself ignores ``RAY_ADDRESS``."""
+    address = f"127.0.0.1:{_free_loopback_port()}"  # single-node mode: the GCS listens on loopback
+    _set_env_until_shutdown(_GCS_PORT_ENV, address.rpartition(":")[2])
+    _set_env_until_shutdown(_RAY_ADDRESS_ENV, address)
+    return address
 
 
 def _restore_cluster_mode() -> None:
@@ -70,7 +114,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
       cluster; ``num_cpus`` is then ignored because a cluster's size is its own.
     - Neither: start a local Ray with ``local_logical_cpus(num_cpus)`` logical CPUs in single-node mode:
       every server it starts listens on loopback only, the dashboard on 127.0.0.1 (never exposed on the
-      network).
+      network). Its address is in ``RAY_ADDRESS`` until ``shutdown_ray``, for this process and every
+      process the local Ray starts, so that two commands on one machine each reach their own Ray.
 
     ``log_to_driver=False`` keeps the workers' output off this process's console (a sweep's trials log
     to their own ``train.log``). Calling it again in a process where Ray is already up is a no-op.
@@ -79,6 +124,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
 
     if ray.is_initialized():
         return ray.cluster_resources()
+    _restore_env()  # a local Ray of ours stopped by a bare ray.shutdown(): its address is no one's now
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
         ray.init(address=target, log_to_driver=log_to_driver)
@@ -86,13 +132,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         # address="local": always a new instance; a bare ray.init() would join any `ray start` cluster
         # already running on this machine.
         _single_node_mode()
-        ray.init(
-            address="local",
-            num_cpus=local_logical_cpus(num_cpus),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=log_to_driver,
-        )
+        expected = _address_own_cluster()
+        try:
+            ray.init(
+                address="local",
+                num_cpus=local_logical_cpus(num_cpus),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=log_to_driver,
+            )
+        except BaseException:
+            _restore_env()
+            _restore_cluster_mode()
+            raise
+        actual = ray.get_runtime_context().gcs_address
+        if actual != expected:  # pragma: no cover - Ray chose otherwise: this process at least knows
+            os.environ[_RAY_ADDRESS_ENV] = actual
     return ray.cluster_resources()
 
 
@@ -117,3 +172,4 @@ def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _restore_cluster_mode()
+    _restore_env()

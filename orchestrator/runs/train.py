@@ -269,7 +269,7 @@ def run_training(
             print_fn(f"training interrupted ({reason}); MLflow run {run_id} ended as KILLED")
             raise TrainingInterrupted(f"training {name!r} interrupted by {reason}", run_id) from err
         tracking.end_run(run_id, "FAILED", client=client, error=err)
-        print_fn(f"training failed: {err}; MLflow run {run_id} ended as FAILED")
+        print_fn(f"training failed: {tracking.error_summary(err)}; MLflow run {run_id} ended as FAILED")
         raise
     _restore_handlers(previous_handlers)
 
