@@ -236,7 +236,8 @@ def test_evaluator_parses_the_file_once_and_checks_its_inputs(tmp_path, monkeypa
         evaluator.evaluate([dict(results[0], image_id=123456789)])
     with pytest.raises(FileNotFoundError, match="nope.json"):
         WholeBodyEvaluator(tmp_path / "nope.json", engine=engine)
-    assert evaluator.evaluate([])["wholebody/AP"] == -1.0
+    empty = evaluator.evaluate([])  # no prediction: 0 where ground truth exists, -1 only where none
+    assert empty["wholebody/AP"] == empty["body/AR"] == 0.0 and empty["face/AP_M"] == -1.0
 
 
 @needs_mini

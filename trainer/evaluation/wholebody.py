@@ -190,9 +190,12 @@ class WholeBodyEvaluator:
                 f"results refer to {len(unknown_ids)} image id(s) not in {self.ann_file}: {shown}"
             )
         metrics: dict[str, float] = {}
-        if not checked:
-            all_stats = {part: np.full(len(_STAT_NAMES), -1.0) for part in _PART_IOU_TYPES}
-        elif self.engine == "numpy":
+        # No result at all (a model that finds no one): xtcocotools' loadRes cannot take an empty list, but
+        # its accumulation gives 0 where ground truth exists, as the numpy engine computes (-1 stays "no
+        # ground truth in the range", never "no prediction").
+        if self.engine == "numpy" or not checked:
+            if not hasattr(self, "ground_truth"):  # the xtcocotools engine's file, as arrays
+                self.ground_truth = keypoint_eval.ground_truth_from_dataset(self.coco_gt.dataset)
             detections = keypoint_eval.detections_from_results(self.ground_truth, checked)
             all_stats = {
                 part: keypoint_eval.evaluate_part(
@@ -276,7 +279,8 @@ def evaluate_wholebody(ann_file, results, processes: int | None = None) -> dict[
         ``{part}/{stat}`` for part in body, foot, face, lefthand, righthand, wholebody and stat in AP, AP50,
         AP75, AP_M, AP_L, AR, AR50, AR75, AR_M, AR_L (xtcocotools' keypoint summary, maxDets 20), plus
         ``hand/AP``, ``hand/AR``, ``hand/AP50``, ``hand/AP75`` (means of the two hands). A statistic is -1
-        when the part has no labelled ground truth in the range (xtcocotools' convention).
+        when the part has no labelled ground truth in the range (xtcocotools' convention); with no result
+        at all, the others are 0.
 
     Raises:
         ValueError: a result is malformed, or refers to image ids absent from ``ann_file`` (named).
