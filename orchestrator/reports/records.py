@@ -33,6 +33,8 @@ TAG_EVALUATED_RUN = "fowkal.evaluated_run"
 TAG_CHECKPOINT = "fowkal.checkpoint"
 TAG_DEFAULTS_RUN = "fowkal.defaults_run"  # "<name> (<run id>)": the trial of the checkpoint's own settings
 BEST_EVAL_FILE = "best_eval.yaml"
+# Per-epoch metrics of the training loop whose mean over the epochs an ablation's cost table shows.
+EPOCH_COST_METRICS = ("throughput/img_per_s", "time/epoch_s")
 
 
 def is_tune_eval_parent(tags: dict) -> bool:
@@ -69,6 +71,18 @@ class ChildRecord:
     last_metrics: dict[str, float] = field(default_factory=dict)  # latest value of each metric
     curve: dict[int, float] = field(default_factory=dict)  # epoch -> the sweep's metric at that epoch
     loss_variant: str | None = None
+    family: str | None = None  # the run's experiment family (tracking.TAG_FAMILY)
+    start_time: int | None = None  # the MLflow run's start and end, ms since the epoch (end: None if running)
+    end_time: int | None = None
+    # Ablations: the mean over the run's epochs of each EPOCH_COST_METRICS metric (training throughput)
+    epoch_means: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hours(self) -> float | None:
+        """Wall-clock hours from the run's start to its end (None while it has no end)."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return max(self.end_time - self.start_time, 0) / 3.6e6
 
 
 @dataclass
@@ -275,6 +289,13 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
         if score is None:
             score = at_best.get(metric)
         best_epoch = last.get("best/epoch")
+        epoch_means = {}
+        if kind == "ablate":
+            for name in EPOCH_COST_METRICS:
+                values = list(_curve(client.get_metric_history(run.info.run_id, name)).values())
+                values = [v for v in values if math.isfinite(v)]
+                if values:
+                    epoch_means[name] = sum(values) / len(values)
         children.append(
             ChildRecord(
                 run_id=run.info.run_id,
@@ -292,6 +313,10 @@ def load_sweep(client, parent_run_id: str) -> SweepRecord:
                 last_metrics=last,
                 curve=curve,
                 loss_variant=run_tags.get(tracking.TAG_LOSS_VARIANT) or params.get("loss.variant"),
+                family=run_tags.get(tracking.TAG_FAMILY),
+                start_time=run.info.start_time,
+                end_time=run.info.end_time,
+                epoch_means=epoch_means,
             )
         )
     children.sort(key=lambda c: c.name)
@@ -491,6 +516,7 @@ def kaf_figures(client, record: SweepRecord, dest_dir: str | os.PathLike) -> lis
 
 __all__ = [
     "BEST_EVAL_FILE",
+    "EPOCH_COST_METRICS",
     "TAG_CHECKPOINT",
     "TAG_DEFAULTS_RUN",
     "TAG_EVALUATED_RUN",

@@ -20,7 +20,7 @@ from orchestrator.reports.tables import markdown_table
 class Block:
     """One piece of a report. ``text`` and table cells may hold inline Markdown: `code` and [text](url)."""
 
-    kind: str  # "h2", "p", "table", "figure"
+    kind: str  # "h2", "h3", "p", "table", "figure"
     text: str = ""
     header: list[str] | None = None
     rows: list[list[str]] | None = None
@@ -59,6 +59,8 @@ def blocks_markdown(title: str, blocks: list[Block], figure_links: dict[Path, st
     for block in blocks:
         if block.kind == "h2":
             parts.append(f"## {block.text}")
+        elif block.kind == "h3":
+            parts.append(f"### {block.text}")
         elif block.kind == "p":
             parts.append(block.text)
         elif block.kind == "table":
@@ -98,8 +100,8 @@ def blocks_html_body(title: str, blocks: list[Block]) -> str:
         if block.kind == "figure" and block.group and block.group != group:
             parts.append(f'<div class="gallery {html.escape(block.group)}">')
             group = block.group
-        if block.kind == "h2":
-            parts.append(f"<h2>{inline_html(block.text)}</h2>")
+        if block.kind in ("h2", "h3"):
+            parts.append(f"<{block.kind}>{inline_html(block.text)}</{block.kind}>")
         elif block.kind == "p":
             parts.append(f"<p>{inline_html(block.text)}</p>")
         elif block.kind == "table":

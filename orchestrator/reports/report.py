@@ -28,6 +28,14 @@ import tempfile
 from pathlib import Path
 
 from orchestrator import tracking
+from orchestrator.reports.cost_tables import (
+    cost_rows,
+    detector_note,
+    inference_cost_table,
+    inference_note,
+    training_cost_table,
+    training_note,
+)
 from orchestrator.reports.figures import (
     ablation_figure,
     plot_ablation,
@@ -83,6 +91,7 @@ from orchestrator.reports.tables import (
 )
 from orchestrator.reports.tune_eval import tune_eval_blocks, tune_eval_runs_block, tune_eval_setup_rows
 from trainer.evaluation.metric_units import is_ap_metric
+from trainer.families import DEFAULT_FAMILY
 
 FIGURES_DIR = "figures"  # beside report.md: the PNGs its Markdown shows
 
@@ -150,6 +159,11 @@ def setup_rows(record: SweepRecord) -> list[list[str]]:
         seeds = _seeds(record)
         rows.append(["Seeds", f"{len(seeds)} ({', '.join(map(str, seeds))})" if seeds else "—"])
         rows.append(["Arms", f"{len(record.arms)} ({', '.join(a['key'] for a in record.arms)})"])
+        base_family = _setting(record, "family") or DEFAULT_FAMILY
+        families = {a["key"]: (a.get("overrides") or {}).get("family") or base_family for a in record.arms}
+        if len(set(families.values())) > 1:  # model and input size above are --config's family's
+            listed = ", ".join(f"{key}: {name}" for key, name in families.items())
+            rows.append(["Families", f"{listed} (arms of another family than {base_family}: its defaults)"])
     else:
         rows.append(["Trials", str(record.params.get("sweep.samples", len(record.children)))])
     batch, workers = _setting(record, "batch_size"), _setting(record, "num_workers")
@@ -241,6 +255,24 @@ def _paired(record: SweepRecord, rows: list[AblationRow]) -> list[Block]:
     return blocks
 
 
+def _cost(record: SweepRecord) -> list[Block]:
+    """The arms' cost side by side: inference (latency, FLOPs, parameters) and training (throughput,
+    hours), with what the top-down family's numbers leave out (its person detector)."""
+    rows = cost_rows(record)
+    if not rows:
+        return []
+    blocks = [Block("h2", "Cost"), Block("h3", "Inference"), Block("p", inference_note(rows))]
+    header, table = inference_cost_table(rows)
+    blocks.append(Block("table", header=header, rows=table))
+    detector = detector_note(rows)
+    if detector is not None:
+        blocks.append(Block("p", detector))
+    header, table = training_cost_table(rows)
+    blocks += [Block("h3", "Training"), Block("p", training_note(rows))]
+    blocks.append(Block("table", header=header, rows=table))
+    return blocks
+
+
 def _kaf(record: SweepRecord, figures: list[KafFigure], tracking_uri: str) -> list[Block]:
     if not figures:
         return []
@@ -280,6 +312,7 @@ def _ablation_blocks(record: SweepRecord, client, tracking_uri: str, tmp: Path) 
         Block("table", header=ablation_header(), rows=ablation_table_cells(rows, has_paper(rows))),
     ]
     blocks += _paired(record, rows)
+    blocks += _cost(record)
     if rows:
         caption = "Ablation bars: ours" + (
             " and the paper's, each on its own scale" if has_paper(rows) else ""

@@ -6,7 +6,11 @@
   ``best/epoch``, so the runs table compares arms at their best epoch, not their last;
 - the family's own files (``ExperimentFamily.run_artifacts``): for the top-down family's KAL variants
   ``kaf_history.npy`` (``[epochs, K]`` mean lambda per keypoint) and ``kaf_history.png`` (absolute lambda per
-  keypoint and per part, and the paper's Fig. 5 view, min-max normalised per epoch).
+  keypoint and per part, and the paper's Fig. 5 view, min-max normalised per epoch);
+- ``bad_images.txt``, when training skipped unreadable image files (``trainer.datasets.bad_images``);
+- the inference cost of the best checkpoint (``cost/*``, ``latency/*``: parameters, FLOPs, forward and
+  post-processing ms per image at batch 1 and batched, on a few val images, on this process's CPU;
+  ``trainer.latency``), logged at the best epoch's step.
 
 The best checkpoint is the one scoring highest on the family's ``selection_metric`` (``val/wholebody_AP``
 for the top-down family).
@@ -22,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
+from trainer.datasets.bad_images import BAD_IMAGES_FILE
 from trainer.families import family_of
+from trainer.latency import PROBE_IMAGES
 
 BEST_METRIC = "val/wholebody_AP"  # the top-down family's selection metric (the default family's)
 DATASET_INPUT_ATTEMPTS = 3
@@ -90,6 +96,12 @@ def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunO
         outputs.artifacts.append(tracking.BEST_CHECKPOINT_ARTIFACT)
         step = int(best_metrics["epoch"]) if _finite(best_metrics.get("epoch")) else 0
         tracking.log_epoch_metrics(run_id, best_epoch_metrics(best_metrics), step, client=client)
+        try:  # the run trained: a failed measurement costs it only these numbers
+            with best_ckpt.as_directory() as local_dir:
+                cost = inference_cost_metrics(config, local_dir)
+            tracking.log_epoch_metrics(run_id, cost, step, client=client)
+        except Exception as err:
+            print_fn(f"could not measure the inference cost of the best checkpoint: {err}")
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as local_dir:
             tracking.log_artifact_path(
@@ -109,7 +121,26 @@ def log_run_outputs(client, run_id: str, config, result, print_fn=print) -> RunO
             for path in files:
                 client.log_artifact(run_id, str(path))
                 outputs.artifacts.append(Path(path).name)
+            bad_images = Path(local_dir) / BAD_IMAGES_FILE  # the image files training skipped, if any
+            if bad_images.is_file():
+                client.log_artifact(run_id, str(bad_images))
+                outputs.artifacts.append(BAD_IMAGES_FILE)
     return outputs
+
+
+def inference_cost_metrics(config, checkpoint_dir, images: int = PROBE_IMAGES) -> dict[str, float]:
+    """``trainer.latency.COST_METRICS`` of the model in ``checkpoint_dir`` (the run's best) on the first
+    ``images`` images of the run's val set (its detections where it has them), on this process's CPU: the
+    family's ``latency_probe`` timed by ``trainer.latency.inference_cost``."""
+    from trainer.checkpoint import load_checkpoint_model
+    from trainer.datasets.sources import resolve_datasets
+    from trainer.latency import inference_cost
+
+    family = family_of(config)
+    loaded = load_checkpoint_model(checkpoint_dir)
+    paths = resolve_datasets(config.data)
+    dataset = family.eval_dataset(config, paths["val_ann"], paths["val_images"], det_file=paths["val_det"])
+    return inference_cost(loaded.model, family.latency_probe(config, dataset, images), "cpu")
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -160,6 +191,7 @@ __all__ = [
     "RunOutputs",
     "best_epoch_metrics",
     "file_digest",
+    "inference_cost_metrics",
     "log_dataset_inputs",
     "log_run_outputs",
     "pick_best",
