@@ -123,7 +123,7 @@ def draw_wholebody(
     canvas = np.ascontiguousarray(image).copy()
     points, values = _check_keypoints(keypoints, scores)
     shown = (values >= score_thr) & np.isfinite(points).all(axis=1)
-    pixel = np.round(points).astype(np.int64)
+    pixel = np.round(np.where(np.isfinite(points), points, 0.0)).astype(np.int64)  # NaN: not shown
     for a, b in DRAW_SKELETON:
         if shown[a] and shown[b]:
             dense = _part_of(a) in ("face", "lefthand", "righthand")
