@@ -10,7 +10,15 @@
    + DARK + the inverse crop affine of 20 crops with 64x48 heatmaps;
    ``trainer.topdown.inference.decode_heatmaps``).
 
+4. ``--latency``: per-image latency as the KAPAO paper measures it (batch 1: forward + post-processing, and
+   the post-processing share) for both families on the same images (the real mini set
+   ../shared/data/coco_wholebody_mini/ if present, else synthetic), at their paper input sizes (top-down
+   256x192 per person crop x the people in the image + DARK, rescoring, OKS-NMS; KAPAO 1280 whole image) and
+   at the smoke sizes; random-init weights. The same measurement as the cost a finished run logs
+   (``ExperimentFamily.latency_probe`` timed by ``trainer.latency.inference_cost``).
+
     .venv/bin/python bench/kapao.py [--quick]
+    .venv/bin/python bench/kapao.py --latency [--quick] [--device cuda]
 
 Prints Markdown tables (for bench/RESULTS.md, "KAPAO").
 """
@@ -127,6 +135,52 @@ def head_size_rows() -> list[str]:
 
 
 def postprocess_rows(repeats: int) -> list[str]:
+    """Post-processing ms per image (module docstring, 3), now and before in the same run: "before" decodes
+    the candidates as the first version did (per layer, a gather by (image, anchor, row, column) of every row
+    whose objectness clears the floor, per-row stride and anchor tensors, per-image masks), then the same NMS
+    and fusion; the candidates are equal (tests/test_kapao_postprocess.py)."""
+    from torchvision.ops import box_convert
+
+    from trainer.kapao.anchors import keypoints_from_outputs
+    from trainer.kapao.postprocess import Candidates, _decode_boxes, _decode_keypoints, poses_from_candidates
+
+    def candidates_before(outputs, pose_floor, keypoint_floor):
+        table = torch.as_tensor(P6_ANCHORS, dtype=torch.float32)
+        k = keypoints_from_outputs(outputs[0].shape[-1])
+        floor = min(pose_floor, keypoint_floor)
+        logit_floor = math.log(floor / (1 - floor)) - 1e-3
+        rows, images, grids, row_strides, row_anchors = [], [], [], [], []
+        for out, anchor, stride in zip(outputs, table, STRIDES, strict=True):
+            image, a, gy, gx = (out[..., 4] > logit_floor).nonzero(as_tuple=True)
+            rows.append(out[image, a, gy, gx])
+            images.append(image)
+            grids.append(torch.stack([gx, gy], dim=-1))
+            row_strides.append(torch.full(gx.shape, float(stride)))
+            row_anchors.append(anchor[a])
+        rows, image, grid = torch.cat(rows), torch.cat(images), torch.cat(grids).float()
+        stride, anchor = torch.cat(row_strides)[:, None], torch.cat(row_anchors)
+        boxes = _decode_boxes(rows[:, :4], grid, stride, anchor)
+        class_logit, label = rows[:, 5 : 5 + k + 1].max(dim=1)
+        conf = rows[:, 4].float().sigmoid() * class_logit.float().sigmoid()
+        per_image = []
+        for b in range(outputs[0].shape[0]):
+            mine = (image == b).nonzero().squeeze(1)
+            is_pose = ((label[mine] == 0) & (conf[mine] > pose_floor)).nonzero().squeeze(1)
+            is_kp = ((label[mine] > 0) & (conf[mine] > keypoint_floor)).nonzero().squeeze(1)
+            pose, kp = mine[is_pose], mine[is_kp]
+            keypoints = _decode_keypoints(rows[pose, 4 + k + 2 :], grid[pose], stride[pose], anchor[pose])
+            per_image.append(
+                Candidates(
+                    box_convert(boxes[pose], "cxcywh", "xyxy"),
+                    conf[pose],
+                    keypoints,
+                    box_convert(boxes[kp], "cxcywh", "xyxy"),
+                    conf[kp],
+                    label[kp] - 1,
+                )  # fmt: skip
+            )
+        return per_image
+
     torch.set_num_threads(1)
     settings, letterbox = KapaoEvalConfig(), (1.0, (0.0, 0.0))
     rows = [
@@ -136,9 +190,29 @@ def postprocess_rows(repeats: int) -> list[str]:
     for k in (17, 133):
         outputs = crowd_outputs(k, 1280, people=20, rng=np.random.default_rng(k))
         found = candidates(outputs, settings.tau_cp, settings.tau_ck)[0]
+        before = candidates_before(outputs, settings.tau_cp, settings.tau_ck)[0]
+        assert all(
+            torch.equal(getattr(found, f), getattr(before, f)) for f in Candidates.__dataclass_fields__
+        )
+
+        def run_before(outputs=outputs):
+            cands = candidates_before(outputs, settings.tau_cp, settings.tau_ck)
+            return [poses_from_candidates(c, settings, letterbox) for c in cands]
+
+        ms_before = best_ms(run_before, repeats)
         ms = best_ms(lambda outputs=outputs: poses_from_outputs(outputs, settings, [letterbox]), repeats)
+        ms_decode = best_ms(
+            lambda outputs=outputs: candidates(outputs, settings.tau_cp, settings.tau_ck), repeats
+        )
+        ms_decode_before = best_ms(
+            lambda outputs=outputs: candidates_before(outputs, settings.tau_cp, settings.tau_ck), repeats
+        )
         counts = f"{len(found.pose_scores)} / {len(found.kp_scores)}"
-        rows.append(f"| KAPAO: decode + 2 NMS + fusion | {k} | {counts} | {ms:.2f} |")
+        rows.append(f"| KAPAO before: decode + 2 NMS + fusion | {k} | {counts} | {ms_before:.2f} |")
+        rows.append(f"| KAPAO now: decode + 2 NMS + fusion | {k} | {counts} | {ms:.2f} |")
+        rows.append(
+            f"| KAPAO decode alone, before / now | {k} | | {ms_decode_before:.2f} / {ms_decode:.2f} |"
+        )
     # The top-down family decodes the same 20 people: 20 crops, their mirrors, 133 heatmaps of 64x48 each.
     generator = torch.Generator().manual_seed(0)
     heatmaps = torch.rand(20, 133, 64, 48, generator=generator)
@@ -150,10 +224,91 @@ def postprocess_rows(repeats: int) -> list[str]:
     return rows
 
 
+MINI_SET = ROOT.parent / "shared" / "data" / "coco_wholebody_mini"
+
+# (row label, config, boxes): the paper's recipes and the smoke configs of both families.
+LATENCY_SETUPS = (
+    ("top-down paper: HRNet-W32 256x192, detections", "paper_hrnet_w32_fowkal.yaml", "detections"),
+    ("top-down paper: HRNet-W32 256x192, GT boxes", "paper_hrnet_w32_fowkal.yaml", "gt"),
+    ("top-down smoke: HRNet-W18-small 96x128, GT boxes", "smoke.yaml", "gt"),
+    ("KAPAO paper: KAPAO-S 1280", "kapao_wholebody_s.yaml", None),
+    ("KAPAO smoke: KAPAO-S 256", "smoke_kapao.yaml", None),
+)
+
+
+def latency_data() -> tuple[str, str, str | None, str]:
+    """(annotation file, image root, person detections or None, what it is): the real mini set if present,
+    else the smoke configs' synthetic val set."""
+    ann = MINI_SET / "test_coco_wholebody.json"
+    if ann.is_file():
+        detections = str(MINI_SET / "test_coco_det_AP_H_56.json")
+        return str(ann), str(MINI_SET), detections, "COCO-WholeBody mini set"
+    from trainer.config import load_config
+    from trainer.datasets.sources import resolve_datasets
+
+    paths = resolve_datasets(load_config(ROOT / "configs" / "smoke.yaml").data)
+    return paths["val_ann"], paths["val_images"], None, "synthetic val set (no mini set at ../shared)"
+
+
+def latency_rows(quick: bool, device: str, repeats: int, images: int | None = None) -> list[str]:
+    """Per setup: crops per image, forward / post-processing / total ms per image at batch 1, the post share,
+    GFLOPs per image and parameters, on the same images."""
+    from trainer.config import load_config
+    from trainer.families import family_of
+    from trainer.latency import PROBE_IMAGES, inference_cost
+
+    ann, image_root, detections, what = latency_data()
+    setups = [s for s in LATENCY_SETUPS if "smoke" in s[0]] if quick else list(LATENCY_SETUPS)
+    count = images or (2 if quick else PROBE_IMAGES)
+    rows = [
+        f"Data: {what}, the {count} images with the smallest ids; {device}, {torch.get_num_threads()} torch "
+        f"threads; random-init weights; batch 1 = one image (top-down: its crops in one batch); forward and "
+        f"post-processing each the best of {repeats} per image.",
+        "",
+        "| setup | inputs per image | forward ms | post ms | total ms | post share | GFLOPs per image "
+        "| params M |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    image_ids = None
+    for label, config, boxes in setups:
+        if boxes == "detections" and detections is None:
+            continue
+        cfg = load_config(ROOT / "configs" / config, ["model.pretrained_path=null"])
+        family = family_of(cfg)
+        det_file = detections if boxes == "detections" else None
+        dataset = family.eval_dataset(cfg, ann, image_root, det_file=det_file)
+        if image_ids is None:  # the same images for every setup: the first ones that hold people
+            ids = dataset.sample_ids[0] if family.predicts_per_box else dataset.image_ids
+            image_ids = sorted({int(i) for i in ids})[:count]
+        torch.manual_seed(0)
+        model = family.build_model(cfg, pretrained=False)
+        probe = family.latency_probe(cfg, dataset, image_ids=image_ids)
+        cost = inference_cost(model, probe, device, repeats=repeats)
+        forward, post, total = (cost[f"latency/{part}_ms_b1"] for part in ("forward", "post", "total"))
+        rows.append(
+            f"| {label} | {cost['cost/inputs_per_image']:.1f} | {forward:.1f} | {post:.2f} | {total:.1f} | "
+            f"{100 * post / total:.1f}% | {cost['cost/flops_per_image'] / 1e9:.1f} | "
+            f"{cost['cost/params'] / 1e6:.2f} |"
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smoke size only for the forward")
+    parser.add_argument(
+        "--latency", action="store_true", help="only the per-image latency of both families (item 4)"
+    )
+    parser.add_argument("--device", default="cpu", help="--latency: where to run (cpu, cuda)")
+    parser.add_argument("--images", type=int, default=None, help="--latency: images (default 4, --quick 2)")
     args = parser.parse_args(argv)
+    if args.latency:
+        print(
+            f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"device {args.device}"
+        )
+        print("\n".join(latency_rows(args.quick, args.device, 2 if args.quick else 3, args.images)))
+        return 0
     repeats = 3 if args.quick else 10
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

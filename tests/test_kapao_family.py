@@ -177,3 +177,14 @@ def test_a_checkpoint_of_the_other_family_is_a_named_error(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(kapao))
     with pytest.raises(EvalError, match=r"checkpoint\.pt' does not fit the kapao family's KAPAO-S"):
         load_checkpoint_model(checkpoint)
+
+
+def test_the_kept_checkpoint_is_chosen_by_the_predicted_keypoints_ap():
+    """The authors' fitness 0.1 AP50 + 0.9 AP, of whole-body AP for a whole-body model and of body (COCO
+    keypoint) AP for `model.keypoints: body`, whose whole-body AP is ~0 (no face or hand keypoints)."""
+    metrics = {"val/wholebody_AP": 0.5, "val/wholebody_AP50": 1.0, "val/body_AP": 20.0, "val/body_AP50": 40.0}
+    wholebody = load_config("configs/smoke_kapao.yaml")
+    body = load_config("configs/smoke_kapao.yaml", ["model.keypoints=body"])
+    assert KAPAO.selection_score(metrics, wholebody) == pytest.approx(0.1 * 1.0 + 0.9 * 0.5)
+    assert KAPAO.selection_score(metrics, body) == pytest.approx(0.1 * 40.0 + 0.9 * 20.0)
+    assert "body/AP50" in KAPAO.val_metrics and KAPAO.selection_score({}, body) is None

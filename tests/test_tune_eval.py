@@ -494,17 +494,33 @@ def test_report_of_a_tune_eval_best_settings_gain_importances_links(
         seed=3,
         tracking_uri=uri,
         storage_path=str(tmp_path / "store"),
+        holdout=0.5,
         verbose=0,
         print_fn=lambda _: None,
     )
     # Defaults (nms 0.9, shift): 30 - 9 = 21%; the best point: 30 + 1 = 31%.
     assert outcome.default_score == pytest.approx(21.0) and outcome.best_score == pytest.approx(31.0)
+    # --holdout 0.5: the best settings (made-up scores on the tuned half) scored for real on the other half,
+    # from the same cache: what fowkal eval gives with them on the held-out half's annotation file.
+    from orchestrator.evaluation.eval_command import run_eval
+
+    held_ann = Path(outcome.sweep_dir) / "holdout" / "held_out_images.json"
+    assert outcome.holdout["tuned_images"] == 2 and outcome.holdout["held_out_images"] == 2
+    sets = [f"{k}={v}" for k, v in BEST_POINT.items()]
+    on_held = run_eval(
+        ann_file=str(held_ann), image_dir=str(MINI), checkpoint=str(tiny_checkpoint), workers=0,
+        progress=False, out=str(tmp_path / "held.json"), overrides=sets, print_fn=lambda _: None,
+    )  # fmt: skip
+    assert outcome.holdout["held_out/best"]["eval/wholebody_AP"] == on_held["wholebody/AP"]
     summary = Path(outcome.summary_path).read_text()
     assert "Best eval/wholebody_AP: **31.00%**" in summary and "gain **+10.00** points" in summary
     client = tracking.make_client(uri)
     parent = client.get_run(outcome.parent_run_id)
     importances = {k[len("importance/") :]: v for k, v in parent.data.metrics.items() if "importance/" in k}
     assert max(importances, key=importances.get) == "eval.nms_thr"
+    assert parent.data.metrics["holdout/held_out/best/eval/wholebody_AP"] == on_held["wholebody/AP"]
+    assert parent.data.metrics["holdout/tuned/best/eval/wholebody_AP"] == pytest.approx(31.0)
+    assert "Held-out check (--holdout 0.5)" in summary and "| eval/face_AP |" in summary
 
     for target in (outcome.sweep_id, outcome.parent_run_id, tune_eval.DEFAULT_EXPERIMENT):
         md_path, html_path = write_report(

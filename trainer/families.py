@@ -14,11 +14,13 @@ methods of :class:`ExperimentFamily`, and one line in :data:`FAMILIES`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from trainer.kapao.family import KAPAO
+from trainer.latency import PROBE_IMAGES
 from trainer.topdown.family import TOPDOWN_HEATMAP
 
 DEFAULT_FAMILY = "topdown_heatmap"
@@ -52,6 +54,58 @@ class FamilyTraining(Protocol):
         """The model to evaluate and checkpoint as ``model`` (the EMA where the family keeps one)."""
 
 
+@dataclass
+class SweepCacheInfo:
+    """What ``EvalSweep.build_cache`` leaves: where the cache is, how much it holds, and the plain, picklable
+    options every trial's ``EvalSweep.score`` receives."""
+
+    path: str
+    units: int  # what the cache holds per entry: boxes (top-down) or images (whole-image families)
+    unit_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepScore:
+    """One trial's scoring: the shared evaluator's metrics (``evaluate_wholebody``'s keys, fractions), the
+    units scored and, for a cache of limited depth, the images whose cache ran out (None: it cannot)."""
+
+    metrics: dict[str, float]
+    units: int
+    short_images: int | None = None
+
+
+class EvalSweep(Protocol):
+    """What ``fowkal tune-eval`` asks a family: the network runs once over the evaluation set into a cache,
+    then each trial turns the cache into results with its inference-time settings and scores them, with the
+    numbers ``fowkal eval`` gives at the same settings (``trainer.topdown.family.HeatmapEvalSweep``,
+    ``trainer.kapao.family.KapaoEvalSweep``)."""
+
+    # The dotted keys a tune-eval space may sweep (the family's ``eval_setting_keys``).
+    setting_keys: tuple[str, ...]
+
+    def base_settings(self, cfg) -> dict[str, Any]:
+        """The checkpoint config's values of ``setting_keys``: the sweep's base and its first trial."""
+
+    def build_cache(
+        self, loaded, ann_file, image_dir, cache_root, *, det_file, reach: Mapping[str, tuple], progress: bool
+    ) -> SweepCacheInfo:
+        """Run the network once (or reuse a cache of the same inputs under ``cache_root``); ``reach`` maps
+        every setting key to the values the space can ask for (a continuous range as its two ends), so that
+        the cache holds what the most permissive trial needs (e.g. the lowest thresholds)."""
+
+    def open_cache(self, path):
+        """The cache at ``path`` (``SweepCacheInfo.path``), opened in a trial process."""
+
+    def score(
+        self, cache, settings: Mapping[str, Any], evaluator, options: Mapping[str, Any], *, image_ids=None,
+        memo_dir=None,
+    ) -> SweepScore:  # fmt: skip
+        """One trial: ``settings`` (every key of ``setting_keys``) applied to the cache, scored by
+        ``evaluator`` (a ``WholeBodyEvaluator``) on the images of ``image_ids`` (None: all); ``memo_dir``: a
+        directory the sweep's trials share for what they can reuse."""
+
+
 class ExperimentFamily(Protocol):
     """What the shared code asks a family (``trainer.topdown.family.TopDownHeatmapFamily`` is one)."""
 
@@ -74,6 +128,8 @@ class ExperimentFamily(Protocol):
     predicts_per_box: bool
     # Whether the network outputs crop heatmaps that ``fowkal tune-eval`` caches and ``fowkal show`` draws.
     heatmap_eval_sweep: bool
+    # How ``fowkal tune-eval`` sweeps the family's inference-time settings without training (None: it cannot).
+    eval_sweep: EvalSweep | None
     # The shared evaluator's numbers the loop reports: evaluate_wholebody key -> metric name
     # (trainer.evaluation.wholebody.VAL_METRICS, or more).
     val_metrics: Mapping[str, str]
@@ -116,8 +172,9 @@ class ExperimentFamily(Protocol):
     def results(self, predictions: Mapping, cfg) -> list[dict]:
         """COCO-WholeBody result dicts (image-level keypoints) for the shared evaluator."""
 
-    def selection_score(self, metrics: Mapping[str, float]) -> float | None:
-        """The number the best checkpoint maximises (None on epochs without validation)."""
+    def selection_score(self, metrics: Mapping[str, float], cfg=None) -> float | None:
+        """The number the best checkpoint maximises for a run of ``cfg`` (None on epochs without
+        validation)."""
 
     def run_artifacts(self, cfg, checkpoint_dir, out_dir) -> tuple[list, list[str]]:
         """Files a finished run logs beside its checkpoints (written into ``out_dir`` from the last
@@ -131,6 +188,15 @@ class ExperimentFamily(Protocol):
 
     def describe_model(self, cfg) -> str:
         """What the model of ``cfg`` is, for messages (``backbone 'hrnet_w32' with a KAF head``)."""
+
+    def describe_recipe(self, cfg) -> tuple[str, str]:
+        """The model at its input size and the optimiser's learning rate, for a sweep's description:
+        (``hrnet_w32 at 256x192 (h x w)``, ``lr 0.0005``)."""
+
+    def latency_probe(self, cfg, dataset, images: int = PROBE_IMAGES, image_ids=None):
+        """A ``trainer.latency.LatencyProbe`` of ``images`` images of the test-mode ``dataset`` (the smallest
+        image ids, or ``image_ids``): each image's network input at the family's input size, the forward
+        pass, and the family's post-processing into poses (what ``trainer.latency.inference_cost`` times)."""
 
 
 # The family table: name -> family. Adding a family is one line here.
@@ -160,9 +226,12 @@ def family_of(cfg) -> ExperimentFamily:
 
 __all__ = [
     "DEFAULT_FAMILY",
+    "EvalSweep",
     "ExperimentFamily",
     "FAMILIES",
     "FamilyTraining",
+    "SweepCacheInfo",
+    "SweepScore",
     "UnknownFamilyError",
     "family_of",
     "get_family",

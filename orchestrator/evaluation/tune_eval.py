@@ -1,8 +1,12 @@
 """``fowkal tune-eval``: Optuna TPE over the evaluation settings of a trained checkpoint, as Ray Tune trials.
 
-The settings that act after the network (``trainer.config.EVAL_SETTING_KEYS``: the flip-test mode, DARK's
-blur kernel, the rescoring keypoint threshold, the OKS-NMS threshold, the detection-score threshold) cost
-no training, and with the heatmaps kept no forward pass either:
+The settings that act after the network cost no training, and with the network's output kept no forward pass
+either. What they are and what is kept is the family's (``trainer.families.EvalSweep``, the family's
+``eval_sweep``); nothing here names a family. The top-down family sweeps ``trainer.config.EVAL_SETTING_KEYS``
+(the flip-test mode, DARK's blur kernel, the rescoring keypoint threshold, the OKS-NMS threshold, the
+detection-score threshold) over cached heatmaps; KAPAO its six thresholds, fusion, the unfused-keypoint score
+and the test-time augmentation over cached candidates (``trainer.kapao.candidate_cache``). For the top-down
+family:
 
 - Before Ray: the search space (``search_spaces/eval_space.yaml``, the format of ``sweep_space``; a key that
   is not an evaluation setting is an error naming it), the checkpoint (its weights must fit the model its
@@ -27,8 +31,11 @@ defaults,
   no early stopping, as many at once as the cluster's CPUs hold (``resources.EVAL_TRIAL_CPUS`` each).
 - Results, in the sweep directory and on the parent run (``orchestrator.evaluation.tune_eval_results``):
   ``best_eval.yaml`` (the best settings, and the ``fowkal eval --set`` line that applies them),
-  ``summary.md`` (best, defaults, gain, the top trials, Optuna's parameter importances, computed as
-  ``fowkal report`` computes them).
+  ``summary.md`` (best, defaults, gain overall and per part, the top trials, Optuna's parameter importances,
+  computed as ``fowkal report`` computes them).
+- ``--holdout F`` (``orchestrator.evaluation.tune_eval_holdout``): the trials score a seeded part of the
+  images, the best settings and the defaults are then scored on the held-out fraction F; both parts' numbers
+  go into the summary and the parent run (``holdout/...``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
+from orchestrator.evaluation.tune_eval_holdout import HOLDOUT_PREFIX, check_holdout, write_split
 from orchestrator.evaluation.tune_eval_inputs import (  # the checks before Ray
     TuneEvalError,
     base_settings,
@@ -52,9 +60,11 @@ from orchestrator.evaluation.tune_eval_inputs import (  # the checks before Ray
     load_eval_space,
     lowest_det_score_thr,
     metric_names,
+    space_reach,
     trial_settings_for,
 )
 from orchestrator.evaluation.tune_eval_results import (  # the results; importable from here as before
+    PART_AP_METRICS,
     SUMMARY_FILE,
     parameter_importances,
     scored_trials,
@@ -63,6 +73,7 @@ from orchestrator.evaluation.tune_eval_results import (  # the results; importab
 from orchestrator.evaluation.tune_eval_trial import (  # the trial side; importable from here as before
     DEFAULT_METRIC,
     EVAL_PREFIX,
+    SHORT_METRIC,
     EvalSweepPlan,
     EvalTrialStatusCallback,
     evaluate_trial,
@@ -109,6 +120,7 @@ class TuneEvalOutcome:
     best_eval_path: str | None = None
     summary_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    holdout: dict[str, Any] | None = None  # --holdout: the parts' sizes and scores (write_results' holdout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,6 +143,7 @@ def run_tune_eval(
     max_concurrent: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    holdout: float | None = None,
     verbose: int = 1,
     print_fn=print,
 ) -> TuneEvalOutcome:
@@ -144,6 +157,7 @@ def run_tune_eval(
         raise TuneEvalError(f"--samples must be >= 1, got {samples}")
     if max_concurrent is not None and max_concurrent < 1:
         raise TuneEvalError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    check_holdout(holdout)
     if not Path(ann_file).is_file():
         raise TuneEvalError(f"annotation file {str(ann_file)!r} does not exist (--ann)")
     if not Path(image_dir).is_dir():
@@ -185,40 +199,46 @@ def run_tune_eval(
     from trainer.families import family_of
 
     family = family_of(config)
-    if not family.heatmap_eval_sweep:
+    sweep = family.eval_sweep
+    if sweep is None:
         raise TuneEvalError(
-            f"{loaded.checkpoint_path}: a checkpoint of family {family.name!r}: fowkal tune-eval sweeps the "
-            "heatmap decoding of the top-down family only (its cached heatmaps)"
+            f"{loaded.checkpoint_path}: a checkpoint of family {family.name!r}, whose inference-time "
+            "settings fowkal tune-eval cannot sweep (the family has no eval_sweep)"
+        )
+    if space.family != family.name:
+        raise TuneEvalError(
+            f"{space_path}: a search space of family {space.family!r} (its family: field), but the "
+            f"checkpoint {loaded.checkpoint_path} is of family {family.name!r}: give --space a space of "
+            "that family"
         )
     settings = base_settings(config)
     defaults = defaults_point(space, settings, space_path)
     points = [defaults] + [dict(p) for p in space.extra_points]
     try:  # every point the search starts from must give a valid config
         for point in points:
-            trial_settings_for(space, settings, point)
+            trial_settings_for(space, settings, point, config)
     except (SearchSpaceError, ValueError, TypeError) as err:
         raise TuneEvalError(f"{space_path}: {err}") from err
     timings["checks_s"] = time.perf_counter() - start
 
     # ---- the network, once
-    from trainer.topdown.heatmap_cache import build_heatmap_cache
-
-    floor = lowest_det_score_thr(space, settings["data.det_score_thr"])
     print_fn(
-        f"checkpoint {loaded.checkpoint_path} ({config.model.backbone}, config from {loaded.config_source})"
+        f"checkpoint {loaded.checkpoint_path} ({family.describe_model(config)}, config from "
+        f"{loaded.config_source})"
     )
     began = time.perf_counter()
-    cache = build_heatmap_cache(
+    cache = sweep.build_cache(
         loaded,
         ann_file,
         image_dir,
-        base_dir.resolve() / "heatmap_cache",
+        base_dir.resolve(),
         det_file=det_file,
-        det_score_thr=floor,
+        reach=space_reach(space, settings),
         progress=verbose > 0,
     )
-    timings["heatmaps_s"] = time.perf_counter() - began
-    print_fn(f"heatmaps of {len(cache.image_ids)} boxes in {cache.path} ({timings['heatmaps_s']:.1f} s)")
+    timings["cache_s"] = time.perf_counter() - began
+    what = f"{cache.units} {cache.unit_name}"
+    print_fn(f"network outputs of {what} cached in {cache.path} ({timings['cache_s']:.1f} s)")
 
     # ---- parent run
     digest = hashlib.sha256(
@@ -231,6 +251,7 @@ def run_tune_eval(
                 samples,
                 seed,
             ]
+            + ([holdout] if holdout is not None else [])
         ).encode()
     ).hexdigest()[:8]
     sweep_id = f"{config.name}-tune-eval-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -255,20 +276,31 @@ def run_tune_eval(
     params = {f"base.{k}": v for k, v in settings.items()}
     params.update({"sweep.samples": samples, "sweep.search_seed": seed, "eval.ann_file": ann_file})
     params["eval.det_file"] = det_file or "ground-truth boxes"
+    split = None
+    if holdout is not None:
+        split = write_split(ann_file, holdout, seed, sweep_dir / "holdout")
+        params.update({"sweep.holdout": holdout, "holdout.tuned_ann": split.tuned_ann})
+        print_fn(
+            f"--holdout {holdout}: trials score {len(split.tuned_ids)} images, the best settings are checked "
+            f"on the other {len(split.held_out_ids)}"
+        )
     parent_run_id = tracking.start_run(client, experiment_id, sweep_id, params=params, tags=parent_tags)
     client.set_tag(
         parent_run_id,
         tracking.TAG_DESCRIPTION,
-        f"Evaluation-settings sweep: {samples} trials of Optuna TPE over {space_path} on the cached heatmaps "
-        f"of {loaded.checkpoint_path} ({len(cache.image_ids)} boxes, {ann_file}); the first trial is the "
-        "checkpoint's own settings.",
+        f"Evaluation-settings sweep: {samples} trials of Optuna TPE over {space_path} on the cached network "
+        f"outputs of {loaded.checkpoint_path} ({what}, {ann_file}); the first trial is the checkpoint's own "
+        "settings."
+        + (
+            f" Tuned on {1 - holdout:.0%} of the images, checked on the other {holdout:.0%}." if split else ""
+        ),
     )
     print_fn(f"MLflow parent run {parent_run_id} ({sweep_id}) in {uri}")
     plan = EvalSweepPlan(
         sweep_id=sweep_id,
         sweep_dir=str(sweep_dir),
         cache_dir=str(cache.path),
-        ann_file=ann_file,
+        ann_file=split.tuned_ann if split else ann_file,
         base_settings=settings,
         flip_test=bool(config.flip_test),
         batch_size=int(config.data.val_batch_size),
@@ -278,7 +310,10 @@ def run_tune_eval(
         space=space,
         metric=space.metric,
         mode=space.mode,
-        decode_kernels=blur_kernels(space, settings["eval.blur_kernel"]),
+        family=family.name,
+        options=dict(cache.options),
+        unit_name=cache.unit_name,
+        image_ids=split.tuned_ids if split else None,
     )
     try:
         client.log_text(parent_run_id, Path(space_path).read_text(), Path(space_path).name)
@@ -295,13 +330,16 @@ def run_tune_eval(
         run_statuses = reconcile_eval_runs(plan, client)
         scored = scored_trials(results, settings, space, defaults)
         importances = parameter_importances(space, [(t["sampled"], t["score"]) for t in scored], space.mode)
-        best_path, summary_path = write_results(plan, scored, defaults, importances, source_args)
-        for path in (best_path, summary_path):
-            if path is not None:
-                client.log_artifact(parent_run_id, str(path))
         sign = 1 if space.mode == "max" else -1
         best = max(scored, key=lambda t: sign * t["score"]) if scored else None
         default_trial = next((t for t in scored if t["is_default"]), None)
+        held_out = _held_out_check(plan, split, best, default_trial) if split else None
+        best_path, summary_path = write_results(
+            plan, scored, defaults, importances, source_args, holdout=held_out
+        )
+        for path in (best_path, summary_path):
+            if path is not None:
+                client.log_artifact(parent_run_id, str(path))
         summary_metrics = {}
         if best is not None:
             summary_metrics[f"best/{plan.metric}"] = best["score"]
@@ -314,6 +352,10 @@ def run_tune_eval(
             if best is not None:
                 summary_metrics[f"gain/{plan.metric}"] = best["score"] - default_trial["score"]
         summary_metrics.update({f"importance/{k}": v for k, v in importances.items()})
+        summary_metrics.update(_holdout_metrics(held_out, plan.metric))
+        shorts = [t["metrics"].get(SHORT_METRIC, 0.0) for t in scored]
+        if any(shorts):
+            summary_metrics[f"max/{SHORT_METRIC}"] = max(shorts)
         summary_metrics.update({f"time/{k}": v for k, v in timings.items()})
         tracking.log_epoch_metrics(parent_run_id, summary_metrics, 0, client=client)
     except KeyboardInterrupt:
@@ -350,7 +392,45 @@ def run_tune_eval(
         best_eval_path=str(best_path) if best_path else None,
         summary_path=str(summary_path),
         timings=timings,
+        holdout=held_out,
     )
+
+
+def _held_out_check(plan, split, best, default_trial) -> dict[str, Any]:
+    """The held-out part's scores of the best trial's and the defaults' settings (``eval/*`` metrics, the
+    same cache and scoring as a trial, the held-out part's annotation file), beside the tuned part's."""
+    where = {"ann_file": split.held_out_ann, "image_ids": split.held_out_ids}
+    out: dict[str, Any] = {
+        "fraction": split.fraction,
+        "tuned_images": len(split.tuned_ids),
+        "held_out_images": len(split.held_out_ids),
+    }
+    for name, trial in (("best", best), ("defaults", default_trial)):
+        if trial is not None:
+            out[f"tuned/{name}"] = dict(trial["metrics"])
+            out[f"held_out/{name}"] = evaluate_trial(plan, trial["sampled"], **where)[0]
+    return out
+
+
+def _holdout_metrics(held_out: dict[str, Any] | None, metric: str) -> dict[str, float]:
+    """The parent run's ``holdout/...`` metrics: the parts' sizes, and per part (tuned, held_out) and settings
+    (best, defaults) the sweep's metric and each body part's AP; the held-out gain of the best settings."""
+    if not held_out:
+        return {}
+    out = {
+        f"{HOLDOUT_PREFIX}fraction": held_out["fraction"],
+        f"{HOLDOUT_PREFIX}tuned_images": float(held_out["tuned_images"]),
+        f"{HOLDOUT_PREFIX}held_out_images": float(held_out["held_out_images"]),
+    }
+    for key, metrics in held_out.items():
+        if isinstance(metrics, dict):
+            for name in dict.fromkeys([metric, *PART_AP_METRICS]):
+                if name in metrics:
+                    out[f"{HOLDOUT_PREFIX}{key}/{name}"] = float(metrics[name])
+    if "held_out/best" in held_out and "held_out/defaults" in held_out:
+        gain = held_out["held_out/best"][metric] - held_out["held_out/defaults"][metric]
+        out[f"{HOLDOUT_PREFIX}held_out/gain/{metric}"] = gain
+    return out
 
 
 def _fit(plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from orchestrator.evaluation.tune_eval_trial import DEFAULT_METRIC, EVAL_PREFIX
 from orchestrator.sweeps.definition_file import SearchSpaceError
 from orchestrator.sweeps.space import SearchSpace, load_search_space
-from trainer.config import EVAL_SETTING_KEYS
+from trainer.families import get_family
 
 
 class TuneEvalError(ValueError):
@@ -32,14 +32,18 @@ def metric_names() -> tuple[str, ...]:
 
 
 def load_eval_space(path: str | os.PathLike) -> SearchSpace:
-    """A search space over evaluation settings only; its metric an ``eval/`` metric (``val/X`` reads as
+    """A search space over evaluation settings only (those its family's ``eval_sweep`` sweeps; the space's
+    ``family`` field, default the top-down family); its metric an ``eval/`` metric (``val/X`` reads as
     ``eval/X``, the same number on the evaluated set). ``SearchSpaceError`` names the file and the key."""
     space = load_search_space(path)
+    sweep = get_family(space.family).eval_sweep
+    if sweep is None:
+        raise SearchSpaceError(f"{path}: family: fowkal tune-eval cannot sweep family {space.family!r}")
     for name in space.parameters:
-        if name not in EVAL_SETTING_KEYS:
+        if name not in sweep.setting_keys:
             raise SearchSpaceError(
                 f"{path}: parameters.{name}: not an evaluation setting; fowkal tune-eval sweeps only what "
-                f"acts after the network ({', '.join(EVAL_SETTING_KEYS)})"
+                f"acts after the network ({', '.join(sweep.setting_keys)})"
             )
     metric = space.metric
     if metric.startswith("val/"):
@@ -82,10 +86,31 @@ def blur_kernels(space: SearchSpace, base: int) -> tuple[int, ...]:
 
 
 def base_settings(config) -> dict[str, Any]:
-    """The checkpoint config's evaluation settings by dotted key."""
-    values = {f"eval.{key}": value for key, value in asdict(config.eval).items()}
-    values["data.det_score_thr"] = float(config.data.det_score_thr)
-    return values
+    """The checkpoint config's evaluation settings by dotted key (its family's ``eval_sweep``)."""
+    from trainer.families import family_of
+
+    return family_of(config).eval_sweep.base_settings(config)
+
+
+def space_reach(space: SearchSpace, settings: dict[str, Any]) -> dict[str, tuple]:
+    """Per setting, the values a trial can ask for: the base value, the extra points' and the parameter's
+    (a constant, the choices, every integer of an int range, the two ends of a continuous range). What a
+    family's cache must be able to answer (``EvalSweep.build_cache``)."""
+    reach = {name: [value] for name, value in settings.items()}
+    for name, param in space.parameters.items():
+        values = reach.setdefault(name, [])
+        if param.distribution == "constant":
+            values.append(param.value)
+        elif param.distribution == "categorical":
+            values.extend(param.choices)
+        elif param.distribution == "int":
+            values.extend(range(int(param.low), int(param.high) + 1))
+        else:
+            values.extend([param.low, param.high])
+    for point in space.extra_points:
+        for name, value in point.items():
+            reach.setdefault(name, []).append(value)
+    return {name: tuple(dict.fromkeys(values)) for name, values in reach.items()}
 
 
 def defaults_point(space: SearchSpace, settings: dict[str, Any], path) -> dict[str, Any]:
@@ -130,12 +155,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def trial_settings_for(space: SearchSpace, settings: dict[str, Any], point: dict) -> None:
-    """Check that ``point`` on ``settings`` gives a valid config (the same rules as ``fowkal eval --set``)."""
+def trial_settings_for(space: SearchSpace, settings: dict[str, Any], point: dict, config=None) -> None:
+    """Check that ``point`` on ``settings`` gives a valid config (the same rules as ``fowkal eval --set``) of
+    ``config`` (default: a default ``TrainConfig``)."""
     from trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
 
     values = {**settings, **space.to_overrides({**point}, ignore_unknown=True)}
-    config_from_dict(apply_overrides(config_to_dict(TrainConfig()), values), source="first trials")
+    base = config_to_dict(TrainConfig() if config is None else config)
+    config_from_dict(apply_overrides(base, values), source="first trials")
 
 
 __all__ = [
@@ -148,5 +175,6 @@ __all__ = [
     "load_eval_space",
     "lowest_det_score_thr",
     "metric_names",
+    "space_reach",
     "trial_settings_for",
 ]

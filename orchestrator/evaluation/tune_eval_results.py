@@ -15,14 +15,25 @@ from orchestrator.sweeps.param_importance import fanova_importances
 from orchestrator.sweeps.space import SearchSpace
 
 SUMMARY_FILE = "summary.md"
+# The per-part rows of the summary's gain table (and of the held-out check): AP of each part, whole-body AR.
+PART_AP_METRICS = (
+    "eval/wholebody_AP",
+    "eval/body_AP",
+    "eval/foot_AP",
+    "eval/face_AP",
+    "eval/lefthand_AP",
+    "eval/righthand_AP",
+    "eval/hand_AP",
+    "eval/wholebody_AR",
+)
 
 
 def scored_trials(
     results: list[dict], settings: dict[str, Any], space: SearchSpace, defaults: dict[str, Any]
 ) -> list[dict]:
     """The trials that reported the sweep's metric, in Tune's order: per trial ``name``, ``run_id``,
-    ``values`` (every setting, dotted), ``sampled`` (the sampled ones), ``score`` and ``is_default`` (its
-    sampled values are the checkpoint's own)."""
+    ``values`` (every setting, dotted), ``sampled`` (the sampled ones), ``score``, ``metrics`` (all it
+    reported) and ``is_default`` (its sampled values are the checkpoint's own)."""
     scored = []
     for result in results:
         if space.metric not in result["metrics"]:
@@ -37,6 +48,7 @@ def scored_trials(
                 "values": values,
                 "sampled": sampled,
                 "score": float(result["metrics"][space.metric]),
+                "metrics": dict(result["metrics"]),
                 "is_default": sampled == defaults,
             }
         )
@@ -67,9 +79,12 @@ def write_results(
     defaults: dict[str, Any],
     importances: dict[str, float],
     source_args: str,
+    holdout: dict[str, Any] | None = None,
 ) -> tuple[Path | None, Path]:
     """``best_eval.yaml`` and ``summary.md`` in the sweep directory; ``scored`` holds per trial ``name``,
-    ``run_id``, ``values`` (all settings, dotted) and ``score``."""
+    ``run_id``, ``values`` (all settings, dotted), ``score`` and ``metrics``. ``holdout`` (``--holdout``): the
+    parts' sizes and the ``eval/*`` metrics of ``tuned/best``, ``tuned/defaults``, ``held_out/best``,
+    ``held_out/defaults``."""
     import yaml
 
     out = Path(plan.sweep_dir)
@@ -115,6 +130,18 @@ def write_results(
             for n in names
         ]
         lines.append(f"| {trial['name']}{mark} | " + " | ".join(cells) + f" | {trial['score']:.2f} |")
+    if ranked and default_trial:
+        lines += ["", _gain_table(default_trial, ranked[0])]
+    if holdout:
+        lines += ["", _holdout_table(holdout, plan.metric)]
+    shorts = [t for t in scored if t.get("metrics", {}).get("eval/cache_short_images", 0) > 0]
+    if shorts:
+        lines += [
+            "",
+            f"**Warning**: in {len(shorts)} trial(s) some images ran out of cached candidates before their "
+            "poses were decided (`eval/cache_short_images`): those scores may differ from `fowkal eval`'s; "
+            "rebuild the cache deeper.",
+        ]
     lines += ["", "Parameter importances (Optuna, fANOVA):", ""]
     if importances:
         lines += ["| parameter | importance |", "|---|---|"]
@@ -126,4 +153,48 @@ def write_results(
     return best_path, summary
 
 
-__all__ = ["SUMMARY_FILE", "parameter_importances", "scored_trials", "write_results"]
+def _cell(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    return "n/a" if value is None or value < 0 else f"{value:.2f}"
+
+
+def _gain_table(default_trial: dict, best: dict) -> str:
+    """Per part: the defaults' and the best trial's AP (whole-body AR too) and the gain, in points."""
+    lines = [
+        "Gain over the defaults per part (AP in percent; n/a: no labelled ground truth, or no result):",
+        "",
+        "| metric | defaults | best | gain |",
+        "|---|---|---|---|",
+    ]
+    for name in PART_AP_METRICS:
+        old, new = default_trial["metrics"].get(name), best["metrics"].get(name)
+        gain = f"{new - old:+.2f}" if old is not None and new is not None and old >= 0 and new >= 0 else "n/a"
+        lines.append(
+            f"| {name} | {_cell(default_trial['metrics'], name)} | {_cell(best['metrics'], name)} | {gain} |"
+        )
+    return "\n".join(lines)
+
+
+def _holdout_table(holdout: dict[str, Any], metric: str) -> str:
+    """The held-out check: the best settings and the defaults on the tuned part and on the held-out part."""
+    lines = [
+        f"Held-out check (--holdout {holdout['fraction']:g}): the trials scored {holdout['tuned_images']} "
+        f"images (the tuned part); the best settings and the defaults scored once on the other "
+        f"{holdout['held_out_images']} (the held-out part). {metric} and each part's AP, in percent:",
+        "",
+        "| metric | tuned part: defaults | tuned part: best | held-out part: defaults | held-out part: best "
+        "| held-out gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    empty: dict = {}
+    for name in dict.fromkeys([metric, *PART_AP_METRICS]):
+        cells = [_cell(holdout.get(key, empty), name) for key in
+                 ("tuned/defaults", "tuned/best", "held_out/defaults", "held_out/best")]  # fmt: skip
+        old = holdout.get("held_out/defaults", empty).get(name)
+        new = holdout.get("held_out/best", empty).get(name)
+        gain = f"{new - old:+.2f}" if old is not None and new is not None and old >= 0 and new >= 0 else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain} |")
+    return "\n".join(lines)
+
+
+__all__ = ["PART_AP_METRICS", "SUMMARY_FILE", "parameter_importances", "scored_trials", "write_results"]

@@ -2,9 +2,11 @@
 
 - :class:`EvalSweepPlan`: what every trial receives (plain, picklable data).
 - :func:`run_eval_trial`: the Tune trial function. It opens the trial's child run under the sweep's parent
-  (:func:`open_trial_run`), scores its settings on the cached heatmaps (:func:`evaluate_trial`: the
-  decoded keypoints of its (flip mode, kernel) come from ``HeatmapCache.decoded``, decoded once per sweep),
-  logs the ``eval/*`` metrics and ends the run FINISHED, or FAILED with the error.
+  (:func:`open_trial_run`), scores its settings on the family's cache (:func:`evaluate_trial`: the family's
+  ``eval_sweep.score``, e.g. the top-down family decodes its cached heatmaps once per (flip mode, kernel) and
+  sweep, KAPAO runs NMS and fusion on its cached candidates), logs the ``eval/*`` metrics and ends the run
+  FINISHED, or FAILED with the error. A cache of limited depth that ran out on some images says so
+  (``eval/cache_short_images`` > 0, and a warning in the trial's log).
 - The sweeps' status rules (``orchestrator.sweeps.trial_status``): :class:`EvalTrialStatusCallback` is the
   sweeps' callback (the same run lookup by resume key, a FAILED run stays FAILED, an ended run is left
   alone) with the rule of an evaluation for FINISHED: the trial reported its metric, else KILLED (the
@@ -14,8 +16,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,14 @@ from orchestrator.sweeps.space import SearchSpace
 from orchestrator.sweeps.trial_status import MlflowTrialStatusCallback
 from trainer.config import EvalConfig
 from trainer.evaluation.metric_units import metrics_to_percent
+from trainer.families import DEFAULT_FAMILY, get_family
 
 DEFAULT_METRIC = "eval/wholebody_AP"
 EVAL_PREFIX = "eval/"
+# Images whose cached candidates ran out before the trial's poses were decided (0: the trial is exact).
+SHORT_METRIC = "eval/cache_short_images"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,7 +56,10 @@ class EvalSweepPlan:
     space: SearchSpace
     metric: str = DEFAULT_METRIC
     mode: str = "max"
-    decode_kernels: tuple[int, ...] = ()  # the blur kernels a trial can ask for: decoded in one pass
+    family: str = DEFAULT_FAMILY  # whose eval_sweep scores the trials
+    options: dict = field(default_factory=dict)  # the family's SweepCacheInfo.options
+    unit_name: str = "boxes"  # what the cache holds per entry (logged as eval/<unit_name>)
+    image_ids: tuple | None = None  # the images trials score (--holdout: the tuned part); None: all
 
     @property
     def tune_dir(self) -> str:
@@ -71,10 +83,14 @@ _OPEN: dict[str, Any] = {}  # per trial process: the opened cache (memory-mapped
 
 
 def _cache(path: str):
-    from trainer.topdown.heatmap_cache import HeatmapCache
-
+    """The cache at ``path``, opened by the family that wrote it (its ``info.json`` names it; a cache
+    without the field is the top-down family's, written before families)."""
     if _OPEN.get("path") != path:
-        _OPEN.update(path=path, cache=HeatmapCache.open(path))
+        try:
+            family = json.loads((Path(path) / "info.json").read_text()).get("family", DEFAULT_FAMILY)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"evaluation cache {path!r} is incomplete or unreadable: {err}") from err
+        _OPEN.update(path=path, cache=get_family(family).eval_sweep.open_cache(path))
     return _OPEN["cache"]
 
 
@@ -83,25 +99,35 @@ def trial_run_name(experiment_tag: str) -> str:
     return f"ev-{int(head) if head.isdigit() else 0:03d}"
 
 
-def evaluate_trial(plan: EvalSweepPlan, trial_config: dict) -> tuple[dict[str, float], int]:
-    """``eval/*`` metrics (AP/AR in percent) of one trial's settings on the cached heatmaps, and the boxes
-    used."""
+def evaluate_trial(plan: EvalSweepPlan, trial_config: dict, **where) -> tuple[dict[str, float], int]:
+    """``eval/*`` metrics (AP/AR in percent) of one trial's settings on the family's cache, and the units
+    (boxes, images) scored; ``eval/cache_short_images`` too where the family's cache has a depth. ``where``:
+    ``ann_file`` / ``image_ids`` instead of the plan's (the held-out check)."""
     from trainer.evaluation.wholebody import WholeBodyEvaluator
 
-    settings, det_score_thr = trial_settings(plan, trial_config)
-    evaluator = WholeBodyEvaluator.for_file(plan.ann_file)
-    metrics, boxes = _cache(plan.cache_dir).evaluate(
-        settings,
-        det_score_thr,
+    values = dict(plan.base_settings)
+    values.update(plan.space.to_overrides(trial_config, ignore_unknown=True))
+    evaluator = WholeBodyEvaluator.for_file(where.get("ann_file", plan.ann_file))
+    score = get_family(plan.family).eval_sweep.score(
+        _cache(plan.cache_dir),
+        values,
         evaluator,
-        plan.flip_test,
-        plan.batch_size,
-        kernels=plan.decode_kernels,
+        {"flip_test": plan.flip_test, "batch_size": plan.batch_size, **plan.options},
+        image_ids=where.get("image_ids", plan.image_ids),
         memo_dir=plan.decoded_dir,
     )
     # AP/AR in percent, the project's one unit (trainer.evaluation.metric_units), as fowkal eval logs them.
-    metrics = metrics_to_percent(metrics)
-    return {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}, boxes
+    metrics = metrics_to_percent(score.metrics)
+    metrics = {EVAL_PREFIX + key.replace("/", "_"): value for key, value in metrics.items()}
+    if score.short_images is not None:
+        metrics[SHORT_METRIC] = float(score.short_images)
+        if score.short_images:
+            logger.warning(
+                "%d image(s) ran out of cached candidates before this trial's poses were decided: its "
+                "scores may differ from fowkal eval's (rebuild the cache deeper)",
+                score.short_images,
+            )
+    return metrics, score.units
 
 
 def open_trial_run(plan: EvalSweepPlan, client, trial_id: str, run_name: str, trial_config: dict) -> str:
@@ -134,7 +160,7 @@ def run_eval_trial(trial_config: dict, plan: EvalSweepPlan) -> None:
     try:
         start = time.perf_counter()
         metrics, boxes = evaluate_trial(plan, trial_config)
-        metrics["eval/boxes"] = float(boxes)
+        metrics[f"eval/{plan.unit_name}"] = float(boxes)
         metrics["time/trial_s"] = time.perf_counter() - start
         tracking.log_epoch_metrics(run_id, metrics, 0, client=client)
     except BaseException as err:
@@ -181,6 +207,7 @@ def reconcile_eval_runs(plan: EvalSweepPlan, client) -> dict[str, str]:
 __all__ = [
     "DEFAULT_METRIC",
     "EVAL_PREFIX",
+    "SHORT_METRIC",
     "EvalSweepPlan",
     "EvalTrialStatusCallback",
     "evaluate_trial",

@@ -137,7 +137,9 @@ def tune_eval_runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
     defaults = defaults_child(record)
     rows = []
     for child in record.children:
-        value, boxes = child.metrics.get(record.metric), child.metrics.get("eval/boxes")
+        value = child.metrics.get(record.metric)
+        # What the family's cache holds per entry: boxes (top-down) or images (whole-image families).
+        boxes = child.metrics.get("eval/boxes", child.metrics.get("eval/images"))
         seconds = child.metrics.get("time/trial_s")
         rows.append(
             [
@@ -149,5 +151,5 @@ def tune_eval_runs_block(record: SweepRecord, tracking_uri: str) -> list[Block]:
                 _link(_code(child.run_id), tracking.run_url(store, record.experiment_id, child.run_id)),
             ]
         )
-    header = ["Trial", "Status", f"{record.metric} (%)", "Boxes", "Seconds", "MLflow run"]
+    header = ["Trial", "Status", f"{record.metric} (%)", "Boxes / images", "Seconds", "MLflow run"]
     return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]

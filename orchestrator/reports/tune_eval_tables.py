@@ -59,7 +59,8 @@ def tune_eval_settings_table(
 
     defaults = record.tune_eval.defaults if record.tune_eval else {}
     rows = []
-    for key in EVAL_SETTING_KEYS:
+    # The top-down family's settings in their order, then any other the sweep sampled (another family's).
+    for key in dict.fromkeys([*EVAL_SETTING_KEYS, *defaults, *record.sampled_names]):
         default = defaults.get(key)
         chosen = setting_value(best.params.get(key)) if best is not None else None
         if default is None and chosen is None:
@@ -127,8 +128,8 @@ def tune_eval_status_line(record: SweepRecord) -> str:
         counts[child.status] = counts.get(child.status, 0) + 1
     status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
     return (
-        f"{len(record.children)} trials ({status_line}), each one evaluation of the cached heatmaps; ranked "
-        f"by {record.metric} ({record.mode})."
+        f"{len(record.children)} trials ({status_line}), each one evaluation of the cached network outputs; "
+        f"ranked by {record.metric} ({record.mode})."
     )
 
 

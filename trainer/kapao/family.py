@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,14 @@ from trainer.kapao.dataset import KapaoPipelineConfig, collate_kapao, images_to_
 from trainer.kapao.loss import KapaoLoss, KapaoLossConfig, KapaoLossSettingError
 from trainer.kapao.model import KAPAO_SIZES
 from trainer.kapao.optim import KapaoOptimConfig, ModelEMA, build_optimizer
-from trainer.kapao.postprocess import KapaoEvalConfig, KapaoEvalSettingError, poses_from_outputs, to_wholebody
+from trainer.kapao.postprocess import (
+    KapaoEvalConfig,
+    KapaoEvalSettingError,
+    poses_from_candidates,
+    to_wholebody,
+)
+from trainer.kapao.tta import augmented_candidates
+from trainer.latency import PROBE_IMAGES
 
 KEYPOINT_SETS: dict[str, int] = {"wholebody": NUM_KEYPOINTS, "body": 17}
 MAX_KP_BBOX = 0.5
@@ -124,6 +132,56 @@ class KapaoTraining:
         return self.ema.module if self.ema is not None else model
 
 
+class KapaoEvalSweep:
+    """``fowkal tune-eval`` of KAPAO (``trainer.families.EvalSweep``): per image and TTA mode of the space,
+    the pose and keypoint candidates above its lowest ``tau_cp`` / ``tau_ck`` (before NMS), cached once
+    (``trainer.kapao.candidate_cache``); a trial runs the two NMS passes, fusion and the scores on them
+    (``poses_from_candidates``, as ``fowkal eval``) and scores the poses."""
+
+    setting_keys = EVAL_SETTING_KEYS
+
+    def base_settings(self, cfg) -> dict[str, Any]:
+        return {f"eval.{key}": value for key, value in dataclasses.asdict(cfg.eval).items()}
+
+    def build_cache(self, loaded, ann_file, image_dir, cache_root, *, det_file, reach, progress: bool):
+        from trainer.families import SweepCacheInfo
+        from trainer.kapao.candidate_cache import build_candidate_cache
+
+        base = self.base_settings(loaded.config)
+        if det_file is not None:  # fowkal eval's error: KAPAO needs no detection file
+            KAPAO.eval_dataset(loaded.config, ann_file, image_dir, det_file)
+
+        def values(key):
+            return reach.get(key, (base[key],))
+
+        cache = build_candidate_cache(
+            loaded,
+            ann_file,
+            image_dir,
+            Path(cache_root) / "candidate_cache",
+            modes=tuple(dict.fromkeys(values("eval.tta"))),
+            pose_floor=float(min(values("eval.tau_cp"))),
+            keypoint_floor=float(min(values("eval.tau_ck"))),
+            progress=progress,
+        )
+        images = len(cache.mode(cache.info["modes"][0]).image_ids)
+        return SweepCacheInfo(str(cache.path), images, "images", {})
+
+    def open_cache(self, path):
+        from trainer.kapao.candidate_cache import CandidateCache
+
+        return CandidateCache.open(path)
+
+    def score(self, cache, settings, evaluator, options, *, image_ids=None, memo_dir=None):
+        from trainer.families import SweepScore
+
+        eval_settings = KapaoEvalConfig(
+            **{key[len("eval.") :]: value for key, value in settings.items() if key.startswith("eval.")}
+        )
+        metrics, images, short = cache.evaluate(eval_settings, evaluator, image_ids)
+        return SweepScore(metrics, images, short)
+
+
 class KapaoFamily:
     """``family: kapao``: see the module docstring."""
 
@@ -133,14 +191,18 @@ class KapaoFamily:
     eval_setting_keys = EVAL_SETTING_KEYS
     sweep_conditions: Mapping[str, tuple[Mapping[str, Any], tuple[str, ...]]] = {}
     arm_key = None
-    # The authors keep the checkpoint maximising 0.1 AP50 + 0.9 AP (their "fitness"), here whole-body.
+    # The authors keep the checkpoint maximising 0.1 AP50 + 0.9 AP (their "fitness"), here of the keypoints
+    # the model predicts: whole-body, or body for `model.keypoints: body` (whose whole-body AP is ~0: no face
+    # or hands). The whole-body evaluator's body pass is COCO's keypoint AP (the same 17 keypoints, sigmas).
     selection_metric = "val/kapao_fitness"
-    val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50"}
+    val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50", "body/AP50": "val/body_AP50"}
     heatmap_eval_sweep = False
+    eval_sweep = KapaoEvalSweep()
     predicts_per_box = False  # KAPAO finds the people in whole images
 
     def describe_protocol(self, cfg, flip_test: bool, det_file=None, det_score_thr=None) -> tuple[str, str]:
-        return "whole images", "NMS per object type, " + ("fusion" if cfg.eval.fusion else "no fusion")
+        tta = "" if cfg.eval.tta == "none" else f", test-time augmentation {cfg.eval.tta!r}"
+        return "whole images", "NMS per object type, " + ("fusion" if cfg.eval.fusion else "no fusion") + tta
 
     def validate(self, cfg, check, fail) -> None:
         data = cfg.data
@@ -243,8 +305,9 @@ class KapaoFamily:
             predictions["image_ids"].tolist(), predictions["keypoints"], predictions["scores"]
         )
 
-    def selection_score(self, metrics: Mapping[str, float]) -> float | None:
-        ap, ap50 = metrics.get("val/wholebody_AP"), metrics.get("val/wholebody_AP50")
+    def selection_score(self, metrics: Mapping[str, float], cfg=None) -> float | None:
+        part = "body" if cfg is not None and cfg.model.keypoints == "body" else "wholebody"
+        ap, ap50 = metrics.get(f"val/{part}_AP"), metrics.get(f"val/{part}_AP50")
         if ap is None or ap50 is None:
             return None
         return 0.1 * ap50 + 0.9 * ap
@@ -261,6 +324,31 @@ class KapaoFamily:
     def describe_model(self, cfg) -> str:
         return f"KAPAO-{cfg.model.size.upper()} with {num_keypoints(cfg)} keypoints ({cfg.model.keypoints})"
 
+    def describe_recipe(self, cfg) -> tuple[str, str]:
+        size = cfg.data.input_size
+        return f"{self.describe_model(cfg)} at {size}x{size}", f"SGD lr0 {cfg.optim.lr0:g} (cosine)"
+
+    def latency_probe(self, cfg, dataset, images: int = PROBE_IMAGES, image_ids=None):
+        """Per image the whole image letterboxed to ``data.input_size``; post-processing: decode of the
+        candidates, NMS of both object types, fusion (``eval.*``), keypoints back in image pixels."""
+        from trainer.kapao.postprocess import poses_from_outputs, to_wholebody
+        from trainer.latency import LatencyProbe, first_images
+
+        sample_images = dataset.image_ids
+        index_of = {int(image_id): i for i, image_id in reversed(list(enumerate(sample_images)))}
+        samples = [dataset[index_of[i]] for i in first_images(sample_images, images, image_ids)]
+        letterboxes = [(float(s["ratio"]), (float(s["pad"][0]), float(s["pad"][1]))) for s in samples]
+
+        def forward(model, x):
+            return model(images_to_float(x))
+
+        def post(outputs, indices) -> int:
+            outputs = [o.float() for o in outputs]
+            poses = poses_from_outputs(outputs, cfg.eval, [letterboxes[i] for i in indices])
+            return sum(len(to_wholebody(keypoints)) for keypoints, _ in poses)
+
+        return LatencyProbe(inputs=[s["image"][None] for s in samples], forward=forward, post=post)
+
 
 def collate_batch(batch: list[dict]) -> dict:
     """``collate_kapao`` plus ``image`` (the same uint8 tensor): the shared loop counts samples by it."""
@@ -269,32 +357,36 @@ def collate_batch(batch: list[dict]) -> dict:
     return out
 
 
-@torch.no_grad()
-def predict_poses(model, loader, settings: KapaoEvalConfig, device, amp_dtype, channels_last: bool) -> dict:
-    """Poses of every image of ``loader`` (val batches of ``collate_batch``) in original-image pixels.
+def batch_candidates(model, batch, tta: str, pose_floor: float, keypoint_floor: float, device, amp_dtype,
+                     channels_last: bool) -> tuple[list, list, list]:  # fmt: skip
+    """One val batch of ``collate_batch`` through the network (every pass of the TTA mode ``tta``):
+    ``(image ids, letterboxes, per-image Candidates above the floors)``. ``fowkal eval`` and the candidate
+    cache of ``fowkal tune-eval`` both run this, so both see the same candidates."""
+    images = images_to_float(batch["images"].to(device, non_blocking=True))
 
-    Returns ``image_ids`` int64 ``[N]``, ``keypoints`` float32 ``[N, 133, 3]`` (K = 17 padded with zeros) and
-    ``scores`` float32 ``[N]``, one row per pose; arrays that concatenate on axis 0 across workers.
-    """
-    model.eval()
-    ids, keypoints, scores = [], [], []
-    for batch in loader:
-        images = images_to_float(batch["images"].to(device, non_blocking=True))
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(images)
-        outputs = [o.float() for o in outputs]
-        letterboxes = [
-            (float(r), (float(p[0]), float(p[1])))
-            for r, p in zip(batch["ratios"].tolist(), batch["pads"].tolist(), strict=True)
-        ]
-        for image_id, (kps, pose_scores) in zip(
-            batch["image_ids"].tolist(), poses_from_outputs(outputs, settings, letterboxes), strict=True
-        ):
-            keypoints.append(to_wholebody(kps).astype(np.float32))
-            scores.append(pose_scores.detach().float().cpu().numpy().reshape(-1))
-            ids.append(np.full(len(scores[-1]), image_id, dtype=np.int64))
+            outputs = model(x)
+        return [o.float() for o in outputs]
+
+    letterboxes = [
+        (float(r), (float(p[0]), float(p[1])))
+        for r, p in zip(batch["ratios"].tolist(), batch["pads"].tolist(), strict=True)
+    ]
+    found = augmented_candidates(forward, images, tta, pose_floor, keypoint_floor)
+    return batch["image_ids"].tolist(), letterboxes, found
+
+
+def predictions_from_poses(image_ids, poses) -> dict:
+    """``predict_poses``' arrays from per-image ``(keypoints [P, K, 3], scores [P])`` (``image_ids`` in the
+    same order)."""
+    ids, keypoints, scores = [], [], []
+    for image_id, (kps, pose_scores) in zip(image_ids, poses, strict=True):
+        keypoints.append(to_wholebody(kps).astype(np.float32))
+        scores.append(pose_scores.detach().float().cpu().numpy().reshape(-1))
+        ids.append(np.full(len(scores[-1]), image_id, dtype=np.int64))
     if not ids:
         return {
             "image_ids": np.zeros(0, np.int64),
@@ -308,6 +400,26 @@ def predict_poses(model, loader, settings: KapaoEvalConfig, device, amp_dtype, c
     }
 
 
+@torch.no_grad()
+def predict_poses(model, loader, settings: KapaoEvalConfig, device, amp_dtype, channels_last: bool) -> dict:
+    """Poses of every image of ``loader`` (val batches of ``collate_batch``) in original-image pixels, with
+    the test-time augmentation ``settings.tta``.
+
+    Returns ``image_ids`` int64 ``[N]``, ``keypoints`` float32 ``[N, 133, 3]`` (K = 17 padded with zeros) and
+    ``scores`` float32 ``[N]``, one row per pose; arrays that concatenate on axis 0 across workers.
+    """
+    settings.validate()
+    model.eval()
+    image_ids, poses = [], []
+    for batch in loader:
+        ids, letterboxes, found = batch_candidates(
+            model, batch, settings.tta, settings.tau_cp, settings.tau_ck, device, amp_dtype, channels_last
+        )
+        image_ids += ids
+        poses += [poses_from_candidates(c, settings, lb) for c, lb in zip(found, letterboxes, strict=True)]
+    return predictions_from_poses(image_ids, poses)
+
+
 KAPAO = KapaoFamily()
 
 __all__ = [
@@ -315,11 +427,14 @@ __all__ = [
     "KAPAO",
     "KEYPOINT_SETS",
     "KapaoDataConfig",
+    "KapaoEvalSweep",
     "KapaoFamily",
     "KapaoModelConfig",
     "KapaoTraining",
     "SECTIONS",
     "collate_batch",
     "num_keypoints",
+    "batch_candidates",
     "predict_poses",
+    "predictions_from_poses",
 ]

@@ -38,6 +38,15 @@ from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
 # evaluator (as xtcocotools) drops a result on every part where no keypoint was fused (kapao_facts.md).
 UNFUSED_SCORES: tuple[str, ...] = ("pose", "zero")
 
+# Test-time augmentation: per mode, the network passes as (scale, left-right flip), their candidates merged
+# before NMS (the authors' ``forward_augment``; ``trainer.kapao.tta``). "scales" is the authors' published
+# recipe, ``val.py --scales 0.8 1 1.2 --flips -1 3 -1``: the flip is the middle pass.
+TTA_MODES: dict[str, tuple[tuple[float, bool], ...]] = {
+    "none": ((1.0, False),),
+    "flip": ((1.0, False), (1.0, True)),
+    "scales": ((0.8, False), (1.0, True), (1.2, False)),
+}
+
 # At most this many candidates of each object type enter NMS (highest confidence first): the authors'
 # ``max_nms``. Bounds the quadratic NMS when an untrained model scores every anchor above tau_cp.
 NMS_INPUT_CAP = 30_000
@@ -76,6 +85,8 @@ class KapaoEvalConfig:
     # Keypoint objects kept after NMS per image, best first: 133 types x 20 people (the evaluator's maxDets),
     # where the authors' 300 would starve whole-body fusion (a COCO image can hold 20 people).
     max_keypoint_objects: int = 2660
+    # Test-time augmentation: one of TTA_MODES (each mode's passes run the network once per batch).
+    tta: str = "none"
 
     def validate(self) -> None:
         """Raise :class:`KapaoEvalSettingError` naming the field of the first setting out of range."""
@@ -95,6 +106,10 @@ class KapaoEvalConfig:
             raise KapaoEvalSettingError(
                 "unfused_score",
                 f"unfused_score={self.unfused_score!r} is not one of {', '.join(map(repr, UNFUSED_SCORES))}",
+            )
+        if self.tta not in TTA_MODES:
+            raise KapaoEvalSettingError(
+                "tta", f"tta={self.tta!r} is not one of {', '.join(map(repr, TTA_MODES))}"
             )
         for name in ("max_poses", "max_keypoint_objects"):
             value = getattr(self, name)
@@ -205,17 +220,20 @@ class Candidates:
 
 
 def _split_by_type(
-    boxes, conf, label, pose_keypoints, pose_floor: float, keypoint_floor: float
+    boxes, conf, label, pose_keypoints, pose_floor: float, keypoint_floor: float, xyxy: bool = False
 ) -> Candidates:
-    """One image's rows (box centre x, y, w, h; confidence; arg-max class) -> pose and keypoint objects above
-    the floors. ``pose_keypoints(rows)``: the ``[n, K, 2]`` keypoints of those rows (indices)."""
+    """One image's rows (box centre x, y, w, h, or corners with ``xyxy``; confidence; arg-max class) -> pose
+    and keypoint objects above the floors. ``pose_keypoints(rows)``: the ``[n, K, 2]`` keypoints of those
+    rows (indices)."""
+    if not xyxy:
+        boxes = box_convert(boxes, "cxcywh", "xyxy")
     is_pose = ((label == 0) & (conf > pose_floor)).nonzero().squeeze(1)
     is_kp = ((label > 0) & (conf > keypoint_floor)).nonzero().squeeze(1)
     return Candidates(
-        pose_boxes=box_convert(boxes[is_pose], "cxcywh", "xyxy"),
+        pose_boxes=boxes[is_pose],
         pose_scores=conf[is_pose],
         pose_keypoints=pose_keypoints(is_pose),
-        kp_boxes=box_convert(boxes[is_kp], "cxcywh", "xyxy"),
+        kp_boxes=boxes[is_kp],
         kp_scores=conf[is_kp],
         kp_classes=label[is_kp] - 1,
     )
@@ -256,32 +274,73 @@ def candidates(
     logit_floor = (
         math.log(floor / (1 - floor)) - 1e-3 if 0 < floor < 1 else (math.inf if floor >= 1 else -math.inf)
     )
-    # The anchors above the floor, every layer together: raw row, image, cell, stride, anchor.
-    rows, images, grids, row_strides, row_anchors = [], [], [], [], []
-    for out, anchor, stride in zip(outputs, table, strides, strict=True):
-        image, a, gy, gx = (out[..., 4] > logit_floor).nonzero(as_tuple=True)
-        rows.append(out[image, a, gy, gx])
-        images.append(image)
-        grids.append(torch.stack([gx, gy], dim=-1))
-        row_strides.append(torch.full(gx.shape, float(stride), device=gx.device))
-        row_anchors.append(anchor[a])
-    rows, image, grid = torch.cat(rows), torch.cat(images), torch.cat(grids).float()
-    stride, anchor = torch.cat(row_strides)[:, None], torch.cat(row_anchors)
-    boxes = _decode_boxes(rows[:, :4], grid, stride, anchor)
+    # The anchors above the floor, every layer together: raw row, image, and (cell x, y, stride, anchor w, h).
+    # Per layer the outputs are read as [B * A * H * W, 3K + 6] rows: one pass over the objectness column,
+    # then only the survivors' rows are gathered, with their cell's constants from a table kept per shape.
+    batch = outputs[0].shape[0]
+    key = tuple(table.flatten().tolist())
+    rows, images, cells = [], [], []
+    for level, (out, stride) in enumerate(zip(outputs, strides, strict=True)):
+        flat = out.reshape(-1, out.shape[-1])
+        keep = (flat[:, 4] > logit_floor).nonzero().squeeze(1)
+        rows.append(flat.index_select(0, keep))
+        per_image = out.shape[1] * out.shape[2] * out.shape[3]
+        cell = keep if batch == 1 else keep % per_image
+        cells.append(_cell_table(key, level, table[level], out.shape[1:4], float(stride), out.device)[cell])
+        if batch > 1:
+            images.append(keep // per_image)
+    rows, cell = torch.cat(rows), torch.cat(cells)
+    grid, stride, anchor = cell[:, 0:2], cell[:, 2:3], cell[:, 3:5]
+    boxes = box_convert(_decode_boxes(rows[:, :4], grid, stride, anchor), "cxcywh", "xyxy")
     class_logit, label = rows[:, 5 : 5 + k + 1].max(dim=1)  # sigmoid is monotonic: the same arg-max
     conf = rows[:, 4].float().sigmoid() * class_logit.float().sigmoid()
+
+    def pose_keypoints(chosen):
+        return _decode_keypoints(rows[chosen, 4 + k + 2 :], grid[chosen], stride[chosen], anchor[chosen])
+
+    if batch == 1:
+        return [_split_by_type(boxes, conf, label, pose_keypoints, conf_floor, keypoint_floor, xyxy=True)]
+    image = torch.cat(images)
     per_image = []
-    for b in range(outputs[0].shape[0]):
+    for b in range(batch):
         mine = (image == b).nonzero().squeeze(1)
-
-        def pose_keypoints(chosen, mine=mine):
-            chosen = mine[chosen]
-            return _decode_keypoints(rows[chosen, 4 + k + 2 :], grid[chosen], stride[chosen], anchor[chosen])
-
         per_image.append(
-            _split_by_type(boxes[mine], conf[mine], label[mine], pose_keypoints, conf_floor, keypoint_floor)
+            _split_by_type(
+                boxes[mine],
+                conf[mine],
+                label[mine],
+                lambda chosen, mine=mine: pose_keypoints(mine[chosen]),
+                conf_floor,
+                keypoint_floor,
+                xyxy=True,
+            )
         )
     return per_image
+
+
+# (anchors, level, (A, H, W), stride, device) -> [A * H * W, 5]: cell x, y, stride, anchor w, h per anchor
+# slot in the order of the raw rows. A few shapes per process (one per input size and layer).
+_CELL_TABLES: dict = {}
+
+
+def _cell_table(key, level: int, anchor: torch.Tensor, shape, stride: float, device) -> torch.Tensor:
+    full_key = (key, level, tuple(shape), stride, str(device))
+    table = _CELL_TABLES.get(full_key)
+    if table is None:
+        num_anchors, height, width = shape
+        a, gy, gx = torch.meshgrid(
+            torch.arange(num_anchors, device=device),
+            torch.arange(height, device=device),
+            torch.arange(width, device=device),
+            indexing="ij",
+        )
+        grid = torch.stack([gx, gy], dim=-1).reshape(-1, 2).float()
+        strides = torch.full((len(grid), 1), stride, device=device)
+        table = torch.cat([grid, strides, anchor[a.reshape(-1)]], dim=1)
+        if len(_CELL_TABLES) > 64:
+            _CELL_TABLES.clear()
+        _CELL_TABLES[full_key] = table
+    return table
 
 
 # --------------------------------------------------------------------------------------------------------

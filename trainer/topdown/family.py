@@ -12,6 +12,7 @@ checkpoints hold the KAF history ``[epochs, K]`` (the paper's Fig. 5), also writ
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from trainer.datasets.keypoints import COCO_WHOLEBODY_PARTS, NUM_KEYPOINTS
 from trainer.evaluation.wholebody import VAL_METRICS
+from trainer.latency import PROBE_IMAGES
 from trainer.topdown import config as topdown_config
 from trainer.topdown.losses import (
     LOSS_VARIANTS,
@@ -110,6 +112,67 @@ class TopDownTraining:
         return model
 
 
+class HeatmapEvalSweep:
+    """``fowkal tune-eval`` of the top-down family (``trainer.families.EvalSweep``): the plain and mirrored
+    heatmaps of every box down to the space's lowest detection score, cached once
+    (``trainer.topdown.heatmap_cache``); a trial decodes them with its flip mode and kernel (once per pair and
+    sweep, every kernel of the space in one pass), rescores, suppresses and scores."""
+
+    setting_keys = topdown_config.EVAL_SETTING_KEYS
+
+    def base_settings(self, cfg) -> dict[str, Any]:
+        values = {f"eval.{key}": value for key, value in dataclasses.asdict(cfg.eval).items()}
+        values["data.det_score_thr"] = float(cfg.data.det_score_thr)
+        return values
+
+    def build_cache(self, loaded, ann_file, image_dir, cache_root, *, det_file, reach, progress: bool):
+        from trainer.families import SweepCacheInfo
+        from trainer.topdown.heatmap_cache import build_heatmap_cache
+
+        config = loaded.config
+        base = self.base_settings(config)
+        floor = min(reach.get("data.det_score_thr", (base["data.det_score_thr"],)))
+        kernels = {int(k) for k in reach.get("eval.blur_kernel", ()) if int(k) % 2 == 1}
+        cache = build_heatmap_cache(
+            loaded,
+            ann_file,
+            image_dir,
+            Path(cache_root) / "heatmap_cache",
+            det_file=det_file,
+            det_score_thr=float(floor),
+            progress=progress,
+        )
+        options = {
+            "flip_test": bool(config.flip_test),
+            "batch_size": int(config.data.val_batch_size),
+            "kernels": tuple(sorted(kernels | {int(base["eval.blur_kernel"])})),
+        }
+        return SweepCacheInfo(str(cache.path), len(cache.image_ids), "boxes", options)
+
+    def open_cache(self, path):
+        from trainer.topdown.heatmap_cache import HeatmapCache
+
+        return HeatmapCache.open(path)
+
+    def score(self, cache, settings, evaluator, options, *, image_ids=None, memo_dir=None):
+        from trainer.families import SweepScore
+
+        eval_settings = topdown_config.EvalConfig(
+            **{key[len("eval.") :]: value for key, value in settings.items() if key.startswith("eval.")}
+        )
+        metrics, boxes = cache.evaluate(
+            eval_settings,
+            float(settings["data.det_score_thr"]),
+            evaluator,
+            options.get("flip_test", True),
+            options.get("batch_size", 64),
+            kernels=options.get("kernels", ()),
+            memo_dir=memo_dir,
+            image_ids=image_ids,
+        )
+        return SweepScore(metrics, boxes)
+
+
 class TopDownHeatmapFamily:
     """``family: topdown_heatmap``: see the module docstring."""
 
@@ -124,6 +187,7 @@ class TopDownHeatmapFamily:
     # ``fowkal tune-eval`` caches this family's heatmaps (trainer.topdown.heatmap_cache) and sweeps their
     # decoding.
     heatmap_eval_sweep = True
+    eval_sweep = HeatmapEvalSweep()
     predicts_per_box = True  # one prediction row per person box of the eval data set
 
     def validate(self, cfg, check, fail) -> None:
@@ -207,6 +271,60 @@ class TopDownHeatmapFamily:
             + f" (loss variant {cfg.loss.variant!r})"
         )
 
+    def describe_recipe(self, cfg) -> tuple[str, str]:
+        width, height = cfg.data.pipeline.input_size
+        return f"{cfg.model.backbone} at {height}x{width} (h x w)", f"lr {cfg.optim.lr:g}"
+
+    def latency_probe(self, cfg, dataset, images: int = PROBE_IMAGES, image_ids=None):
+        """Per image its person crops (GT boxes or detections: the rows of ``dataset``) at the input size;
+        post-processing: DARK decode, inverse crop affine, rescoring and OKS-NMS (no flip test). The person
+        detector that gave the boxes is not part of it."""
+        from trainer.latency import LatencyProbe, first_images
+        from trainer.topdown.inference import decode_heatmaps, results_from_predictions
+
+        sample_images, _ = dataset.sample_ids
+        groups = [
+            [dataset[int(row)] for row in np.flatnonzero(sample_images == image_id)]
+            for image_id in first_images(sample_images, images, image_ids)
+        ]
+        inputs = [torch.stack([s["image"] for s in group]) for group in groups]
+        meta = [
+            {
+                "center": np.stack([s["center"].numpy() for s in group]),
+                "scale": np.stack([s["scale"].numpy() for s in group]),
+                "image_ids": np.asarray([s["image_id"] for s in group]),
+                "box_scores": np.asarray([s["bbox_score"] for s in group], dtype=np.float64),
+            }
+            for group in groups
+        ]
+        input_width = cfg.data.pipeline.input_size[0]
+
+        def forward(model, x):
+            return model(x)[0]
+
+        def post(heatmaps, indices) -> int:
+            rows = {key: np.concatenate([meta[i][key] for i in indices]) for key in meta[0]}
+            heatmaps = heatmaps.float()
+            keypoints, scores = decode_heatmaps(
+                heatmaps,
+                None,
+                rows["center"],
+                rows["scale"],
+                cfg.eval.flip_mode,
+                input_width / heatmaps.shape[-1],
+                cfg.eval.blur_kernel,
+            )
+            predictions = {
+                "image_ids": rows["image_ids"],
+                "keypoints": keypoints,
+                "keypoint_scores": scores,
+                "box_scores": rows["box_scores"],
+                "areas": rows["scale"][:, 0].astype(np.float64) * rows["scale"][:, 1],
+            }
+            return len(results_from_predictions(predictions, cfg.eval))
+
+        return LatencyProbe(inputs=inputs, forward=forward, post=post)
+
     def build_optimizer(self, cfg, model, iters_per_epoch: int):
         from trainer.topdown.schedule import build_optimizer
 
@@ -238,7 +356,7 @@ class TopDownHeatmapFamily:
 
         return results_from_predictions(predictions, cfg.eval)
 
-    def selection_score(self, metrics: Mapping[str, float]) -> float | None:
+    def selection_score(self, metrics: Mapping[str, float], cfg=None) -> float | None:
         return metrics.get(self.selection_metric)
 
     def run_artifacts(self, cfg, checkpoint_dir: Path, out_dir: Path) -> tuple[list[Path], list[str]]:
@@ -259,4 +377,10 @@ class TopDownHeatmapFamily:
 
 TOPDOWN_HEATMAP = TopDownHeatmapFamily()
 
-__all__ = ["KAF_HISTORY_FILE", "TOPDOWN_HEATMAP", "TopDownHeatmapFamily", "TopDownTraining"]
+__all__ = [
+    "KAF_HISTORY_FILE",
+    "TOPDOWN_HEATMAP",
+    "HeatmapEvalSweep",
+    "TopDownHeatmapFamily",
+    "TopDownTraining",
+]

@@ -216,10 +216,14 @@ class HeatmapCache:
         *,
         kernels=(),
         memo_dir: str | os.PathLike | None = None,
+        image_ids=None,
     ) -> dict[str, np.ndarray]:
         """``predict_keypoints``'s output for the boxes of ``det_score_thr``, decoded with ``settings``
-        (``flip_mode``, ``blur_kernel``; once per pair, :meth:`decoded`)."""
+        (``flip_mode``, ``blur_kernel``; once per pair, :meth:`decoded`); only the boxes of ``image_ids`` when
+        given (a held-out split)."""
         indices = self.select(det_score_thr)
+        if image_ids is not None:
+            indices = indices[np.isin(self.image_ids[indices], np.asarray(list(image_ids)))]
         keypoints, scores = self.decoded(
             settings.flip_mode,
             settings.blur_kernel,
@@ -246,11 +250,18 @@ class HeatmapCache:
         *,
         kernels=(),
         memo_dir: str | os.PathLike | None = None,
+        image_ids=None,
     ) -> tuple[dict[str, float], int]:
         """COCO-WholeBody metrics of one setting (decode or the memo, rescoring, OKS-NMS, xtcocotools) and
-        the number of boxes it used."""
+        the number of boxes it used (those of ``image_ids`` when given)."""
         predictions = self.predictions(
-            settings, det_score_thr, flip_test, batch_size, kernels=kernels, memo_dir=memo_dir
+            settings,
+            det_score_thr,
+            flip_test,
+            batch_size,
+            kernels=kernels,
+            memo_dir=memo_dir,
+            image_ids=image_ids,
         )
         results = results_from_predictions(predictions, settings)
         return evaluator.evaluate(results), len(predictions["image_ids"])
