@@ -34,21 +34,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from trainer.checkpoint import EvalError  # checkpoints (CheckpointMismatchError), runs, eval arguments
     from trainer.config import ConfigError
     from trainer.datasets.annotations import DatasetError  # annotations; images (ImageFileError)
-    from trainer.families import UnknownFamilyError
-    from trainer.kapao.loss import KapaoLossSettingError
-    from trainer.kapao.postprocess import KapaoEvalSettingError
+    from trainer.families import FAMILIES, UnknownFamilyError
     from trainer.preflight import InputFileError  # the config's files; storage URIs (StorageError)
     from trainer.pretrained import PretrainedWeightsError
-    from trainer.topdown.losses import LossSettingError
 
     return (
         ConfigError,
         DatasetError,
         EvalError,
         InputFileError,
-        KapaoEvalSettingError,
-        KapaoLossSettingError,
-        LossSettingError,
         PretrainedWeightsError,
         ReportError,
         SearchSpaceError,
@@ -57,6 +51,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         TrackingStoreError,
         TuneEvalError,
         UnknownFamilyError,
+        *(error for family in FAMILIES.values() for error in family.setting_errors),
     )
 
 

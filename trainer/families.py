@@ -128,6 +128,9 @@ class ExperimentFamily(Protocol):
     predicts_per_box: bool
     # Whether the network outputs crop heatmaps that ``fowkal tune-eval`` caches and ``fowkal show`` draws.
     heatmap_eval_sweep: bool
+    # The family's own exception types whose messages name a user's setting (a loss or inference value):
+    # ``fowkal`` prints them as one line, as it does ConfigError (orchestrator/user_errors.py).
+    setting_errors: tuple[type[Exception], ...]
     # How ``fowkal tune-eval`` sweeps the family's inference-time settings without training (None: it cannot).
     eval_sweep: EvalSweep | None
     # The shared evaluator's numbers the loop reports: evaluate_wholebody key -> metric name

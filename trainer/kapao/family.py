@@ -197,6 +197,7 @@ class KapaoFamily:
     selection_metric = "val/kapao_fitness"
     val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50", "body/AP50": "val/body_AP50"}
     heatmap_eval_sweep = False
+    setting_errors = (KapaoLossSettingError, KapaoEvalSettingError)
     eval_sweep = KapaoEvalSweep()
     predicts_per_box = False  # KAPAO finds the people in whole images
 

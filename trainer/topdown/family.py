@@ -187,6 +187,7 @@ class TopDownHeatmapFamily:
     # ``fowkal tune-eval`` caches this family's heatmaps (trainer.topdown.heatmap_cache) and sweeps their
     # decoding.
     heatmap_eval_sweep = True
+    setting_errors = (LossSettingError,)
     eval_sweep = HeatmapEvalSweep()
     predicts_per_box = True  # one prediction row per person box of the eval data set
 
