@@ -21,23 +21,10 @@ from dataclasses import dataclass, field
 from orchestrator.reports.records import EPOCH_COST_METRICS, ChildRecord, SweepRecord, setting_value
 from orchestrator.runs.resources import CPUS_PER_WORKER, TRIAL_CPUS
 from trainer.families import DEFAULT_FAMILY, UnknownFamilyError, get_family
+from trainer.latency import COST_METRICS
 
-INFERENCE_METRICS = (
-    "cost/params",
-    "cost/flops_per_image",
-    "cost/flops_per_input",
-    "cost/inputs_per_image",
-    "latency/forward_ms_b1",
-    "latency/post_ms_b1",
-    "latency/total_ms_b1",
-    "latency/forward_ms_batched",
-    "latency/post_ms_batched",
-    "latency/total_ms_batched",
-    "latency/batch_images",
-    "latency/poses_per_image",
-    "latency/threads",
-    "latency/on_gpu",
-)
+# What each finished run logged once about its kept model (trainer.latency.inference_cost).
+INFERENCE_METRICS = COST_METRICS
 
 
 @dataclass

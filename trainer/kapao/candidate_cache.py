@@ -28,9 +28,6 @@ reader never sees half of one; a directory whose key differs is another cache.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.checkpoint import LoadedCheckpoint
+from trainer.evaluation.cache_files import file_identity, key_digest, locked
 from trainer.kapao.postprocess import (
     NMS_INPUT_CAP,
     TTA_MODES,
@@ -61,12 +59,6 @@ _KP_ARRAYS = ("kp_boxes", "kp_scores", "kp_classes")
 FAMILY = "kapao"  # written into info.json: which family's sweep reads the cache
 
 
-def _file_identity(path) -> list:
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return [str(resolved), stat.st_size, stat.st_mtime_ns]
-
-
 def cache_key(
     loaded: LoadedCheckpoint,
     ann_file,
@@ -81,16 +73,16 @@ def cache_key(
     config = loaded.config
     payload = {
         "format": _FORMAT,
-        "checkpoint": _file_identity(loaded.checkpoint_path),
+        "checkpoint": file_identity(loaded.checkpoint_path),
         "model": [config.model.size, config.model.keypoints],
         "input_size": config.data.input_size,
         "val_batch_size": config.data.val_batch_size,  # batches change the network's float results
-        "ann_file": _file_identity(ann_file),
+        "ann_file": file_identity(ann_file),
         "image_dir": str(Path(image_dir).resolve()),
         "floors": [float(pose_floor), float(keypoint_floor)],
         "depths": [int(pose_depth), int(keypoint_depth)],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return key_digest(payload)
 
 
 @dataclass
@@ -211,16 +203,6 @@ class CandidateCache:
         return evaluator.evaluate(results), len(ids), short
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _sorted_rows(scores: torch.Tensor, depth: int) -> tuple[torch.Tensor, float]:
     """Indices of the best ``depth`` rows, best first (ties in their order), and the best score not kept."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -311,7 +293,7 @@ def build_candidate_cache(
     final = Path(cache_root) / key
     final.mkdir(parents=True, exist_ok=True)
     config = loaded.config
-    with _locked(final / ".lock"):
+    with locked(final / ".lock"):
         info_path = final / "info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         done = {m for m in TTA_MODES if (final / m / "images.npz").is_file()}

@@ -23,9 +23,6 @@ of one; a directory whose key differs is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.checkpoint import LoadedCheckpoint
+from trainer.evaluation.cache_files import file_identity, key_digest, locked
 from trainer.evaluation.model_eval import build_eval_dataset, select_device, with_progress
 from trainer.evaluation.wholebody import WholeBodyEvaluator
 from trainer.runtime import autocast_dtype
@@ -55,14 +53,6 @@ _FORMAT = 1
 MEMO_ENTRIES = 8
 
 
-def _file_identity(path: str | os.PathLike | None) -> list | None:
-    if path is None:
-        return None
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return [str(resolved), stat.st_size, stat.st_mtime_ns]
-
-
 def cache_key(
     loaded: LoadedCheckpoint,
     ann_file,
@@ -76,17 +66,17 @@ def cache_key(
     config = loaded.config
     payload = {
         "format": _FORMAT,
-        "checkpoint": _file_identity(loaded.checkpoint_path),
+        "checkpoint": file_identity(loaded.checkpoint_path),
         "backbone": config.model.backbone,
         "pipeline": repr(config.data.pipeline),
         "gt_instances": config.data.gt_instances,
-        "ann_file": _file_identity(ann_file),
+        "ann_file": file_identity(ann_file),
         "image_dir": str(Path(image_dir).resolve()),
-        "det_file": _file_identity(det_file),
+        "det_file": file_identity(det_file),
         "det_score_thr": float(det_score_thr) if det_file is not None else None,
         "dtype": np.dtype(dtype).name,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return key_digest(payload)
 
 
 @dataclass
@@ -192,7 +182,7 @@ class HeatmapCache:
             memo = Path(memo_dir)
             memo.mkdir(parents=True, exist_ok=True)
             stem = "noflip" if mode is None else f"flip-{mode}"
-            with _locked(memo / f"{stem}.lock"):
+            with locked(memo / f"{stem}.lock"):
                 paths = {k: memo / f"{stem}-k{k}.npz" for k in wanted}
                 decoded = {k: _read_decoded(p) for k, p in paths.items() if p.is_file()}
                 missing = [k for k in wanted if decoded.get(k) is None]
@@ -265,16 +255,6 @@ class HeatmapCache:
         )
         results = results_from_predictions(predictions, settings)
         return evaluator.evaluate(results), len(predictions["image_ids"])
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_decoded(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
