@@ -364,6 +364,12 @@ def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir,
         if stop is None:
             assert run.info.status == "FINISHED", run.info.run_name
             assert epochs_logged == list(range(1, EPOCHS + 1))
+            # ASHA's own stop at max_t would have killed the trial before it logged its outputs.
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {tracking.BEST_CHECKPOINT_ARTIFACT, tracking.LAST_CHECKPOINT_ARTIFACT} <= artifacts, (
+                artifacts
+            )
+            assert "latency/total_ms_b1" in run.data.metrics, sorted(run.data.metrics)
         else:
             assert run.info.status == "KILLED", run.info.run_name
             assert run.data.tags["fowkal.end_reason"] == "stopped early by the scheduler"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.runs.resources import derive_max_concurrent
@@ -100,7 +101,9 @@ class TunerSpec:
     search: TpeSearch | None = None
     stopping: AshaStopping | None = None
     param_space: dict = field(default_factory=dict)
-    reuse_actors: bool = False
+    # A trial's actor runs the next trial (Tune's default for function trainables): no process start and
+    # imports per trial. A trial whose function has not returned 2 s after it ended gets a new actor.
+    reuse_actors: bool = True
     callbacks: list = field(default_factory=list)
     progress_reporter: Any = None
     verbose: bool = True
@@ -156,7 +159,7 @@ def tune_config_of(spec: TunerSpec, concurrent: int):
     """The ``TuneConfig``: the searcher (TPE behind a concurrency limit, or none: the grid) and the scheduler
     (ASHA, or FIFO: no early stopping)."""
     from ray.tune import TuneConfig
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     search_alg = None
     if spec.search is not None:
@@ -174,7 +177,7 @@ def tune_config_of(spec: TunerSpec, concurrent: int):
     scheduler = FIFOScheduler()
     if spec.stopping is not None:
         # time_attr epoch: rungs are in epochs; results without the metric (non-eval epochs) are skipped.
-        scheduler = ASHAScheduler(
+        scheduler = LastEpochFinishesASHA(
             time_attr="epoch",
             grace_period=spec.stopping.grace_period,
             reduction_factor=spec.stopping.reduction_factor,
@@ -191,6 +194,18 @@ def tune_config_of(spec: TunerSpec, concurrent: int):
         trial_name_creator=spec.trial_name,
         trial_dirname_creator=spec.trial_dirname,
     )
+
+
+class LastEpochFinishesASHA(ASHAScheduler):
+    """ASHA that lets a trial at its last epoch (``max_t``) end by itself. ASHA stops a trial once it reaches
+    ``max_t`` (or a rung placed there): Tune would then kill the trial's actor while the trial function has
+    still to log the run's outputs (checkpoints, latency) and end it FINISHED."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE  # the training loop ends there anyway
+        return decision
 
 
 class EvaluationEpochOptunaSearch(OptunaSearch):
@@ -231,6 +246,7 @@ __all__ = [
     "TUNE_EXPERIMENT",
     "AshaStopping",
     "EvaluationEpochOptunaSearch",
+    "LastEpochFinishesASHA",
     "TpeSearch",
     "TunerSpec",
     "fit_tuner",

@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -315,6 +314,8 @@ def build_kapao_model(
     if not isinstance(num_keypoints, int) or isinstance(num_keypoints, bool) or num_keypoints <= 0:
         raise ValueError(f"num_keypoints must be a positive int, got {num_keypoints!r}")
     spec = SIZE_SPECS[size]
+    import timm  # here, not at the top: timm (and the torchvision it loads) costs seconds at every start
+
     backbone = timm.create_model(
         spec.backbone, pretrained=False, features_only=True, out_indices=_BACKBONE_OUT_INDICES
     )

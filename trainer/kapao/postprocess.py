@@ -28,7 +28,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_convert, nms
 
 from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.evaluation.wholebody import keypoints_to_results
@@ -226,7 +225,7 @@ def _split_by_type(
     and keypoint objects above the floors. ``pose_keypoints(rows)``: the ``[n, K, 2]`` keypoints of those
     rows (indices)."""
     if not xyxy:
-        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        boxes = _corners(boxes)
     is_pose = ((label == 0) & (conf > pose_floor)).nonzero().squeeze(1)
     is_kp = ((label > 0) & (conf > keypoint_floor)).nonzero().squeeze(1)
     return Candidates(
@@ -291,7 +290,7 @@ def candidates(
             images.append(keep // per_image)
     rows, cell = torch.cat(rows), torch.cat(cells)
     grid, stride, anchor = cell[:, 0:2], cell[:, 2:3], cell[:, 3:5]
-    boxes = box_convert(_decode_boxes(rows[:, :4], grid, stride, anchor), "cxcywh", "xyxy")
+    boxes = _corners(_decode_boxes(rows[:, :4], grid, stride, anchor))
     class_logit, label = rows[:, 5 : 5 + k + 1].max(dim=1)  # sigmoid is monotonic: the same arg-max
     conf = rows[:, 4].float().sigmoid() * class_logit.float().sigmoid()
 
@@ -378,6 +377,12 @@ def _pairwise_iou(x1, y1, x2, y2) -> torch.Tensor:
     return inter / (area[..., :, None] + area[..., None, :] - inter)
 
 
+def _corners(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes as centre x, y, w, h -> corners x1, y1, x2, y2."""
+    centre, size = boxes[:, :2], boxes[:, 2:4]
+    return torch.cat((centre - size / 2, centre + size / 2), dim=1)
+
+
 # Largest padded per-class IoU table (classes x m x m) ``_nms_per_class`` builds; beyond it torchvision's.
 _PADDED_NMS_LIMIT = 4_000_000
 
@@ -395,6 +400,8 @@ def _nms_per_class(boxes, scores, classes, iou_threshold: float) -> torch.Tensor
     counts = torch.bincount(sorted_classes)
     m = int(counts.max()) if len(order) else 0
     if len(counts) * m * m > _PADDED_NMS_LIMIT:
+        from torchvision.ops import batched_nms
+
         return batched_nms(boxes, scores, classes, iou_threshold)
     rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[sorted_classes]
     corners = boxes.new_zeros(4, len(counts), m)  # x1, y1, x2, y2 of box `rank` of each class
@@ -416,6 +423,8 @@ def _nms_best(boxes, scores, iou_threshold: float, wanted: int, all_above: float
     """Indices of greedy-NMS survivors, best first: at least the best ``wanted`` ones (all when fewer) and
     every survivor scoring above ``all_above``; maybe more. A box is suppressed only by better ones, so NMS
     on the best n candidates decides them exactly: grow n until enough survive, not NMS on thousands."""
+    from torchvision.ops import nms  # here: importing torchvision costs seconds at every start
+
     order = _top(scores, NMS_INPUT_CAP)
     n = max(4 * wanted, int((scores > all_above).sum()) + wanted)
     while True:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -113,6 +112,8 @@ def build_pose_model(
         raise ValueError(f"backbone={backbone!r} is not supported; choose one of {SUPPORTED_BACKBONES}")
     if not isinstance(num_keypoints, int) or num_keypoints <= 0:
         raise ValueError(f"num_keypoints must be a positive int, got {num_keypoints!r}")
+    import timm  # here, not at the top: timm (and the torchvision it loads) costs seconds at every start
+
     net = timm.create_model(
         backbone, pretrained=False, features_only=True, feature_location="", out_indices=(1,)
     )
