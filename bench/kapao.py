@@ -5,8 +5,9 @@
 2. The size of the raw head output per image at 1280 (K = 17 and 133): what an inference-time sweep must not
    cache (trainer.kapao.postprocess.candidates keeps the candidates above the thresholds instead).
 3. Post-processing ms per image on one thread (decode of the candidates + NMS of both object types + fusion +
-   unfused scores; ``poses_from_outputs``) for a crowd of 20 people, K = 17 and 133 (goal: <= 2 ms at K = 17,
-   as the paper's fusion <= 1.7 ms), beside the top-down family's decoding of the same 20 people (flip-back
+   unfused scores; ``poses_from_outputs``) for 3 people (a COCO image's average) and a crowd of 20, K = 17
+   and 133 (goal: <= 2 ms at K = 17, as the paper's fusion <= 1.7 ms), now and at BASELINE_COMMIT, beside
+   the top-down family's decoding of the same 20 people (flip-back
    + DARK + the inverse crop affine of 20 crops with 64x48 heatmaps;
    ``trainer.topdown.inference.decode_heatmaps``).
 
@@ -134,85 +135,79 @@ def head_size_rows() -> list[str]:
     return rows
 
 
+# The post-processing before it moved to numpy and read the head's planes (issue 19): the baseline of
+# postprocess_rows, measured in the same run from the repository's own history.
+BASELINE_COMMIT = "8e4b04d"
+
+
+def _module_at(commit: str, path: str):
+    """``path`` (a module of this repository) as it was at ``commit``, imported under a private name; None
+    when git or the commit is not at hand (a copy without history)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, check=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    file = Path(tempfile.mkdtemp(prefix="fowkal_bench_")) / Path(path).name
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"baseline_{Path(path).stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def head_layout(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs as the head returns them: ``[B, A, H, W, No]`` views of ``[B, A, No, H, W]`` memory."""
+    return [out.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2) for out in outputs]
+
+
 def postprocess_rows(repeats: int) -> list[str]:
-    """Post-processing ms per image (module docstring, 3), now and before in the same run: "before" decodes
-    the candidates as the first version did (per layer, a gather by (image, anchor, row, column) of every row
-    whose objectness clears the floor, per-row stride and anchor tensors, per-image masks), then the same NMS
-    and fusion; the candidates are equal (tests/test_kapao_postprocess.py)."""
-    from torchvision.ops import box_convert
+    """Post-processing ms per image (module docstring, 3), now and before in the same run: "before" is
+    ``trainer/kapao/postprocess.py`` at BASELINE_COMMIT (torch throughout) on the contiguous outputs its head
+    returned; "now" reads the head's view (its planes contiguous). Both give the same poses (asserted)."""
+    from trainer.kapao.postprocess import poses_from_candidates
 
-    from trainer.kapao.anchors import keypoints_from_outputs
-    from trainer.kapao.postprocess import Candidates, _decode_boxes, _decode_keypoints, poses_from_candidates
-
-    def candidates_before(outputs, pose_floor, keypoint_floor):
-        table = torch.as_tensor(P6_ANCHORS, dtype=torch.float32)
-        k = keypoints_from_outputs(outputs[0].shape[-1])
-        floor = min(pose_floor, keypoint_floor)
-        logit_floor = math.log(floor / (1 - floor)) - 1e-3
-        rows, images, grids, row_strides, row_anchors = [], [], [], [], []
-        for out, anchor, stride in zip(outputs, table, STRIDES, strict=True):
-            image, a, gy, gx = (out[..., 4] > logit_floor).nonzero(as_tuple=True)
-            rows.append(out[image, a, gy, gx])
-            images.append(image)
-            grids.append(torch.stack([gx, gy], dim=-1))
-            row_strides.append(torch.full(gx.shape, float(stride)))
-            row_anchors.append(anchor[a])
-        rows, image, grid = torch.cat(rows), torch.cat(images), torch.cat(grids).float()
-        stride, anchor = torch.cat(row_strides)[:, None], torch.cat(row_anchors)
-        boxes = _decode_boxes(rows[:, :4], grid, stride, anchor)
-        class_logit, label = rows[:, 5 : 5 + k + 1].max(dim=1)
-        conf = rows[:, 4].float().sigmoid() * class_logit.float().sigmoid()
-        per_image = []
-        for b in range(outputs[0].shape[0]):
-            mine = (image == b).nonzero().squeeze(1)
-            is_pose = ((label[mine] == 0) & (conf[mine] > pose_floor)).nonzero().squeeze(1)
-            is_kp = ((label[mine] > 0) & (conf[mine] > keypoint_floor)).nonzero().squeeze(1)
-            pose, kp = mine[is_pose], mine[is_kp]
-            keypoints = _decode_keypoints(rows[pose, 4 + k + 2 :], grid[pose], stride[pose], anchor[pose])
-            per_image.append(
-                Candidates(
-                    box_convert(boxes[pose], "cxcywh", "xyxy"),
-                    conf[pose],
-                    keypoints,
-                    box_convert(boxes[kp], "cxcywh", "xyxy"),
-                    conf[kp],
-                    label[kp] - 1,
-                )  # fmt: skip
-            )
-        return per_image
-
+    before = _module_at(BASELINE_COMMIT, "trainer/kapao/postprocess.py")
     torch.set_num_threads(1)
     settings, letterbox = KapaoEvalConfig(), (1.0, (0.0, 0.0))
     rows = [
-        "| family | K | candidates (pose / keypoint) | ms per image, one thread |",
-        "| --- | --- | --- | --- |",
+        "| family | K | people | candidates (pose / keypoint) | decode + 2 NMS + fusion: before / now ms "
+        "| candidates alone (a sweep's cache): before / now ms "
+        "| NMS + fusion from candidates: before / now ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k in (17, 133):
-        outputs = crowd_outputs(k, 1280, people=20, rng=np.random.default_rng(k))
-        found = candidates(outputs, settings.tau_cp, settings.tau_ck)[0]
-        before = candidates_before(outputs, settings.tau_cp, settings.tau_ck)[0]
-        assert all(
-            torch.equal(getattr(found, f), getattr(before, f)) for f in Candidates.__dataclass_fields__
-        )
-
-        def run_before(outputs=outputs):
-            cands = candidates_before(outputs, settings.tau_cp, settings.tau_ck)
-            return [poses_from_candidates(c, settings, letterbox) for c in cands]
-
-        ms_before = best_ms(run_before, repeats)
-        ms = best_ms(lambda outputs=outputs: poses_from_outputs(outputs, settings, [letterbox]), repeats)
-        ms_decode = best_ms(
-            lambda outputs=outputs: candidates(outputs, settings.tau_cp, settings.tau_ck), repeats
-        )
-        ms_decode_before = best_ms(
-            lambda outputs=outputs: candidates_before(outputs, settings.tau_cp, settings.tau_ck), repeats
-        )
-        counts = f"{len(found.pose_scores)} / {len(found.kp_scores)}"
-        rows.append(f"| KAPAO before: decode + 2 NMS + fusion | {k} | {counts} | {ms_before:.2f} |")
-        rows.append(f"| KAPAO now: decode + 2 NMS + fusion | {k} | {counts} | {ms:.2f} |")
-        rows.append(
-            f"| KAPAO decode alone, before / now | {k} | | {ms_decode_before:.2f} / {ms_decode:.2f} |"
-        )
+        for people in (3, 20):
+            contiguous = crowd_outputs(k, 1280, people=people, rng=np.random.default_rng(k))
+            outputs = head_layout(contiguous)
+            found = candidates(outputs, settings.tau_cp, settings.tau_ck)[0]
+            poses = poses_from_outputs(outputs, settings, [letterbox])[0]
+            now = (
+                best_ms(lambda o=outputs: poses_from_outputs(o, settings, [letterbox]), repeats),
+                best_ms(lambda o=outputs: candidates(o, settings.tau_cp, settings.tau_ck), repeats),
+                best_ms(lambda f=found: poses_from_candidates(f, settings, letterbox), repeats),
+            )
+            then = ("-",) * 3
+            if before is not None:
+                old_found = before.candidates(contiguous, settings.tau_cp, settings.tau_ck)[0]
+                old_poses = before.poses_from_outputs(contiguous, settings, [letterbox])[0]
+                for new, old in zip(poses, old_poses, strict=True):
+                    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-3)
+                timed = (
+                    lambda o=contiguous: before.poses_from_outputs(o, settings, [letterbox]),
+                    lambda o=contiguous: before.candidates(o, settings.tau_cp, settings.tau_ck),
+                    lambda f=old_found: before.poses_from_candidates(f, settings, letterbox),
+                )
+                then = tuple(f"{best_ms(fn, repeats):.2f}" for fn in timed)
+            counts = f"{len(found.pose_scores)} / {len(found.kp_scores)}"
+            cells = " | ".join(f"{b} / {n:.2f}" for b, n in zip(then, now, strict=True))
+            rows.append(f"| KAPAO | {k} | {people} | {counts} | {cells} |")
     # The top-down family decodes the same 20 people: 20 crops, their mirrors, 133 heatmaps of 64x48 each.
     generator = torch.Generator().manual_seed(0)
     heatmaps = torch.rand(20, 133, 64, 48, generator=generator)
@@ -220,7 +215,7 @@ def postprocess_rows(repeats: int) -> list[str]:
     center = np.full((20, 2), 300.0)
     scale = np.full((20, 2), 200.0)
     ms = best_ms(lambda: decode_heatmaps(heatmaps, flipped, center, scale), repeats)
-    rows.append(f"| top-down: flip-back + DARK (20 crops) | 133 | 20 boxes | {ms:.2f} |")
+    rows.append(f"| top-down: flip-back + DARK (20 crops) | 133 | 20 | 20 boxes | - / {ms:.2f} | | |")
     return rows
 
 

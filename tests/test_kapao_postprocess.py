@@ -85,6 +85,42 @@ def _candidate_arrays(c: Candidates):
     return [rows[torch.argsort(rows[:, 4])].numpy() for rows in (poses, kps)]
 
 
+def test_the_head_layout_and_the_device_gather_give_the_same_candidates_and_poses():
+    """Raw outputs as the head returns them (views of [B, A, No, H, W] memory) and contiguous ones, read
+    with numpy's plane gather and with torch's gather (the path for outputs on a GPU): the same candidates,
+    and the poses with keypoints decoded only for the NMS survivors equal those from every candidate."""
+    from trainer.kapao.postprocess import _found_in_outputs
+
+    k = 5
+    generator = torch.Generator().manual_seed(2)
+    planes = [
+        torch.randn(2, 3, outputs_per_anchor(k), 128 // s, 128 // s, generator=generator) for s in STRIDES
+    ]
+    for plane in planes:
+        plane[:, :, 4] = torch.randn(plane[:, :, 4].shape, generator=generator) * 3 - 3
+    views = [plane.permute(0, 1, 3, 4, 2) for plane in planes]
+    contiguous = [view.contiguous() for view in views]
+    settings = KapaoEvalConfig(tau_cp=0.01, tau_ck=0.1, tau_fc=0.05)
+    reference = candidates(contiguous, settings.tau_cp, settings.tau_ck)
+    for outputs, on_device in ((views, False), (views, True), (contiguous, True)):
+        found = _found_in_outputs(outputs, settings.tau_cp, settings.tau_ck, P6_ANCHORS, STRIDES, on_device)
+        for got, want in zip(found, reference, strict=True):
+            got = got.candidates()
+            assert len(want.pose_scores) > 10 and len(want.kp_scores) > 10
+            for name in Candidates.__dataclass_fields__:
+                assert torch.equal(getattr(got, name), getattr(want, name)), name
+    letterboxes = [(0.5, (0.0, 8.0)), (1.0, (0.0, 0.0))]
+    from_every_candidate = [
+        poses_from_candidates(c, settings, lb) for c, lb in zip(reference, letterboxes, strict=True)
+    ]
+    for outputs in (views, contiguous):
+        for got, want in zip(
+            poses_from_outputs(outputs, settings, letterboxes), from_every_candidate, strict=True
+        ):
+            assert len(want[1]) > 0 and (want[0][..., 2] > want[1][:, None]).any()  # some fused keypoints
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_candidates_from_raw_equal_candidates_from_decoded_and_split_by_arg_max_class():
     k = 3
     generator = torch.Generator().manual_seed(1)
@@ -290,7 +326,7 @@ def _random_crowd_candidates(rng, people=15, k=17) -> Candidates:
 def test_nms_equals_torchvision_and_the_pose_shortcut_is_exact(monkeypatch):
     from torchvision.ops import batched_nms, nms
 
-    from trainer.kapao import postprocess
+    from trainer.kapao import nms_fusion
 
     rng = np.random.default_rng(3)
     settings = KapaoEvalConfig()
@@ -316,7 +352,7 @@ def test_nms_equals_torchvision_and_the_pose_shortcut_is_exact(monkeypatch):
         assert (some.pose_scores > settings.tau_fc).sum() == (kept.pose_scores > settings.tau_fc).sum()
         assert len(some.pose_scores) < len(kept.pose_scores)
         # Past its size limit the padded per-class NMS hands over to torchvision's: the same survivors.
-        monkeypatch.setattr(postprocess, "_PADDED_NMS_LIMIT", 0)
+        monkeypatch.setattr(nms_fusion, "PADDED_NMS_LIMIT", 0)
         assert torch.equal(non_max_suppression(cands, settings).kp_scores, kept.kp_scores)
         monkeypatch.undo()
 

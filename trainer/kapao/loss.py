@@ -312,7 +312,7 @@ def _layer_loss(
 ) -> dict[str, Tensor]:
     """The four unweighted terms of one layer; ``pred`` is ``[B, A, H, W, No]`` in float32."""
     zero = pred.new_zeros(())
-    obj_target = torch.zeros_like(pred[..., 4])
+    obj_target = pred.new_zeros(pred.shape[:4])  # contiguous, whatever the layout of the head's outputs
     box_loss = cls_loss = kps_loss = zero
     if len(matched):
         rows = pred[matched.image, matched.anchor, matched.cell_y, matched.cell_x]  # [P, No]

@@ -22,7 +22,7 @@ above its lowest thresholds once per image and re-runs only ``poses_from_candida
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,6 +31,7 @@ import torch
 
 from trainer.datasets.keypoints import NUM_KEYPOINTS
 from trainer.evaluation.wholebody import keypoints_to_results
+from trainer.kapao import nms_fusion
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
 
 # The score an unfused keypoint gets: "pose" = its pose's confidence; "zero" = the authors' 0, with which the
@@ -265,6 +266,56 @@ def candidates(
             conf = rows[:, 4] * class_score
             per_image.append(_split_by_type(rows[:, :4], conf, label, keypoints, conf_floor, keypoint_floor))
         return per_image
+    return [
+        found.candidates()
+        for found in _found_in_outputs(outputs, conf_floor, keypoint_floor, anchors, strides)
+    ]
+
+
+@dataclass
+class _Found:
+    """One image's objects above the floors as numpy arrays on the CPU (what NMS and fusion read); the pose
+    keypoints are decoded on demand (``pose_keypoints_of(indices) -> [n, K, 2]``): a pose that NMS drops
+    never needs its 2K values."""
+
+    pose_boxes: np.ndarray
+    pose_scores: np.ndarray
+    kp_boxes: np.ndarray
+    kp_scores: np.ndarray
+    kp_classes: np.ndarray
+    pose_keypoints_of: Callable[[np.ndarray], np.ndarray]
+
+    @classmethod
+    def of(cls, cands: Candidates) -> _Found:
+        keypoints = _numpy(cands.pose_keypoints)
+        return cls(
+            *(
+                _numpy(getattr(cands, name))
+                for name in ("pose_boxes", "pose_scores", "kp_boxes", "kp_scores")
+            ),
+            _numpy(cands.kp_classes),
+            keypoints.__getitem__,
+        )
+
+    def candidates(self) -> Candidates:
+        every_pose = np.arange(len(self.pose_scores))
+        arrays = (
+            self.pose_boxes,
+            self.pose_scores,
+            self.pose_keypoints_of(every_pose),
+            self.kp_boxes,
+            self.kp_scores,
+            self.kp_classes,
+        )
+        return Candidates(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+
+
+def _found_in_outputs(
+    outputs, conf_floor: float, keypoint_floor: float, anchors, strides, on_device: bool | None = None
+) -> list[_Found]:
+    """``candidates`` of raw per-stride outputs, per image as a :class:`_Found`. Only the anchors whose
+    objectness clears the lower floor are read (confidence <= objectness); the keypoint channels only for
+    the poses asked for. ``on_device``: gather with torch where the outputs are (default: off the CPU)."""
     table = _anchor_table(anchors, outputs[0].device)
     _check_layers(outputs, table, strides)
     k = keypoints_from_outputs(outputs[0].shape[-1])
@@ -273,48 +324,100 @@ def candidates(
     logit_floor = (
         math.log(floor / (1 - floor)) - 1e-3 if 0 < floor < 1 else (math.inf if floor >= 1 else -math.inf)
     )
-    # The anchors above the floor, every layer together: raw row, image, and (cell x, y, stride, anchor w, h).
-    # Per layer the outputs are read as [B * A * H * W, 3K + 6] rows: one pass over the objectness column,
-    # then only the survivors' rows are gathered, with their cell's constants from a table kept per shape.
+    # The anchors above the floor, every layer together: head rows (box, objectness, classes), image, and
+    # the cell's constants (cell x, y, stride, anchor w, h) from a table kept per shape.
     batch = outputs[0].shape[0]
     key = tuple(table.flatten().tolist())
-    rows, images, cells = [], [], []
-    for level, (out, stride) in enumerate(zip(outputs, strides, strict=True)):
-        flat = out.reshape(-1, out.shape[-1])
-        keep = (flat[:, 4] > logit_floor).nonzero().squeeze(1)
-        rows.append(flat.index_select(0, keep))
-        per_image = out.shape[1] * out.shape[2] * out.shape[3]
-        cell = keep if batch == 1 else keep % per_image
-        cells.append(_cell_table(key, level, table[level], out.shape[1:4], float(stride), out.device)[cell])
-        if batch > 1:
-            images.append(keep // per_image)
-    rows, cell = torch.cat(rows), torch.cat(cells)
+    if on_device is None:
+        on_device = outputs[0].device.type != "cpu"
+    layers = [_LayerRows(out, logit_floor, 5 + k + 1, on_device) for out in outputs]
+    cells = [
+        _cell_table(key, level, table[level], out.shape[1:4], float(stride), out.device)
+        .cpu()
+        .numpy()[rows.slot]
+        for level, (out, stride, rows) in enumerate(zip(outputs, strides, layers, strict=True))
+    ]
+    # The survivors are few: the rest runs in numpy on the CPU (torch's per-operation cost dominated here).
+    head = np.concatenate([rows.head for rows in layers])
+    image = np.concatenate([rows.image for rows in layers])
+    level_of = np.concatenate([np.full(len(rows.image), level) for level, rows in enumerate(layers)])
+    local = np.concatenate([np.arange(len(rows.image)) for rows in layers])
+    cell = np.concatenate(cells)
     grid, stride, anchor = cell[:, 0:2], cell[:, 2:3], cell[:, 3:5]
-    boxes = _corners(_decode_boxes(rows[:, :4], grid, stride, anchor))
-    class_logit, label = rows[:, 5 : 5 + k + 1].max(dim=1)  # sigmoid is monotonic: the same arg-max
-    conf = rows[:, 4].float().sigmoid() * class_logit.float().sigmoid()
+    xywh = _sigmoid(head[:, :4])
+    centre = (2 * xywh[:, 0:2] - 0.5 + grid) * stride  # as _decode_boxes
+    size = np.square(2 * xywh[:, 2:4]) * anchor
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    label = head[:, 5:].argmax(axis=1)  # sigmoid is monotonic: the same arg-max
+    class_logit = np.take_along_axis(head, 5 + label[:, None], axis=1)[:, 0]
+    conf = _sigmoid(head[:, 4]) * _sigmoid(class_logit)
 
-    def pose_keypoints(chosen):
-        return _decode_keypoints(rows[chosen, 4 + k + 2 :], grid[chosen], stride[chosen], anchor[chosen])
+    def keypoints_of(chosen: np.ndarray) -> np.ndarray:
+        """``[n, K, 2]`` pose keypoints of rows ``chosen``, as _decode_keypoints: within +-2 anchors of the
+        cell corner."""
+        raw = np.empty((len(chosen), 2 * k), np.float32)
+        for level, rows in enumerate(layers):
+            mine = np.flatnonzero(level_of[chosen] == level)
+            if len(mine):
+                raw[mine] = rows.tail(local[chosen[mine]])
+        offsets = (4 * _sigmoid(raw) - 2).reshape(len(chosen), k, 2)
+        return offsets * anchor[chosen, None, :] + (grid[chosen] * stride[chosen])[:, None, :]
+
+    def found(mine: np.ndarray) -> _Found:
+        is_pose = mine[(label[mine] == 0) & (conf[mine] > conf_floor)]
+        is_kp = mine[(label[mine] > 0) & (conf[mine] > keypoint_floor)]
+        return _Found(
+            boxes[is_pose],
+            conf[is_pose],
+            boxes[is_kp],
+            conf[is_kp],
+            label[is_kp].astype(np.int64) - 1,
+            lambda chosen: keypoints_of(is_pose[chosen]),
+        )
 
     if batch == 1:
-        return [_split_by_type(boxes, conf, label, pose_keypoints, conf_floor, keypoint_floor, xyxy=True)]
-    image = torch.cat(images)
-    per_image = []
-    for b in range(batch):
-        mine = (image == b).nonzero().squeeze(1)
-        per_image.append(
-            _split_by_type(
-                boxes[mine],
-                conf[mine],
-                label[mine],
-                lambda chosen, mine=mine: pose_keypoints(mine[chosen]),
-                conf_floor,
-                keypoint_floor,
-                xyxy=True,
-            )
-        )
-    return per_image
+        return [found(np.arange(len(head)))]
+    return [found(np.flatnonzero(image == b)) for b in range(batch)]
+
+
+class _LayerRows:
+    """One layer's anchors whose objectness logit is above the floor, in (image, anchor, row, column) order:
+    ``head`` = their first ``head_channels`` raw values ``[n, head_channels]`` (float32), ``image`` and
+    ``slot`` (anchor * H * W + row * W + column) ``[n]``, numpy on the CPU; ``tail(indices)`` reads the rest
+    of the chosen rows' channels (the keypoint offsets) where the outputs are."""
+
+    def __init__(self, out: torch.Tensor, logit_floor: float, head_channels: int, on_device: bool):
+        batch, anchors, height, width, channels = out.shape
+        self.head_channels = head_channels
+        if on_device:  # scan and gather where the outputs are (a GPU); only the survivors travel
+            self._out = out
+            self._index = (out[..., 4] > logit_floor).nonzero().unbind(1)
+            image, anchor, row, column = self._index
+            self.head = out[image, anchor, row, column, :head_channels].float().cpu().numpy()
+            self.image = image.cpu().numpy()
+            self.slot = ((anchor * height + row) * width + column).cpu().numpy()
+            return
+        # Per (image, anchor) the outputs as planes [No, H * W] (a view both for the head's layout and for
+        # a contiguous [B, A, H, W, No] tensor): one pass over the objectness plane, then the survivors'
+        # columns.
+        array = out.detach().float().numpy()
+        self._planes = array.transpose(0, 1, 4, 2, 3).reshape(batch * anchors, channels, height * width)
+        keep = np.flatnonzero(self._planes[:, 4] > logit_floor)
+        self._plane, self._pixel = np.divmod(keep, height * width)
+        self.head = self._planes[self._plane, :head_channels, self._pixel]
+        self.image, anchor = np.divmod(self._plane, anchors)
+        self.slot = anchor * (height * width) + self._pixel
+
+    def tail(self, chosen: np.ndarray) -> np.ndarray:
+        if hasattr(self, "_out"):
+            index = tuple(i[torch.from_numpy(chosen).to(i.device)] for i in self._index)
+            return self._out[index][:, self.head_channels :].float().cpu().numpy()
+        return self._planes[self._plane[chosen], self.head_channels :, self._pixel[chosen]]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: sigmoid 0, as torch's
+        return 1 / (1 + np.exp(-x))
 
 
 # (anchors, level, (A, H, W), stride, device) -> [A * H * W, 5]: cell x, y, stride, anchor w, h per anchor
@@ -347,92 +450,40 @@ def _cell_table(key, level: int, anchor: torch.Tensor, shape, stride: float, dev
 # --------------------------------------------------------------------------------------------------------
 
 
-def _top(scores: torch.Tensor, cap: int) -> torch.Tensor:
-    """Indices of the ``cap`` highest scores (all when fewer), best first."""
-    if len(scores) > cap:
-        return scores.topk(cap).indices
-    return torch.argsort(scores, descending=True, stable=True)
-
-
-def _fixed_point(step, start: torch.Tensor) -> torch.Tensor:
-    """The solution of a greedy rule in which the decision of item j depends only on those of the items
-    before it, with ``step(decisions) -> decisions`` applying the rule to every item at once: iterate from any
-    guess until nothing changes. After t steps the first t decisions are final, so this ends within n + 1
-    steps and the fixed point is the sequential rule's unique solution; in crowds it takes 2-4 steps."""
-    decisions = start
-    while True:
-        following = step(decisions)
-        if torch.equal(following, decisions):
-            return decisions
-        decisions = following
-
-
-def _pairwise_iou(x1, y1, x2, y2) -> torch.Tensor:
-    """Box corners ``[..., n]`` each -> ``[..., n, n]`` IoU, with the operations of torchvision's NMS."""
-    area = (x2 - x1) * (y2 - y1)
-    row, col = (..., slice(None), None), (..., None, slice(None))
-    width = torch.minimum(x2[row], x2[col]) - torch.maximum(x1[row], x1[col])
-    height = torch.minimum(y2[row], y2[col]) - torch.maximum(y1[row], y1[col])
-    inter = width.clamp_(min=0) * height.clamp_(min=0)
-    return inter / (area[..., :, None] + area[..., None, :] - inter)
-
-
 def _corners(boxes: torch.Tensor) -> torch.Tensor:
     """Boxes as centre x, y, w, h -> corners x1, y1, x2, y2."""
     centre, size = boxes[:, :2], boxes[:, 2:4]
     return torch.cat((centre - size / 2, centre + size / 2), dim=1)
 
 
-# Largest padded per-class IoU table (classes x m x m) ``_nms_per_class`` builds; beyond it torchvision's.
-_PADDED_NMS_LIMIT = 4_000_000
+def _numpy(tensor) -> np.ndarray:
+    """A CPU numpy view of a tensor (a copy from another device), or the array itself."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor)
 
 
-def _nms_per_class(boxes, scores, classes, iou_threshold: float) -> torch.Tensor:
-    """Indices kept by greedy NMS within each class, best first: what ``torchvision.ops.batched_nms`` keeps.
-
-    Keypoint objects are many classes of a few boxes each (up to 133 x people): one padded IoU table per
-    class ``[classes, m, m]`` and the greedy rule as a fixed point, instead of the all-pairs work of
-    class-offset boxes (quadratic in every box of every class on a CPU).
-    """
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(classes[order], stable=True)]  # by class, best first within a class
-    sorted_classes = classes[order]
-    counts = torch.bincount(sorted_classes)
-    m = int(counts.max()) if len(order) else 0
-    if len(counts) * m * m > _PADDED_NMS_LIMIT:
-        from torchvision.ops import batched_nms
-
-        return batched_nms(boxes, scores, classes, iou_threshold)
-    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[sorted_classes]
-    corners = boxes.new_zeros(4, len(counts), m)  # x1, y1, x2, y2 of box `rank` of each class
-    corners[:, sorted_classes, rank] = boxes[order].T
-    valid = torch.zeros(len(counts), m, dtype=torch.bool, device=boxes.device)
-    valid[sorted_classes, rank] = True
-    later = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)
-    # suppresses[c, i, j] = 1: box i of class c, if kept, removes the later box j (IoU > threshold).
-    suppresses = ((_pairwise_iou(*corners) > iou_threshold) & later).to(boxes.dtype)
-
-    def keep(kept: torch.Tensor) -> torch.Tensor:
-        return (torch.bmm(kept.to(boxes.dtype).unsqueeze(1), suppresses).squeeze(1) == 0) & valid
-
-    kept = order[_fixed_point(keep, valid)[sorted_classes, rank]]
-    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
-
-
-def _nms_best(boxes, scores, iou_threshold: float, wanted: int, all_above: float) -> torch.Tensor:
-    """Indices of greedy-NMS survivors, best first: at least the best ``wanted`` ones (all when fewer) and
-    every survivor scoring above ``all_above``; maybe more. A box is suppressed only by better ones, so NMS
-    on the best n candidates decides them exactly: grow n until enough survive, not NMS on thousands."""
-    from torchvision.ops import nms  # here: importing torchvision costs seconds at every start
-
-    order = _top(scores, NMS_INPUT_CAP)
-    n = max(4 * wanted, int((scores > all_above).sum()) + wanted)
-    while True:
-        prefix = order[:n]
-        kept = prefix[nms(boxes[prefix], scores[prefix], iou_threshold)]
-        if len(kept) >= wanted or n >= len(order):
-            return kept
-        n *= 4
+def _survivors(arrays: _Found, settings: KapaoEvalConfig, all_poses: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the pose and keypoint objects NMS keeps, best first (``non_max_suppression``)."""
+    pose = np.flatnonzero(arrays.pose_scores > settings.tau_cp)
+    wanted = len(pose) if all_poses else settings.max_poses
+    all_above = settings.tau_fc if settings.fusion and not all_poses else math.inf
+    pose = pose[
+        nms_fusion.nms_best(
+            arrays.pose_boxes[pose],
+            arrays.pose_scores[pose],
+            settings.tau_bp,
+            wanted,
+            all_above,
+            NMS_INPUT_CAP,
+        )
+    ]
+    kp = np.flatnonzero(arrays.kp_scores > settings.tau_ck)
+    kp = kp[nms_fusion.best_first(arrays.kp_scores[kp])[:NMS_INPUT_CAP]]
+    kept = nms_fusion.nms_per_class(
+        arrays.kp_boxes[kp], arrays.kp_scores[kp], arrays.kp_classes[kp], settings.tau_bk
+    )
+    return pose, kp[kept[: settings.max_keypoint_objects]]
 
 
 def non_max_suppression(cands: Candidates, settings: KapaoEvalConfig, all_poses: bool = True) -> Candidates:
@@ -443,16 +494,9 @@ def non_max_suppression(cands: Candidates, settings: KapaoEvalConfig, all_poses:
     ``all_poses=False`` returns only the pose survivors ``poses_from_candidates`` reads (at least the best
     ``max_poses`` and, with fusion, every one above tau_fc), found without running NMS on all of them.
     """
-    pose = (cands.pose_scores > settings.tau_cp).nonzero().squeeze(1)
-    wanted = len(pose) if all_poses else settings.max_poses
-    all_above = settings.tau_fc if settings.fusion and not all_poses else math.inf
-    pose = pose[
-        _nms_best(cands.pose_boxes[pose], cands.pose_scores[pose], settings.tau_bp, wanted, all_above)
-    ]
-    kp = (cands.kp_scores > settings.tau_ck).nonzero().squeeze(1)
-    kp = kp[_top(cands.kp_scores[kp], NMS_INPUT_CAP)]
-    kept = _nms_per_class(cands.kp_boxes[kp], cands.kp_scores[kp], cands.kp_classes[kp], settings.tau_bk)
-    kp = kp[kept[: settings.max_keypoint_objects]]
+    pose, kp = _survivors(_Found.of(cands), settings, all_poses)
+    pose = torch.from_numpy(pose).to(cands.pose_scores.device)
+    kp = torch.from_numpy(kp).to(cands.kp_scores.device)
     return Candidates(
         pose_boxes=cands.pose_boxes[pose],
         pose_scores=cands.pose_scores[pose],
@@ -479,55 +523,13 @@ def fuse_keypoint_objects(
     included; the first pose on a tie) and replaces it with (x, y, score) when the distance is < ``tau_fd``
     and its score is above that keypoint's current one; else it is dropped. The third column of
     ``pose_keypoints`` is the starting score (0 in the paper's pipeline). ``kp_classes``: 0-based indices.
-
-    In that order a fused keypoint is final (a later object never scores higher), so object j sees each
-    pose's keypoint either as given or at the first earlier object of its type fused there: the rule is a
-    fixed point over all objects at once (``_fixed_point``), not a loop over objects.
+    Solved in numpy (``trainer.kapao.nms_fusion.fuse``); the result is on ``pose_keypoints``' device.
     """
-    fused = torch.as_tensor(pose_keypoints).clone()
-    device, dtype = fused.device, fused.dtype
-    pose_scores, kp_xy, kp_scores, kp_classes = (
-        torch.as_tensor(t, device=device) for t in (pose_scores, kp_xy, kp_scores, kp_classes)
+    poses = torch.as_tensor(pose_keypoints)
+    fused = nms_fusion.fuse(
+        _numpy(poses), *(_numpy(t) for t in (pose_scores, kp_xy, kp_scores, kp_classes)), tau_fd, tau_fc
     )
-    eligible = (pose_scores > tau_fc).nonzero().squeeze(1)
-    count, num_types = len(kp_scores), fused.shape[1]
-    if len(eligible) == 0 or count == 0:
-        return fused
-    order = torch.argsort(kp_scores, descending=True, stable=True)
-    x, y, score = (v.to(dtype) for v in (kp_xy[order, 0], kp_xy[order, 1], kp_scores[order]))
-    # Keypoint slots of the eligible poses, flat (pose * K + type), and one more: "no slot" (dropped).
-    none = len(eligible) * num_types
-    keypoints = torch.cat([fused[eligible].view(-1, 3), fused.new_zeros(1, 3)])
-    slot = torch.arange(len(eligible), device=device) * num_types + kp_classes[order][:, None]  # [M, E]
-    # Each object's keypoint type in every eligible pose, as given: distance (as numpy's norm) and score.
-    given_distance = _distance(keypoints[:, 0].take(slot), keypoints[:, 1].take(slot), x, y)
-    given_score = keypoints[:, 2].take(slot)
-    position = torch.arange(count, device=device)
-    dropped = torch.full((count,), none, device=device)
-
-    def targets(target: torch.Tensor) -> torch.Tensor:
-        """Each object's slot (``none``: dropped), given the slots of the objects before it."""
-        first = torch.full((none + 1,), count, device=device).scatter_reduce_(0, target, position, "amin")
-        seen = first.take(slot)  # [M, E]: the first object fused at that slot
-        moved = seen < position[:, None]  # ... before this one: the keypoint stands there, with its score
-        seen = seen.clamp_(max=count - 1)
-        distance = torch.where(moved, _distance(x.take(seen), y.take(seen), x, y), given_distance)
-        current = torch.where(moved, score.take(seen), given_score)
-        nearest_distance, nearest = distance.min(dim=1)  # the first pose on a tie, as numpy's argmin
-        accept = (nearest_distance < tau_fd) & (score > current.gather(1, nearest[:, None]).squeeze(1))
-        return torch.where(accept, slot.gather(1, nearest[:, None]).squeeze(1), dropped)
-
-    target = _fixed_point(targets, dropped)
-    # At the fixed point every slot takes at most one object (a second one never outscores the first);
-    # the dropped ones all write the extra row.
-    keypoints[target] = torch.stack([x, y, score], dim=1)
-    fused[eligible] = keypoints[:none].view(len(eligible), num_types, 3)
-    return fused
-
-
-def _distance(x: torch.Tensor, y: torch.Tensor, to_x: torch.Tensor, to_y: torch.Tensor) -> torch.Tensor:
-    """``[M, E]`` distances from ``(x, y)`` to each row's ``(to_x, to_y)`` (``[M]``), as numpy's norm."""
-    return ((x - to_x[:, None]).square() + (y - to_y[:, None]).square()).sqrt()
+    return torch.from_numpy(fused).to(poses.device)
 
 
 @dataclass(frozen=True)
@@ -547,8 +549,11 @@ class Letterbox:
         ratio = (float(ratio), float(ratio)) if np.ndim(ratio) == 0 else tuple(float(r) for r in ratio)
         return cls(ratio=ratio, pad=tuple(float(p) for p in pad))
 
-    def to_original(self, xy: torch.Tensor) -> torch.Tensor:
-        """Points ``[..., 2]`` in input pixels -> original-image pixels: ``(input - pad) / ratio``."""
+    def to_original(self, xy):
+        """Points ``[..., 2]`` (a tensor or a numpy array) in input pixels -> original-image pixels:
+        ``(input - pad) / ratio``, in the points' dtype."""
+        if isinstance(xy, np.ndarray):
+            return (xy - np.asarray(self.pad, xy.dtype)) / np.asarray(self.ratio, xy.dtype)
         pad = xy.new_tensor(self.pad)
         ratio = xy.new_tensor(self.ratio)
         return (xy - pad) / ratio
@@ -568,23 +573,37 @@ def poses_from_candidates(
         ``keypoints [P, K, 3]`` (x, y, score) in original-image pixels and the pose confidences ``[P]``, best
         first, P <= ``settings.max_poses``. Fused keypoints score their keypoint object's confidence.
     """
-    kept = non_max_suppression(cands, settings, all_poses=False)
-    scores = kept.pose_scores
+    keypoints, scores = _poses(_Found.of(cands), settings, letterbox)
+    device = cands.pose_scores.device
+    return torch.from_numpy(keypoints).to(device), torch.from_numpy(scores).to(device)
+
+
+def _poses(found: _Found, settings: KapaoEvalConfig, letterbox) -> tuple[np.ndarray, np.ndarray]:
+    """``poses_from_candidates`` on a :class:`_Found`, as numpy arrays."""
+    pose, kp = _survivors(found, settings, all_poses=False)
+    scores = found.pose_scores[pose]
     # Poses are sorted: those above tau_fc (fusion's pool) and the top max_poses (the output) are a prefix.
     used = max(settings.max_poses, int((scores > settings.tau_fc).sum()) if settings.fusion else 0)
-    scores = scores[:used]
+    pose, scores = pose[:used], scores[:used]
     lb = Letterbox.of(letterbox)
-    xy = lb.to_original(kept.pose_keypoints[:used])
-    keypoints = torch.cat([xy, xy.new_zeros(xy.shape[:-1] + (1,))], dim=-1)  # every score starts at 0
-    if settings.fusion and len(kept.kp_scores):
-        kp_xy = lb.to_original((kept.kp_boxes[:, :2] + kept.kp_boxes[:, 2:]) / 2)
-        keypoints = fuse_keypoint_objects(
-            keypoints, scores, kp_xy, kept.kp_scores, kept.kp_classes, settings.tau_fd, settings.tau_fc
+    xy = lb.to_original(found.pose_keypoints_of(pose))
+    keypoints = np.concatenate([xy, np.zeros(xy.shape[:-1] + (1,), xy.dtype)], axis=-1)  # scores start at 0
+    if settings.fusion and len(kp):
+        boxes = found.kp_boxes[kp]
+        kp_xy = lb.to_original((boxes[:, :2] + boxes[:, 2:]) / 2)
+        keypoints = nms_fusion.fuse(
+            keypoints,
+            scores,
+            kp_xy,
+            found.kp_scores[kp],
+            found.kp_classes[kp],
+            settings.tau_fd,
+            settings.tau_fc,
         )
     if settings.unfused_score == "pose":
         # A fused keypoint scores > tau_ck >= 0; an unfused one is still at 0.
         unfused = keypoints[..., 2] <= 0
-        keypoints[..., 2] = torch.where(unfused, scores[:, None].to(keypoints.dtype), keypoints[..., 2])
+        keypoints[..., 2] = np.where(unfused, scores[:, None].astype(keypoints.dtype), keypoints[..., 2])
     cap = settings.max_poses
     return keypoints[:cap], scores[:cap]
 
@@ -598,10 +617,14 @@ def poses_from_outputs(
     decoded ``[B, N, 3K + 6]``; ``letterboxes``: one ``Letterbox`` or ``(ratio, pad)`` per image.
     """
     settings.validate()
-    per_image = candidates(outputs, settings.tau_cp, settings.tau_ck, anchors, strides)
+    if isinstance(outputs, torch.Tensor):  # decoded
+        per_image = [_Found.of(c) for c in candidates(outputs, settings.tau_cp, settings.tau_ck)]
+    else:  # raw: the keypoints of the poses that NMS keeps are the only ones decoded
+        per_image = _found_in_outputs(outputs, settings.tau_cp, settings.tau_ck, anchors, strides)
     if len(letterboxes) != len(per_image):
         raise ValueError(f"{len(letterboxes)} letterboxes for {len(per_image)} images")
-    return [poses_from_candidates(c, settings, lb) for c, lb in zip(per_image, letterboxes, strict=True)]
+    poses = [_poses(found, settings, lb) for found, lb in zip(per_image, letterboxes, strict=True)]
+    return [(torch.from_numpy(keypoints), torch.from_numpy(scores)) for keypoints, scores in poses]
 
 
 # --------------------------------------------------------------------------------------------------------
