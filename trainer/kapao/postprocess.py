@@ -245,18 +245,19 @@ def _found_in_outputs(
         math.log(floor / (1 - floor)) - 1e-3 if 0 < floor < 1 else (math.inf if floor >= 1 else -math.inf)
     )
     # The anchors above the floor, every layer together: head rows (box, objectness, classes), image, and
-    # the cell's constants (cell x, y, stride, anchor w, h) from a table kept per shape.
+    # the cell's constants (cell x, y, stride, anchor w, h), float32 as the decoded outputs'.
     batch = outputs[0].shape[0]
-    key = tuple(table.flatten().tolist())
+    anchor_sizes = table.cpu().numpy()
     if on_device is None:
         on_device = outputs[0].device.type != "cpu"
     layers = [_LayerRows(out, logit_floor, 5 + k + 1, on_device) for out in outputs]
-    cells = [
-        _cell_table(key, level, table[level], out.shape[1:4], float(stride), out.device)
-        .cpu()
-        .numpy()[rows.slot]
-        for level, (out, stride, rows) in enumerate(zip(outputs, strides, layers, strict=True))
-    ]
+    cells = []
+    for level, (out, stride, rows) in enumerate(zip(outputs, strides, layers, strict=True)):
+        cell = np.empty((len(rows.image), 5), np.float32)
+        cell[:, 1], cell[:, 0] = np.divmod(rows.pixel, out.shape[3])
+        cell[:, 2] = stride
+        cell[:, 3:5] = anchor_sizes[level][rows.anchor]
+        cells.append(cell)
     # The survivors are few: the rest runs in numpy on the CPU (torch's per-operation cost dominated here).
     head = np.concatenate([rows.head for rows in layers])
     image = np.concatenate([rows.image for rows in layers])
@@ -302,8 +303,8 @@ def _found_in_outputs(
 
 class _LayerRows:
     """One layer's anchors whose objectness logit is above the floor, in (image, anchor, row, column) order:
-    ``head`` = their first ``head_channels`` raw values ``[n, head_channels]`` (float32), ``image`` and
-    ``slot`` (anchor * H * W + row * W + column) ``[n]``, numpy on the CPU; ``tail(indices)`` reads the rest
+    ``head`` = their first ``head_channels`` raw values ``[n, head_channels]`` (float32), ``image``,
+    ``anchor`` and ``pixel`` (row * W + column) ``[n]``, numpy on the CPU; ``tail(indices)`` reads the rest
     of the chosen rows' channels (the keypoint offsets) where the outputs are."""
 
     def __init__(self, out: torch.Tensor, logit_floor: float, head_channels: int, on_device: bool):
@@ -314,8 +315,8 @@ class _LayerRows:
             self._index = (out[..., 4] > logit_floor).nonzero().unbind(1)
             image, anchor, row, column = self._index
             self.head = out[image, anchor, row, column, :head_channels].float().cpu().numpy()
-            self.image = image.cpu().numpy()
-            self.slot = ((anchor * height + row) * width + column).cpu().numpy()
+            self.image, self.anchor = image.cpu().numpy(), anchor.cpu().numpy()
+            self.pixel = (row * width + column).cpu().numpy()
             return
         # Per (image, anchor) the outputs as planes [No, H * W] (a view both for the head's layout and for
         # a contiguous [B, A, H, W, No] tensor): one pass over the objectness plane, then the survivors'
@@ -325,8 +326,8 @@ class _LayerRows:
         keep = np.flatnonzero(self._planes[:, 4] > logit_floor)
         self._plane, self._pixel = np.divmod(keep, height * width)
         self.head = self._planes[self._plane, :head_channels, self._pixel]
-        self.image, anchor = np.divmod(self._plane, anchors)
-        self.slot = anchor * (height * width) + self._pixel
+        self.image, self.anchor = np.divmod(self._plane, anchors)
+        self.pixel = self._pixel
 
     def tail(self, chosen: np.ndarray) -> np.ndarray:
         if hasattr(self, "_out"):
@@ -338,31 +339,6 @@ class _LayerRows:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: sigmoid 0, as torch's
         return 1 / (1 + np.exp(-x))
-
-
-# (anchors, level, (A, H, W), stride, device) -> [A * H * W, 5]: cell x, y, stride, anchor w, h per anchor
-# slot in the order of the raw rows. A few shapes per process (one per input size and layer).
-_CELL_TABLES: dict = {}
-
-
-def _cell_table(key, level: int, anchor: torch.Tensor, shape, stride: float, device) -> torch.Tensor:
-    full_key = (key, level, tuple(shape), stride, str(device))
-    table = _CELL_TABLES.get(full_key)
-    if table is None:
-        num_anchors, height, width = shape
-        a, gy, gx = torch.meshgrid(
-            torch.arange(num_anchors, device=device),
-            torch.arange(height, device=device),
-            torch.arange(width, device=device),
-            indexing="ij",
-        )
-        grid = torch.stack([gx, gy], dim=-1).reshape(-1, 2).float()
-        strides = torch.full((len(grid), 1), stride, device=device)
-        table = torch.cat([grid, strides, anchor[a.reshape(-1)]], dim=1)
-        if len(_CELL_TABLES) > 64:
-            _CELL_TABLES.clear()
-        _CELL_TABLES[full_key] = table
-    return table
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -399,7 +375,8 @@ def _survivors(arrays: _Found, settings: KapaoEvalConfig, all_poses: bool) -> tu
         )
     ]
     kp = np.flatnonzero(arrays.kp_scores > settings.tau_ck)
-    kp = kp[nms_fusion.best_first(arrays.kp_scores[kp])[:NMS_INPUT_CAP]]
+    if len(kp) > NMS_INPUT_CAP:  # (NMS per class sorts by itself, ties in index order)
+        kp = kp[nms_fusion.best_first(arrays.kp_scores[kp])[:NMS_INPUT_CAP]]
     kept = nms_fusion.nms_per_class(
         arrays.kp_boxes[kp], arrays.kp_scores[kp], arrays.kp_classes[kp], settings.tau_bk
     )
