@@ -5,15 +5,16 @@ The steps of the paper's Sec. 3.3 (numbers: ``kapao_facts.md``, "Inference"):
 1. ``decode_outputs``: every anchor's box, objectness, K + 1 class scores, K pose keypoints (input pixels).
 2. ``candidates``: per image, the anchors whose confidence ``obj * max(class)`` is above a floor, split by the
    arg-max class into pose objects (class 0) and keypoint objects (class k + 1 = keypoint k). From the raw
-   outputs it decodes only those anchors (the logit of the objectness is compared first: ``conf <= obj``).
+   outputs it decodes only those anchors (the logit of the objectness is compared first: ``conf <= obj``),
+   reading the head's per-anchor planes, and from there on works in numpy on the CPU: the survivors are few.
 3. ``non_max_suppression``: greedy NMS per object type (what torchvision's ``nms`` / ``batched_nms`` keep).
 4. ``fuse_keypoint_objects``: the authors' fusion rule (their ``val.py``), in original-image pixels.
 5. ``poses_from_candidates``: 3, back to original-image pixels, 4, scores for the unfused keypoints.
 
 Unlike the authors' ``scale_coords``, nothing is clipped to the image: they clip the keypoint-object boxes
 before taking their centres (which moves keypoints near the border) and, by a slip, only the first two pose
-keypoints. Greedy rules that are sequential per object (NMS within a class, fusion) are solved as fixed
-points over all objects at once (``_fixed_point``): the same result, a few tensor passes instead of a loop.
+keypoints. Steps 3-4 are ``trainer.kapao.nms_fusion``'s (numpy; greedy rules solved as fixed points over all
+objects at once). ``poses_from_outputs`` decodes the keypoints of the poses NMS keeps only.
 
 Steps 3-5 read only the compact ``Candidates`` of step 2, so an inference-time sweep caches the candidates
 above its lowest thresholds once per image and re-runs only ``poses_from_candidates`` per trial.
