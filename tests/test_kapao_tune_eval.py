@@ -274,3 +274,14 @@ def test_kapao_tune_eval_end_to_end_with_holdout(kapao_setup, tmp_path, capsys, 
     assert "Parameter importances" in summary
     importances = [k for k in metrics if k.startswith("importance/")]
     assert importances or "(fewer than two scored trials, or nothing varied)" in summary
+    # The report's settings table lists the KAPAO family's settings, the fixed ones too (not the top-down
+    # family's): max_poses is in no space, and flip_mode is a top-down setting.
+    from orchestrator.reports.records import load_sweep
+    from orchestrator.reports.tune_eval_tables import tune_eval_settings_table
+
+    record = load_sweep(client, parent.info.run_id)
+    best = max(record.children, key=lambda c: c.metrics.get("eval/wholebody_AP", -1.0))
+    _, rows = tune_eval_settings_table(record, best)
+    settings = {row[0]: row[1:] for row in rows}
+    assert settings["`eval.max_poses`"] == ["20", "20", "same", "fixed"], settings
+    assert settings["`eval.tau_cp`"][3] == "sampled" and "`eval.flip_mode`" not in settings

@@ -118,6 +118,7 @@ class TuneEvalInfo:
     evaluated_run_name: str | None = None
     evaluated_experiment_id: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own settings, dotted keys
+    setting_keys: tuple[str, ...] = ()  # the evaluation settings of the checkpoint's family, in its order
     defaults_run_id: str | None = None  # the trial that scored them (the first trial)
     importances: dict[str, float] = field(default_factory=dict)  # as the sweep computed them (fANOVA)
     apply_command: str | None = None  # best_eval.yaml's `fowkal eval ... --set ...` line
@@ -347,16 +348,28 @@ def _run_id_in(text: str | None) -> str | None:
     return text.rsplit("(", 1)[1][:-1] or None
 
 
-def _tune_eval_info(client, parent) -> TuneEvalInfo:
-    from trainer.config import EVAL_SETTING_KEYS
+def family_setting_keys(family_name: str | None) -> tuple[str, ...]:
+    """The evaluation settings a tune-eval of ``family_name``'s checkpoints sweeps (the family's
+    ``eval_setting_keys``); a parent without the name (older runs) is the default family's."""
+    from trainer.config import DEFAULT_FAMILY
+    from trainer.families import FAMILIES
 
+    family = FAMILIES.get(family_name or DEFAULT_FAMILY)
+    if family is None:  # a family this version does not know: every known family's keys
+        return tuple(dict.fromkeys(k for known in FAMILIES.values() for k in known.eval_setting_keys))
+    return tuple(family.eval_setting_keys)
+
+
+def _tune_eval_info(client, parent) -> TuneEvalInfo:
     tags, params, metrics = parent.data.tags, parent.data.params, dict(parent.data.metrics)
+    setting_keys = family_setting_keys(tags.get(tracking.TAG_FAMILY))
     info = TuneEvalInfo(
         checkpoint=tags.get(TAG_CHECKPOINT, ""),
         ann_file=params.get("eval.ann_file", ""),
         det_file=params.get("eval.det_file", ""),
         space_file=tags.get(tracking.TAG_DEFINITION_FILE, ""),
-        defaults={k: setting_value(params[f"base.{k}"]) for k in EVAL_SETTING_KEYS if f"base.{k}" in params},
+        defaults={k: setting_value(params[f"base.{k}"]) for k in setting_keys if f"base.{k}" in params},
+        setting_keys=setting_keys,
         defaults_run_id=_run_id_in(tags.get(TAG_DEFAULTS_RUN)),
         importances=dict(
             sorted(

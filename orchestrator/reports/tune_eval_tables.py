@@ -55,12 +55,11 @@ def tune_eval_settings_table(
 ) -> tuple[list[str], list[list[str]]]:
     """(header, rows): every evaluation setting, the defaults' value, the best trial's, whether it changed
     and whether the sweep sampled it."""
-    from trainer.config import EVAL_SETTING_KEYS
-
-    defaults = record.tune_eval.defaults if record.tune_eval else {}
+    info = record.tune_eval
+    defaults, keys = (info.defaults, info.setting_keys) if info else ({}, ())
     rows = []
-    # The top-down family's settings in their order, then any other the sweep sampled (another family's).
-    for key in dict.fromkeys([*EVAL_SETTING_KEYS, *defaults, *record.sampled_names]):
+    # The family's settings in their order, then any other the sweep sampled.
+    for key in dict.fromkeys([*keys, *defaults, *record.sampled_names]):
         default = defaults.get(key)
         chosen = setting_value(best.params.get(key)) if best is not None else None
         if default is None and chosen is None:
