@@ -33,7 +33,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The edit-test loop: everything but the slow end-to-end runs (Ray clusters, sweeps, full trainings).
 test-fast: $(STAMP)
