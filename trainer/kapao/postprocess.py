@@ -48,21 +48,37 @@ from trainer.kapao.eval_settings import (  # noqa: F401 (re-exported: the family
 # --------------------------------------------------------------------------------------------------------
 
 
-def _decode_boxes(raw_xywh: torch.Tensor, grid: torch.Tensor, stride, anchor: torch.Tensor) -> torch.Tensor:
-    """Raw ``[..., 4]`` -> box centre x, y, w, h in input pixels."""
-    y = raw_xywh.float().sigmoid()
-    xy = (2 * y[..., 0:2] - 0.5 + grid) * stride  # the cell and half of each neighbour
-    wh = (2 * y[..., 2:4]).square() * anchor  # up to 4x the anchor
-    return torch.cat([xy, wh], dim=-1)
+def _sigmoid(x):
+    """The logistic function of a tensor (in float32 at least) or of a numpy array."""
+    if isinstance(x, torch.Tensor):
+        return x.float().sigmoid()
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: sigmoid 0, as torch's
+        return 1 / (1 + np.exp(-x))
 
 
-def _decode_keypoints(
-    raw_offsets: torch.Tensor, grid: torch.Tensor, stride, anchor: torch.Tensor
-) -> torch.Tensor:
-    """Raw ``[..., 2K]`` -> ``[..., K, 2]`` keypoints in input pixels: relative to the cell corner, scaled by
-    the anchor, within +-2 anchors of the corner."""
-    offsets = (4 * raw_offsets.float().sigmoid() - 2).unflatten(-1, (-1, 2))
-    return offsets * anchor.unsqueeze(-2) + (grid * stride).unsqueeze(-2)
+def _decode_boxes(raw_xywh, grid, stride, anchor):
+    """Raw ``[..., 4]`` -> box centres (x, y) and sizes (w, h) in input pixels, ``[..., 2]`` each (tensors or
+    numpy arrays)."""
+    y = _sigmoid(raw_xywh)
+    centre = (2 * y[..., 0:2] - 0.5 + grid) * stride  # the cell and half of each neighbour
+    size = (2 * y[..., 2:4]) ** 2 * anchor  # up to 4x the anchor
+    return centre, size
+
+
+def _corners(centre, size):
+    """Box centres and sizes ``[..., 2]`` -> corners x1, y1, x2, y2 ``[..., 4]`` (tensors or numpy arrays)."""
+    half = size / 2
+    if isinstance(centre, torch.Tensor):
+        return torch.cat((centre - half, centre + half), dim=-1)
+    return np.concatenate((centre - half, centre + half), axis=-1)
+
+
+def _decode_keypoints(raw_offsets, grid, stride, anchor):
+    """Raw ``[..., 2K]`` -> ``[..., K, 2]`` keypoints in input pixels (tensors or numpy arrays): relative to
+    the cell corner, scaled by the anchor, within +-2 anchors of the corner."""
+    offsets = 4 * _sigmoid(raw_offsets) - 2
+    offsets = offsets.reshape(*offsets.shape[:-1], offsets.shape[-1] // 2, 2)  # (no -1: numpy's empty rows)
+    return offsets * anchor[..., None, :] + (grid * stride)[..., None, :]
 
 
 def _anchor_table(anchors, device) -> torch.Tensor:
@@ -109,7 +125,7 @@ def decode_outputs(outputs: Sequence[torch.Tensor], anchors=P6_ANCHORS, strides=
         grid = torch.stack([cols, rows], dim=-1).float()[None, None]  # [1, 1, H, W, 2] as (x, y)
         anchor = anchor[None, :, None, None, :]
         k = keypoints_from_outputs(out.shape[-1])
-        boxes = _decode_boxes(out[..., :4], grid, float(stride), anchor)
+        boxes = torch.cat(_decode_boxes(out[..., :4], grid, float(stride), anchor), dim=-1)
         keypoints = _decode_keypoints(out[..., 4 + k + 2 :], grid, float(stride), anchor)
         scores = out[..., 4 : 4 + k + 2].float().sigmoid()
         decoded.append(torch.cat([boxes, scores, keypoints.flatten(-2)], dim=-1).flatten(1, 3))
@@ -147,7 +163,7 @@ def _split_by_type(
     and keypoint objects above the floors. ``pose_keypoints(rows)``: the ``[n, K, 2]`` keypoints of those
     rows (indices)."""
     if not xyxy:
-        boxes = _corners(boxes)
+        boxes = _corners(boxes[:, :2], boxes[:, 2:4])
     is_pose = ((label == 0) & (conf > pose_floor)).nonzero().squeeze(1)
     is_kp = ((label > 0) & (conf > keypoint_floor)).nonzero().squeeze(1)
     return Candidates(
@@ -208,14 +224,13 @@ class _Found:
 
     @classmethod
     def of(cls, cands: Candidates) -> _Found:
-        keypoints = _numpy(cands.pose_keypoints)
         return cls(
-            *(
-                _numpy(getattr(cands, name))
-                for name in ("pose_boxes", "pose_scores", "kp_boxes", "kp_scores")
-            ),
-            _numpy(cands.kp_classes),
-            keypoints.__getitem__,
+            pose_boxes=_numpy(cands.pose_boxes),
+            pose_scores=_numpy(cands.pose_scores),
+            kp_boxes=_numpy(cands.kp_boxes),
+            kp_scores=_numpy(cands.kp_scores),
+            kp_classes=_numpy(cands.kp_classes),
+            pose_keypoints_of=_numpy(cands.pose_keypoints).__getitem__,
         )
 
     def candidates(self) -> Candidates:
@@ -266,24 +281,19 @@ def _found_in_outputs(
     local = np.concatenate([np.arange(len(rows.image)) for rows in layers])
     cell = np.concatenate(cells)
     grid, stride, anchor = cell[:, 0:2], cell[:, 2:3], cell[:, 3:5]
-    xywh = _sigmoid(head[:, :4])
-    centre = (2 * xywh[:, 0:2] - 0.5 + grid) * stride  # as _decode_boxes
-    size = np.square(2 * xywh[:, 2:4]) * anchor
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    boxes = _corners(*_decode_boxes(head[:, :4], grid, stride, anchor))
     label = head[:, 5:].argmax(axis=1)  # sigmoid is monotonic: the same arg-max
     class_logit = np.take_along_axis(head, 5 + label[:, None], axis=1)[:, 0]
     conf = _sigmoid(head[:, 4]) * _sigmoid(class_logit)
 
     def keypoints_of(chosen: np.ndarray) -> np.ndarray:
-        """``[n, K, 2]`` pose keypoints of rows ``chosen``, as _decode_keypoints: within +-2 anchors of the
-        cell corner."""
+        """``[n, K, 2]`` pose keypoints of rows ``chosen``."""
         raw = np.empty((len(chosen), 2 * k), np.float32)
         for level, rows in enumerate(layers):
             mine = np.flatnonzero(level_of[chosen] == level)
             if len(mine):
                 raw[mine] = rows.tail(local[chosen[mine]])
-        offsets = (4 * _sigmoid(raw) - 2).reshape(len(chosen), k, 2)
-        return offsets * anchor[chosen, None, :] + (grid[chosen] * stride[chosen])[:, None, :]
+        return _decode_keypoints(raw, grid[chosen], stride[chosen], anchor[chosen])
 
     def found(mine: np.ndarray) -> _Found:
         is_pose = mine[(label[mine] == 0) & (conf[mine] > conf_floor)]
@@ -311,8 +321,8 @@ class _LayerRows:
     def __init__(self, out: torch.Tensor, logit_floor: float, head_channels: int, on_device: bool):
         batch, anchors, height, width, channels = out.shape
         self.head_channels = head_channels
+        self._out = out if on_device else None
         if on_device:  # scan and gather where the outputs are (a GPU); only the survivors travel
-            self._out = out
             self._index = (out[..., 4] > logit_floor).nonzero().unbind(1)
             image, anchor, row, column = self._index
             self.head = out[image, anchor, row, column, :head_channels].float().cpu().numpy()
@@ -331,26 +341,15 @@ class _LayerRows:
         self.pixel = self._pixel
 
     def tail(self, chosen: np.ndarray) -> np.ndarray:
-        if hasattr(self, "_out"):
+        if self._out is not None:
             index = tuple(i[torch.from_numpy(chosen).to(i.device)] for i in self._index)
             return self._out[index][:, self.head_channels :].float().cpu().numpy()
         return self._planes[self._plane[chosen], self.head_channels :, self._pixel[chosen]]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: sigmoid 0, as torch's
-        return 1 / (1 + np.exp(-x))
-
-
 # --------------------------------------------------------------------------------------------------------
 # NMS, fusion, poses
 # --------------------------------------------------------------------------------------------------------
-
-
-def _corners(boxes: torch.Tensor) -> torch.Tensor:
-    """Boxes as centre x, y, w, h -> corners x1, y1, x2, y2."""
-    centre, size = boxes[:, :2], boxes[:, 2:4]
-    return torch.cat((centre - size / 2, centre + size / 2), dim=1)
 
 
 def _numpy(tensor) -> np.ndarray:
