@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from trainer.setting_error import SettingError
+
 # The score an unfused keypoint gets: "pose" = its pose's confidence; "zero" = the authors' 0, with which the
 # evaluator (as xtcocotools) drops a result on every part where no keypoint was fused (kapao_facts.md).
 UNFUSED_SCORES: tuple[str, ...] = ("pose", "zero")
@@ -26,12 +28,8 @@ TTA_MODES: dict[str, tuple[tuple[float, bool], ...]] = {
 NMS_INPUT_CAP = 30_000
 
 
-class KapaoEvalSettingError(ValueError):
+class KapaoEvalSettingError(SettingError):
     """A KAPAO inference setting out of range; ``field`` names the :class:`KapaoEvalConfig` field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, keypoints_from_outputs
+from trainer.setting_error import SettingError
 
 # Columns of a target row (the authors' label rows): image index, class, box, then K x (x, y, v).
 TARGET_BOX_COLUMNS = 6
@@ -38,12 +39,8 @@ CLASS_START = 5
 NEIGHBOUR_BIAS = 0.5
 
 
-class KapaoLossSettingError(ValueError):
+class KapaoLossSettingError(SettingError):
     """A KAPAO loss setting out of range; ``field`` names the :class:`KapaoLossConfig` field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.datasets.keypoints import COCO_WHOLEBODY_PARTS
+from trainer.setting_error import SettingError
 from trainer.topdown.loss_pixels import PixelLossConfig, _FusedKeypointTerms
 
 # Parts the heuristic loss (Eq. 4-5) trains with MSE (coarse) and with AWing (dense).
@@ -43,12 +44,8 @@ FWAHR_CONDITIONS = ("pred", "target")
 KAF_MODES = ("literal", "uncertainty")
 
 
-class LossSettingError(ValueError):
+class LossSettingError(SettingError):
     """A loss setting out of range; ``field`` names the :class:`LossConfig` field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass
