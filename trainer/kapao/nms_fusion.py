@@ -13,6 +13,7 @@ Both rules are sequential per object and solved exactly as fixed points over all
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Largest padded per-class IoU table (classes x m x m) ``nms_per_class`` builds; beyond it torchvision's.
 PADDED_NMS_LIMIT = 4_000_000
@@ -36,7 +37,6 @@ def best_first(scores: np.ndarray) -> np.ndarray:
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices kept by greedy NMS, best first: torchvision's ``nms`` (its C++ loop on the CPU)."""
-    import torch
     from torchvision.ops import nms as torchvision_nms  # here: importing torchvision costs seconds
 
     kept = torchvision_nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou_threshold)
@@ -72,7 +72,6 @@ def nms_per_class(boxes, scores, classes, iou_threshold: float) -> np.ndarray:
     counts = np.bincount(sorted_classes)
     m = int(counts.max())
     if len(counts) * m * m > PADDED_NMS_LIMIT:
-        import torch
         from torchvision.ops import batched_nms
 
         kept = batched_nms(
