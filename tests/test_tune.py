@@ -319,6 +319,45 @@ def test_trial_statuses_come_from_the_newest_session_state_even_if_an_older_file
     }
 
 
+def test_a_child_run_whose_trial_the_resumed_tune_state_lacks_is_deleted_and_the_others_ended(tmp_path):
+    """A driver killed after a trial opened its child run but before Tune saved a state holding that trial:
+    the resumed sweep draws the sample again as a new trial, so the old run belongs to no trial."""
+    from types import SimpleNamespace
+
+    from orchestrator.sweeps.trial_status import LOST_RUN_REASON, reconcile_child_runs
+
+    client = tracking.make_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("sweeps")
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+
+    def child(trial_id: str) -> str:
+        tags = {tracking.TAG_PARENT_RUN_ID: parent, tracking.TAG_TRIAL_ID: trial_id}
+        run_id = client.create_run(experiment_id, run_name=trial_id, tags=tags).info.run_id
+        client.log_param(run_id, "epochs", "3")
+        return run_id
+
+    done, running, lost = child("t1"), child("t2"), child("t3")
+    client.log_metric(done, tracking.EPOCH_METRIC, 3, step=3)
+    client.set_terminated(done, "FINISHED")
+    client.log_metric(running, tracking.EPOCH_METRIC, 3, step=3)
+    plan = SimpleNamespace(experiment_id=experiment_id, parent_run_id=parent, base_config={"epochs": 3})
+    deleted = reconcile_child_runs(plan, client, {"t1": "TERMINATED", "t2": "TERMINATED", "t4": "TERMINATED"})
+
+    assert deleted == [lost]
+    gone = client.get_run(lost)
+    assert gone.info.lifecycle_stage == "deleted" and gone.info.status == "KILLED"
+    assert gone.data.tags[tracking.TAG_END_REASON] == LOST_RUN_REASON
+    assert client.get_run(running).info.status == "FINISHED"  # its trial is TERMINATED with every epoch
+    assert client.get_run(done).info.status == "FINISHED"
+    visible = client.search_runs([experiment_id], f"tags.`{tracking.TAG_PARENT_RUN_ID}` = '{parent}'")
+    assert sorted(r.info.run_id for r in visible) == sorted([done, running])
+    # Without a readable Tune state nothing is deleted: an unknown trial is only ended.
+    orphan = child("t5")
+    assert reconcile_child_runs(plan, client, {}) == []
+    assert client.get_run(orphan).info.lifecycle_stage == "active"
+    assert client.get_run(orphan).info.status == "KILLED"
+
+
 @pytest.mark.slow
 def test_tpe_asha_sweep_stops_trials_and_releases_resources(tmp_path, synth_dir, omega_space):
     import yaml

@@ -610,9 +610,16 @@ def test_eval_trial_status_callback_ends_children_by_the_sweeps_rules(tmp_path):
     EvalTrialStatusCallback(plan).on_experiment_end(trials)
     status = {t: client.get_run(r).info.status for t, r in runs.items()}
     assert status == {"t1": "FINISHED", "t2": "KILLED", "t3": "FAILED", "t4": "FAILED", "t5": "RUNNING"}
-    # What no trial settled (t5: Tune lost it) is settled at the end: unscored, KILLED.
-    statuses = reconcile_eval_runs(plan, client)
-    assert statuses["ev-t5"] == "KILLED" and client.get_run(runs["t5"]).info.status == "KILLED"
+    # t5 opened its run after Tune's last saved state, which the resumed sweep restored without it: its run
+    # is nobody's, ended KILLED and deleted; the sweep keeps one child per trial.
+    statuses = reconcile_eval_runs(plan, client, {t.trial_id: t.status for t in trials})
+    assert "ev-t5" not in statuses and set(statuses) == {"ev-t1", "ev-t2", "ev-t3", "ev-t4"}
+    lost = client.get_run(runs["t5"])
+    assert lost.info.status == "KILLED" and lost.info.lifecycle_stage == "deleted"
+    # Without a readable Tune state, what no trial settled is settled at the end: unscored, KILLED, kept.
+    t7 = open_trial_run(plan, client, "t7", "ev-t7", point)
+    statuses = reconcile_eval_runs(plan, client, {})
+    assert statuses["ev-t7"] == "KILLED" and client.get_run(t7).info.lifecycle_stage == "active"
 
 
 def test_a_trial_logs_ap_in_percent_as_fowkal_eval(tmp_path, monkeypatch):

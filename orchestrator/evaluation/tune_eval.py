@@ -327,7 +327,7 @@ def run_tune_eval(
             plan, points, samples, seed, max_concurrent, address, num_cpus, verbose, print_fn
         )
         timings["tune_s"] = time.perf_counter() - began
-        run_statuses = reconcile_eval_runs(plan, client)
+        run_statuses = reconcile_eval_runs(plan, client, trial_statuses)
         scored = scored_trials(results, settings, space, defaults)
         importances = parameter_importances(space, [(t["sampled"], t["score"]) for t in scored], space.mode)
         sign = 1 if space.mode == "max" else -1

@@ -189,12 +189,20 @@ class EvalTrialStatusCallback(MlflowTrialStatusCallback):
         self._end(trial, self._completed_status(trial), "finished")
 
 
-def reconcile_eval_runs(plan: EvalSweepPlan, client) -> dict[str, str]:
-    """End every child still RUNNING (FINISHED if it logged the metric, else KILLED); name -> status."""
+def reconcile_eval_runs(plan: EvalSweepPlan, client, trial_statuses: dict[str, str]) -> dict[str, str]:
+    """End every child still RUNNING (FINISHED if it logged the metric, else KILLED); name -> status.
+
+    A child whose trial the Tune state (``trial_statuses``) lacks started after Tune's last save before its
+    driver died: deleted, as the training sweeps' (:func:`orchestrator.sweeps.trial_status.delete_lost_run`).
+    """
     from orchestrator.reports.records import child_runs
+    from orchestrator.sweeps.trial_status import delete_lost_run
 
     statuses = {}
     for run in child_runs(client, plan.experiment_id, plan.parent_run_id):
+        if trial_statuses and run.data.tags.get(tracking.TAG_TRIAL_ID) not in trial_statuses:
+            delete_lost_run(client, run)
+            continue
         status = run.info.status
         if status == "RUNNING":
             status = "FINISHED" if plan.metric in run.data.metrics else "KILLED"

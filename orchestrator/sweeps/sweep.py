@@ -290,7 +290,11 @@ def run_sweep(
 
     # ---- results: reconcile, summary, best config, plots, all logged to the parent
     try:
-        reconcile_child_runs(plan, client, trial_statuses)
+        for run_id in reconcile_child_runs(plan, client, trial_statuses):
+            print_fn(
+                f"deleted child run {run_id}: its trial started after Tune last saved the sweep's state, and "
+                f"this sweep drew its sample again (to restore it: mlflow runs restore --run-id {run_id})"
+            )
         result = _write_results(plan, client, print_fn)
     except BaseException as err:
         tracking.end_run(parent_run_id, "FAILED", client=client, error=err)

@@ -3,7 +3,8 @@
 FINISHED when the trial trained all its epochs, KILLED when the scheduler stopped it early (or the sweep
 ended with it unfinished), FAILED on an error. :class:`MlflowTrialStatusCallback` does it on the driver as
 Tune reports each trial; :func:`reconcile_child_runs` settles, at the end of a sweep, any child still
-RUNNING from the Tune experiment state (the authority on trials that never reported).
+RUNNING from the Tune experiment state (the authority on trials that never reported), and deletes the
+run of a trial that state does not hold (started after its last save, before the driver died).
 """
 
 from __future__ import annotations
@@ -159,13 +160,39 @@ def trial_statuses_from_state(tune_dir: str) -> dict[str, str]:
         return {}
 
 
-def reconcile_child_runs(plan: SweepPlan, client, trial_statuses: dict[str, str]) -> None:
-    """End every child run still RUNNING with its Tune trial's status (the callback normally did)."""
+LOST_RUN_REASON = (
+    "lost: the trial started after the sweep's last saved Tune state, so the resumed sweep does not know it "
+    "(Tune drew that sample again as a new trial)"
+)
+
+
+def delete_lost_run(client, run) -> None:
+    """End (KILLED) and soft-delete a child run whose trial the resumed Tune state does not hold."""
+    if run.info.status == "RUNNING":
+        tracking.end_run(run.info.run_id, "KILLED", client=client, error=LOST_RUN_REASON)
+    client.set_tag(run.info.run_id, tracking.TAG_END_REASON, LOST_RUN_REASON)
+    client.delete_run(run.info.run_id)
+
+
+def reconcile_child_runs(plan: SweepPlan, client, trial_statuses: dict[str, str]) -> list[str]:
+    """End every child run still RUNNING with its Tune trial's status (the callback normally did).
+
+    A child whose trial the Tune experiment state does not hold was started after Tune last saved that state
+    and the sweep's driver died: the resumed sweep drew the sample again as a new trial, so this run is
+    nobody's. It is ended KILLED with that reason and deleted (MLflow's soft delete: ``mlflow runs restore
+    --run-id ...`` brings it back), so that a sweep keeps exactly one child run per trial. Returns the ids
+    of the runs deleted so.
+    """
+    lost = []
     for run in report.child_runs(client, plan.experiment_id, plan.parent_run_id):
-        if run.info.status != "RUNNING":
-            continue
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID, "")
         tune_status = trial_statuses.get(trial_id)
+        if trial_statuses and tune_status is None:
+            delete_lost_run(client, run)
+            lost.append(run.info.run_id)
+            continue
+        if run.info.status != "RUNNING":
+            continue
         if tune_status == "ERROR":
             tracking.end_run(run.info.run_id, "FAILED", client=client, error="trial failed (reconciled)")
         elif tune_status == "TERMINATED":
@@ -176,10 +203,13 @@ def reconcile_child_runs(plan: SweepPlan, client, trial_statuses: dict[str, str]
             tracking.end_run(run.info.run_id, status, client=client)
         else:
             tracking.end_run(run.info.run_id, "KILLED", client=client, error=f"trial {tune_status or 'lost'}")
+    return lost
 
 
 __all__ = [
+    "LOST_RUN_REASON",
     "MlflowTrialStatusCallback",
+    "delete_lost_run",
     "reconcile_child_runs",
     "trained_all_epochs",
     "trial_end_status",
