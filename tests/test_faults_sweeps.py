@@ -65,7 +65,9 @@ def test_a_trial_whose_actor_dies_resumes_and_a_diverged_trial_is_not_trained_ag
     from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
-    epochs = 4
+    # Each epoch here is a fraction of a second plus a Train poll (0.5 s on a local Ray): 8 epochs leave the
+    # killer, which sees epochs through MLflow, a window of seconds between trial a's first and last epoch.
+    epochs = 8
     sets = {
         "output_dir": tmp_path / "out",
         "data.synthetic_dir": tmp_path / "synthetic",

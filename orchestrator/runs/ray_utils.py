@@ -23,6 +23,12 @@ _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 # Where every Ray process that does not know its cluster looks for it (ray._private.services).
 _RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# How often a Ray Train controller polls its workers (Ray's default 2 s). A worker's report waits for that
+# poll (its result queue holds one), so on a local Ray, where epochs of the embedded default take well under
+# a second, every epoch took at least 2 s; 0.5 s there. A missed poll is no failure (Ray marks a worker dead
+# after 10 minutes of them), and a cluster keeps Ray's default, or the user's own setting of the variable.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_TRAIN_POLL_S = "0.5"
 # Variables init_ray set for a local Ray, with what they were, for shutdown_ray to put back.
 _saved_env: list[tuple[str, str | None]] = []
 
@@ -133,6 +139,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         # already running on this machine.
         _single_node_mode()
         expected = _address_own_cluster()
+        _set_env_until_shutdown(TRAIN_POLL_ENV, os.environ.get(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S))
         try:
             ray.init(
                 address="local",
