@@ -8,13 +8,52 @@ checkpoint, so the run resumes at the next epoch.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from ray.train import UserCallback
 
 from orchestrator.runs.resources import scaling_config
 from trainer.config import TrainConfig, config_to_dict
 
 # Checkpoints Ray Train keeps besides the latest (which it always keeps, for resuming).
 NUM_CHECKPOINTS_TO_KEEP = 1
+# The logger of Ray Train's checkpoint ranking (it names a checkpoint's missing score metric).
+RAY_CHECKPOINT_LOGGER = "ray.train._internal.checkpoint_manager"
+
+
+class _DropMissingScore(logging.Filter):
+    def __init__(self, metric: str):
+        super().__init__()
+        self.prefix = f"Result dict has no key: {metric}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+class QuietUnscoredCheckpoints(UserCallback):
+    """Keeps Ray Train from logging an ERROR for every epoch that was not evaluated.
+
+    Every epoch is checkpointed (resume), the score metric exists only where the loop evaluated
+    (``eval_interval``): Ray ranks such a checkpoint -inf, which is what we want, but says so as an error
+    naming the missing key, once an epoch on the console of ``fowkal train`` and in every trial's log. The
+    filter goes on the controller's logger when this callback is unpickled there, before the first report;
+    only that message for ``metric`` is dropped.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        install_missing_score_filter(self.metric)
+
+
+def install_missing_score_filter(metric: str) -> None:
+    """Drop Ray's "Result dict has no key: <metric>" records in this process (once per metric)."""
+    logger = logging.getLogger(RAY_CHECKPOINT_LOGGER)
+    if not any(isinstance(f, _DropMissingScore) and f.prefix.endswith(f" {metric}.") for f in logger.filters):
+        logger.addFilter(_DropMissingScore(metric))
 
 
 def build_torch_trainer(
@@ -51,6 +90,7 @@ def build_torch_trainer(
             checkpoint_score_attribute=score_metric,
             checkpoint_score_order="max",
         )
+        callbacks = [QuietUnscoredCheckpoints(score_metric), *callbacks]
     run_config = RunConfig(
         name=name,
         storage_path=storage_path,
@@ -66,4 +106,9 @@ def build_torch_trainer(
     )
 
 
-__all__ = ["NUM_CHECKPOINTS_TO_KEEP", "build_torch_trainer"]
+__all__ = [
+    "NUM_CHECKPOINTS_TO_KEEP",
+    "QuietUnscoredCheckpoints",
+    "build_torch_trainer",
+    "install_missing_score_filter",
+]
