@@ -31,8 +31,13 @@ def test_local_ray_servers_listen_on_loopback_only():
             def pid(self):
                 return os.getpid()
 
+            def env(self, name):
+                return os.environ.get(name)
+
         actor = Echo.remote()
         ray.get(actor.pid.remote())
+        poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+        poll_in_actor = ray.get(actor.env.remote(poll))
         ray.get(ray.remote(lambda: os.getpid()).remote())
         time.sleep(2)
         me = psutil.Process()
@@ -45,16 +50,21 @@ def test_local_ray_servers_listen_on_loopback_only():
             except psutil.Error:
                 pass
         shutdown_ray()
-        print(json.dumps(listening))
+        print(json.dumps({"listening": listening, "poll": [poll_in_actor, os.environ.get(poll)]}))
         """
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    listening = json.loads(result.stdout.strip().splitlines()[-1])
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    # Ray Train controllers of a local Ray (actors like this one) poll their workers every 0.5 s; the
+    # setting ends with the local Ray.
+    assert found["poll"] == ["0.5", None]
+    listening = found["listening"]
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names, listening  # the check saw Ray's own servers
     exposed = [entry for entry in listening if entry[1] not in LOOPBACK]

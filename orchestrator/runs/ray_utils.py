@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
+from functools import partial
 
 # A Train V2 run needs one CPU per worker (the controller takes none), and a sweep also runs one
 # driver-side trial function per trial. On a 2-core laptop that would not fit two workers plus a trial, so the
@@ -29,13 +31,10 @@ _RAY_ADDRESS_ENV = "RAY_ADDRESS"
 # after 10 minutes of them), and a cluster keeps Ray's default, or the user's own setting of the variable.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_TRAIN_POLL_S = "0.5"
-# Variables init_ray set for a local Ray, with what they were, for shutdown_ray to put back.
-_saved_env: list[tuple[str, str | None]] = []
-
-
-# What _single_node_mode changed, for shutdown_ray to put back: a later Ray in the same process (a
-# multi-node ``ray.cluster_utils.Cluster``, a `ray start` it spawns) must not inherit loopback-only mode.
-_saved_cluster_mode: list[tuple[str | None, object]] = []
+# What init_ray changed for a local Ray (environment variables, Ray's cluster switch), as undo steps that
+# shutdown_ray runs last-first: a later Ray in the same process (a multi-node ``ray.cluster_utils.Cluster``,
+# a `ray start` it spawns, another cluster's address) must not inherit them.
+_undo: list[Callable[[], None]] = []
 
 
 def _set_cluster_switch(value: object) -> object:
@@ -50,26 +49,30 @@ def _set_cluster_switch(value: object) -> object:
         return None
 
 
-def _single_node_mode() -> None:
-    """Put Ray in single-node (loopback-only) mode for a local instance started by this process, until
-    ``shutdown_ray``."""
-    previous_env = os.environ.get(_SINGLE_NODE_ENV)
-    os.environ[_SINGLE_NODE_ENV] = "0"  # the processes Ray starts read it at their import
-    _saved_cluster_mode.append((previous_env, _set_cluster_switch(False)))
+def _put_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _set_env_until_shutdown(name: str, value: str) -> None:
-    _saved_env.append((name, os.environ.get(name)))
+    _undo.append(partial(_put_env, name, os.environ.get(name)))
     os.environ[name] = value
 
 
-def _restore_env() -> None:
-    while _saved_env:
-        name, previous = _saved_env.pop()
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
+def _single_node_mode() -> None:
+    """Put Ray in single-node (loopback-only) mode for a local instance started by this process, until
+    ``shutdown_ray``."""
+    _set_env_until_shutdown(_SINGLE_NODE_ENV, "0")  # the processes Ray starts read it at their import
+    previous_switch = _set_cluster_switch(False)
+    if previous_switch is not None:
+        _undo.append(partial(_set_cluster_switch, previous_switch))
+
+
+def _undo_local_settings() -> None:
+    while _undo:
+        _undo.pop()()
 
 
 def _free_loopback_port() -> int:
@@ -91,17 +94,6 @@ def _address_own_cluster() -> str:
     _set_env_until_shutdown(_GCS_PORT_ENV, address.rpartition(":")[2])
     _set_env_until_shutdown(_RAY_ADDRESS_ENV, address)
     return address
-
-
-def _restore_cluster_mode() -> None:
-    while _saved_cluster_mode:
-        previous_env, previous_switch = _saved_cluster_mode.pop()
-        if previous_env is None:
-            os.environ.pop(_SINGLE_NODE_ENV, None)
-        else:
-            os.environ[_SINGLE_NODE_ENV] = previous_env
-        if previous_switch is not None:
-            _set_cluster_switch(previous_switch)
 
 
 def local_logical_cpus(num_cpus: int | None = None) -> int:
@@ -130,7 +122,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    _restore_env()  # a local Ray of ours stopped by a bare ray.shutdown(): its address is no one's now
+    _undo_local_settings()  # a local Ray of ours stopped by a bare ray.shutdown(): its settings are no one's
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
         ray.init(address=target, log_to_driver=log_to_driver)
@@ -149,8 +141,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
                 log_to_driver=log_to_driver,
             )
         except BaseException:
-            _restore_env()
-            _restore_cluster_mode()
+            _undo_local_settings()
             raise
         actual = ray.get_runtime_context().gcs_address
         if actual != expected:  # pragma: no cover - Ray chose otherwise: this process at least knows
@@ -178,5 +169,4 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    _restore_cluster_mode()
-    _restore_env()
+    _undo_local_settings()
