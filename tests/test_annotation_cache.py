@@ -17,17 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, MINI, needs_mini
 
 import trainer.datasets.annotations as ann_module
 from trainer.datasets.annotation_cache import CachedArrays, cached_arrays, default_cache_dir
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
 from trainer.topdown.data import DatasetError, WholeBodyTopDownDataset, load_wholebody_annotations
-
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 
 
 @pytest.fixture(autouse=True)

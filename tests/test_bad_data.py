@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, MINI, needs_mini
 
 import trainer.datasets.annotations as annotations_module
 from trainer.config import ConfigError, config_digest, config_from_dict, config_to_dict
@@ -35,11 +36,6 @@ from trainer.kapao.dataset import KapaoDataset, KapaoPipelineConfig, collate_kap
 from trainer.loop import train_loop_per_worker
 from trainer.topdown.data import WholeBodyTopDownDataset
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 SMALL_KAPAO = KapaoPipelineConfig(input_size=256)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

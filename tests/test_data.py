@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, DET, MINI, needs_mini
 
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS, FLIP_PAIRS, NUM_KEYPOINTS
 from trainer.topdown.data import (
@@ -27,14 +28,7 @@ from trainer.topdown.data import (
     sample_augmentation,
 )
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-DET = MINI / "test_coco_det_AP_H_56.json"
 LEFT_WRIST, RIGHT_WRIST = 9, 10
-
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "mini_golden.npz"

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import cv2
 import pytest
+from shared_data import ANN, MINI, needs_mini
 
 from orchestrator.cli import main
 from trainer.datasets.annotations import DatasetError, load_wholebody_annotations
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-pytestmark = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
+pytestmark = needs_mini
 
 TRUNCATED, NOT_AN_IMAGE, MISSING, RESIZED = (
     "000000000785.jpg",

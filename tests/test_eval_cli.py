@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, DET, MINI, needs_mini
 
 from orchestrator.cli import main
 from trainer.checkpoint import CheckpointMismatchError, EvalError, load_checkpoint_model
@@ -21,14 +22,7 @@ from trainer.config import config_from_dict, config_to_dict
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
 from trainer.evaluation.model_eval import select_device
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-DET = MINI / "test_coco_det_AP_H_56.json"
-
-pytestmark = pytest.mark.skipif(
-    not (ANN.is_file() and DET.is_file()),
-    reason="the COCO-WholeBody mini data set (../shared/data/coco_wholebody_mini) is not available",
-)
+pytestmark = needs_mini
 
 TINY_CONFIG = {
     "name": "tiny",

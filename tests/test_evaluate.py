@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import ANN, KEYPOINT_FACTS, MINI
 
 from trainer.datasets.keypoints import SIGMAS
 from trainer.evaluation.wholebody import (
@@ -21,26 +22,21 @@ from trainer.evaluation.wholebody import (
     rescore_instances,
 )
 
-MINI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-MINI_ANN = MINI_DIR / "test_coco_wholebody.json"
-REFERENCE_KEYPOINTS = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "coco_wholebody_keypoints.json"
-)
 FIELDS = ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts")
 FIELD_LENGTHS = (17, 6, 68, 21, 21)
 
 
 @pytest.fixture(scope="module")
 def annotations() -> dict:
-    if not MINI_ANN.is_file():
-        pytest.skip(f"COCO-WholeBody mini data set not found at {MINI_ANN}")
-    return json.loads(MINI_ANN.read_text())
+    if not ANN.is_file():
+        pytest.skip(f"COCO-WholeBody mini data set not found at {ANN}")
+    return json.loads(ANN.read_text())
 
 
 def reference_sigmas() -> np.ndarray:
     # Prefer the shared reference file (independent of trainer.datasets.keypoints) when it is there.
-    if REFERENCE_KEYPOINTS.is_file():
-        return np.asarray(json.loads(REFERENCE_KEYPOINTS.read_text())["sigmas"], dtype=np.float64)
+    if KEYPOINT_FACTS.is_file():
+        return np.asarray(json.loads(KEYPOINT_FACTS.read_text())["sigmas"], dtype=np.float64)
     return np.asarray(SIGMAS, dtype=np.float64)
 
 
@@ -87,7 +83,7 @@ def direct_xtcocotools(ann_file: Path, results: list[dict]) -> dict[str, np.ndar
 
 
 def test_ground_truth_scores_one_everywhere(annotations):
-    metrics = evaluate_wholebody(MINI_ANN, ground_truth_results(annotations))
+    metrics = evaluate_wholebody(ANN, ground_truth_results(annotations))
     for part in ("body", "foot", "face", "lefthand", "righthand", "wholebody", "hand"):
         for stat in ("AP", "AP50", "AP75", "AR"):
             assert metrics[f"{part}/{stat}"] == pytest.approx(1.0), f"{part}/{stat}"
@@ -129,8 +125,8 @@ def test_perturbed_results_match_direct_xtcocotools(annotations, tmp_path):
     false_positive["score"] = 0.95
     results.append(false_positive)
 
-    metrics = evaluate_wholebody(MINI_ANN, results)
-    direct = direct_xtcocotools(MINI_ANN, results)
+    metrics = evaluate_wholebody(ANN, results)
+    direct = direct_xtcocotools(ANN, results)
     names = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
     for part, stats in direct.items():
         for name, value in zip(names, stats, strict=True):
@@ -143,8 +139,8 @@ def test_perturbed_results_match_direct_xtcocotools(annotations, tmp_path):
     assert set(results[0]) == {"image_id", "category_id", "score", *FIELDS}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    assert evaluate_wholebody(MINI_ANN, str(path)) == metrics
-    assert evaluate_wholebody(str(MINI_ANN), path) == metrics
+    assert evaluate_wholebody(ANN, str(path)) == metrics
+    assert evaluate_wholebody(str(ANN), path) == metrics
 
 
 def test_unknown_image_ids_are_named(annotations):
@@ -152,19 +148,19 @@ def test_unknown_image_ids_are_named(annotations):
     results[0] = dict(results[0], image_id=123456789)
     results[1] = dict(results[1], image_id=987654321)
     with pytest.raises(ValueError, match="123456789.*987654321"):
-        evaluate_wholebody(MINI_ANN, results)
+        evaluate_wholebody(ANN, results)
 
 
 def test_malformed_results_are_named(annotations):
     results = ground_truth_results(annotations)
     bad = dict(results[0], face_kpts=results[0]["face_kpts"][:-3])
     with pytest.raises(ValueError, match="face_kpts"):
-        evaluate_wholebody(MINI_ANN, [bad])
+        evaluate_wholebody(ANN, [bad])
     missing = {k: v for k, v in results[0].items() if k != "lefthand_kpts"}
     with pytest.raises(ValueError, match="lefthand_kpts"):
-        evaluate_wholebody(MINI_ANN, [missing])
+        evaluate_wholebody(ANN, [missing])
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        evaluate_wholebody(MINI_DIR / "nope.json", results)
+        evaluate_wholebody(MINI / "nope.json", results)
 
 
 def test_keypoints_to_results_splits_parts():
@@ -272,8 +268,8 @@ def test_scoring_prints_nothing_even_through_a_patched_print(annotations, monkey
 
     printed = []
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
-    metrics = evaluate_wholebody(MINI_ANN, ground_truth_results(annotations), processes=processes)
+    metrics = evaluate_wholebody(ANN, ground_truth_results(annotations), processes=processes)
     assert metrics["wholebody/AP"] == pytest.approx(1.0)
-    reference = WholeBodyEvaluator(MINI_ANN, processes=processes, engine="xtcocotools")
+    reference = WholeBodyEvaluator(ANN, processes=processes, engine="xtcocotools")
     assert reference.evaluate(ground_truth_results(annotations)) == metrics
     assert printed == [] and capsys.readouterr().out == ""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import ANN, needs_mini
 
 from trainer.datasets.keypoints import SIGMAS
 from trainer.evaluation.wholebody import (
@@ -21,13 +22,8 @@ from trainer.evaluation.wholebody import (
     oks_nms,
 )
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
 GOLDEN = Path(__file__).resolve().parent / "data"
 FIELDS = ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts")
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 
 
 def reference_detections_to_results(image_ids, keypoints, keypoint_scores, box_scores, areas, thr=0.9):

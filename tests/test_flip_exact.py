@@ -4,11 +4,11 @@ COCO-WholeBody set with perfect (ground-truth) heatmaps as predictions, and on s
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, MINI, needs_mini
 
 from trainer.topdown.codec import (
     FLIP_MODES,
@@ -18,13 +18,6 @@ from trainer.topdown.codec import (
     heatmap_to_image_coords,
 )
 from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
-
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 
 
 def _perfect_flip_test_errors() -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from shared_data import MINI, needs_mini
 
 from orchestrator import tracking
 from orchestrator.cli import main
@@ -14,11 +15,6 @@ from orchestrator.cli import main
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 ARMS = REPO / "search_spaces" / "ablation_paper.yaml"
-MINI = REPO.parent / "shared" / "data" / "coco_wholebody_mini"
-needs_mini = pytest.mark.skipif(
-    not (MINI / "test_coco_wholebody.json").is_file(),
-    reason="the real COCO-WholeBody sample ../shared/data/coco_wholebody_mini/ is not there",
-)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, MINI, needs_mini
 
 from trainer.datasets.annotations import DatasetError
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
@@ -15,11 +16,6 @@ from trainer.datasets.synth import write_synthetic_dataset
 from trainer.kapao.dataset import KapaoDataset, KapaoPipelineConfig, collate_kapao, images_to_float
 from trainer.kapao.labels import flip_permutation, letterbox_to_original
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 SMALL = KapaoPipelineConfig(input_size=256)
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN
 
 from trainer.kapao.anchors import P6_ANCHORS, STRIDES, outputs_per_anchor
 from trainer.kapao.postprocess import (
@@ -25,8 +25,6 @@ from trainer.kapao.postprocess import (
     to_wholebody,
 )
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_wholebody_mini"
-ANN_FILE = MINI / "test_coco_wholebody.json"
 BACKGROUND = -20.0  # objectness logit of an empty anchor: sigmoid ~2e-9, below every floor
 
 
@@ -518,7 +516,7 @@ def _oracle_metrics(settings: KapaoEvalConfig, noise_px: float) -> tuple[dict, i
     from trainer.datasets.annotations import load_wholebody_annotations
     from trainer.evaluation.wholebody import WholeBodyEvaluator
 
-    annotations = load_wholebody_annotations(ANN_FILE)
+    annotations = load_wholebody_annotations(ANN)
     rng = np.random.default_rng(0)
     results, missed = [], 0
     for index, image_id in enumerate(annotations.image_ids.tolist()):
@@ -526,13 +524,13 @@ def _oracle_metrics(settings: KapaoEvalConfig, noise_px: float) -> tuple[dict, i
         missed += image_missed
         poses = poses_from_outputs([out.float() for out in outputs], settings, [letterbox])
         results += poses_to_results([image_id], poses)
-    return WholeBodyEvaluator.for_file(ANN_FILE).evaluate(results), missed
+    return WholeBodyEvaluator.for_file(ANN).evaluate(results), missed
 
 
 PARTS = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
 
 
-@pytest.mark.skipif(not ANN_FILE.is_file(), reason=f"the COCO-WholeBody mini set is absent ({ANN_FILE})")
+@pytest.mark.skipif(not ANN.is_file(), reason=f"the COCO-WholeBody mini set is absent ({ANN})")
 def test_oracle_outputs_score_near_perfect_and_fusion_restores_noisy_poses(one_torch_thread):
     exact, missed = _oracle_metrics(KapaoEvalConfig(), noise_px=0.0)
     noisy_off, _ = _oracle_metrics(KapaoEvalConfig(fusion=False), noise_px=3.0)

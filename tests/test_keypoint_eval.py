@@ -11,20 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import ANN, needs_mini
 
 from trainer.datasets.keypoints import PART_RANGES, SIGMAS
 from trainer.evaluation import keypoint_eval
 from trainer.evaluation.wholebody import WholeBodyEvaluator, detections_to_results
 
 REPO = Path(__file__).resolve().parents[1]
-MINI = REPO.parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
 FIELDS = ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts")
 PARTS = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
 STATS = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"real COCO-WholeBody mini data not found at {MINI} (../shared is absent)"
-)
 
 
 def _assert_identical(ours: dict, reference: dict) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from shared_data import KEYPOINT_FACTS
 
 from trainer.datasets import keypoints as kp
 
-REFERENCE = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "coco_wholebody_keypoints.json"
-)
+REFERENCE = KEYPOINT_FACTS
 
 
 @pytest.fixture(scope="module")

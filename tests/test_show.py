@@ -12,18 +12,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from shared_data import ANN, MINI, needs_mini
 
 from orchestrator.cli import main
 from trainer.config import config_from_dict, config_to_dict
 from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS, NUM_KEYPOINTS
 from trainer.evaluation import visualize
-
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_wholebody_mini"
-ANN = MINI / "test_coco_wholebody.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(),
-    reason="the COCO-WholeBody mini data set (../shared/data/coco_wholebody_mini) is absent",
-)
 
 TINY_CONFIG = {
     "name": "tiny",

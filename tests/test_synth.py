@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import ANN
 
 from orchestrator.cli import main as cli_main
 from trainer.datasets.keypoints import (
@@ -24,14 +25,6 @@ from trainer.datasets.synth import (
     write_synthetic_dataset,
 )
 from trainer.topdown.data import PipelineConfig, WholeBodyTopDownDataset, load_wholebody_annotations
-
-MINI_ANN = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "coco_wholebody_mini"
-    / "test_coco_wholebody.json"
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +52,8 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
 def test_structure_matches_the_real_v1_file(synth):
     _, data = synth
     assert len(data["images"]) == 24 and len(data["annotations"]) >= 24
-    if MINI_ANN.is_file():
-        real = json.loads(MINI_ANN.read_text())
+    if ANN.is_file():
+        real = json.loads(ANN.read_text())
         assert set(data) == set(real)
         assert set(data["images"][0]) == set(real["images"][0])
         real_keys = set(real["annotations"][0])

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_eval_cli import ANN, DET, MINI, TINY_CONFIG, _save_checkpoint, _tiny_model
+from shared_data import ANN, DET, MINI, needs_mini
+from test_eval_cli import TINY_CONFIG, _save_checkpoint, _tiny_model
 
 from orchestrator.cli import main
 from orchestrator.sweeps.definition_file import SearchSpaceError
@@ -27,10 +28,7 @@ from trainer.datasets.keypoints import ANNOTATION_KEYPOINT_FIELDS
 REPO = Path(__file__).resolve().parents[1]
 EVAL_SPACE = REPO / "search_spaces" / "eval_space.yaml"
 
-pytestmark = pytest.mark.skipif(
-    not (ANN.is_file() and DET.is_file()),
-    reason="the COCO-WholeBody mini data set (../shared/data/coco_wholebody_mini) is not available",
-)
+pytestmark = needs_mini
 
 OTHER_SETTINGS = [
     "eval.flip_mode=exact",
