@@ -15,11 +15,18 @@ controller and worker group, data set and model construction. The baseline, meas
 before Ray starts, is the same config trained by a plain in-process call of ``train_loop_per_worker`` with
 one torch thread (what a 1-CPU Ray Train worker gets); the ratio sweep trial / plain run is the cost of
 running a config as a sweep trial.
+
+    .venv/bin/python bench/tune.py --compare-poll [--epochs 6]
+
+runs the sweep twice in one run, first with Ray Train's own 2 s poll of its workers
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), then with the local Ray's 0.5 s (``orchestrator.runs.ray_utils``): a
+worker's report waits for the poll, so short epochs wait up to 2 s each.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -53,6 +60,72 @@ def _plain_run_seconds(config) -> float:
         torch.set_num_threads(threads)
 
 
+def _timed_sweep(config, arms_file: Path, work: Path, max_concurrent, plain_seconds: float) -> None:
+    """One timed ``fowkal ablate`` of ``arms_file`` on ``config`` (its own MLflow store under ``work``),
+    printed; the local Ray it starts is stopped at the end."""
+    import dataclasses
+
+    from ray.tune import Callback
+
+    from orchestrator.runs.ray_utils import shutdown_ray
+    from orchestrator.sweeps.sweep import run_sweep
+
+    config = dataclasses.replace(config, output_dir=str(work / "out"))
+
+    class Timing(Callback):
+        def __init__(self):
+            self.started: dict[str, float] = {}
+            self.first_result: dict[str, tuple[float, float]] = {}
+            self.completed: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if trial.trial_id not in self.first_result:
+                self.first_result[trial.trial_id] = (time.time(), float(result.get("time/epoch_s", 0.0)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed[trial.trial_id] = time.time()
+
+    timing = Timing()
+    start = time.time()
+    outcome = run_sweep(
+        "ablate",
+        config,
+        arms_path=arms_file,
+        seeds=1,
+        max_concurrent=max_concurrent,
+        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+        verbose=0,
+        callbacks=[timing],
+        print_fn=lambda line: None,
+    )
+    wall = time.time() - start
+    overheads, trial_walls = [], []
+    for trial_id, started in timing.started.items():
+        if trial_id in timing.first_result:
+            first, epoch_seconds = timing.first_result[trial_id]
+            overheads.append(first - epoch_seconds - started)
+        if trial_id in timing.completed:
+            trial_walls.append(timing.completed[trial_id] - started)
+    trials = len(timing.completed)
+    print(f"sweep: {trials} trial(s), up to {outcome.max_concurrent} at once, {wall:.1f} s wall")
+    if overheads:
+        mean_overhead = statistics.fmean(overheads)
+        print(
+            f"  per-trial overhead (trial start -> first training step): mean {mean_overhead:.1f} s "
+            f"(min {min(overheads):.1f}, max {max(overheads):.1f})"
+        )
+    if trial_walls:
+        mean_trial = statistics.fmean(trial_walls)
+        print(f"  trial wall time (start -> complete): mean {mean_trial:.1f} s")
+        print(f"  ratio trial / plain run: {mean_trial / plain_seconds:.2f}x")
+    print(f"  trials per hour: {3600 * trials / wall:.1f} (with {outcome.max_concurrent} concurrent)")
+    print(f"  plain runs per hour, back to back on one core: {3600 / plain_seconds:.1f}")
+    shutdown_ray()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,13 +138,15 @@ def main() -> int:
         "--epochs", type=int, default=None, help="epochs per trial (default 2, 1 with --quick)"
     )
     parser.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials")
+    parser.add_argument(
+        "--compare-poll",
+        action="store_true",
+        help="the sweep with Ray Train's 2 s poll, then the local 0.5 s",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (sweep, MLflow store)")
     args = parser.parse_args()
 
-    from ray.tune import Callback
-
     from orchestrator.sweeps.ablation_arms import load_ablation_arms
-    from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
 
     arms_count = args.arms or (2 if args.quick else 4)
@@ -112,60 +187,16 @@ def main() -> int:
     plain_seconds = _plain_run_seconds(load_config(REPO / "configs" / "smoke.yaml", overrides))
     print(f"  plain run: {plain_seconds:.1f} s")
 
-    class Timing(Callback):
-        def __init__(self):
-            self.started: dict[str, float] = {}
-            self.first_result: dict[str, tuple[float, float]] = {}
-            self.completed: dict[str, float] = {}
+    from orchestrator.runs.ray_utils import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.started[trial.trial_id] = time.time()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if trial.trial_id not in self.first_result:
-                self.first_result[trial.trial_id] = (time.time(), float(result.get("time/epoch_s", 0.0)))
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.completed[trial.trial_id] = time.time()
-
-    timing = Timing()
-    start = time.time()
-    outcome = run_sweep(
-        "ablate",
-        config,
-        arms_path=arms_file,
-        seeds=1,
-        max_concurrent=args.max_concurrent,
-        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
-        verbose=0,
-        callbacks=[timing],
-        print_fn=lambda line: None,
-    )
-    wall = time.time() - start
-    overheads, trial_walls = [], []
-    for trial_id, started in timing.started.items():
-        if trial_id in timing.first_result:
-            first, epoch_seconds = timing.first_result[trial_id]
-            overheads.append(first - epoch_seconds - started)
-        if trial_id in timing.completed:
-            trial_walls.append(timing.completed[trial_id] - started)
-    trials = len(timing.completed)
-    print(f"sweep: {trials} trial(s), up to {outcome.max_concurrent} at once, {wall:.1f} s wall")
-    if overheads:
-        mean_overhead = statistics.fmean(overheads)
-        print(
-            f"  per-trial overhead (trial start -> first training step): mean {mean_overhead:.1f} s "
-            f"(min {min(overheads):.1f}, max {max(overheads):.1f})"
-        )
-    if trial_walls:
-        mean_trial = statistics.fmean(trial_walls)
-        print(f"  trial wall time (start -> complete): mean {mean_trial:.1f} s")
-        print(f"  ratio trial / plain run: {mean_trial / plain_seconds:.2f}x")
-    print(f"  trials per hour: {3600 * trials / wall:.1f} (with {outcome.max_concurrent} concurrent)")
-    print(f"  plain runs per hour, back to back on one core: {3600 / plain_seconds:.1f}")
-    from orchestrator.runs.ray_utils import shutdown_ray
-
-    shutdown_ray()
+    polls = ["2.0", LOCAL_TRAIN_POLL_S] if args.compare_poll else [None]
+    for poll in polls:
+        if poll is not None:
+            os.environ[TRAIN_POLL_ENV] = poll  # read by init_ray when the sweep starts its local Ray
+            print(f"Ray Train poll {poll} s:")
+        _timed_sweep(config, arms_file, work / f"poll-{poll}", args.max_concurrent, plain_seconds)
+        if poll is not None:
+            os.environ.pop(TRAIN_POLL_ENV, None)
     if args.keep:
         print(f"kept {work}")
     else:

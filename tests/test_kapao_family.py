@@ -75,7 +75,9 @@ def test_smoke_config_loads():
 
 
 def test_optimizer_groups_schedule_and_ema(tmp_path, one_torch_thread):
-    cfg = config_from_dict(tiny_config(tmp_path, batch_size=8))
+    # A config written for 8 Ray Train workers, trained here in one process (python -m trainer): the step's
+    # batch is this process's 8 images, so accumulation and decay follow 8, not 8 x 8.
+    cfg = config_from_dict(tiny_config(tmp_path, batch_size=8, num_workers=8))
     model = KAPAO.build_model(cfg)
     optimizer, scheduler, accumulate = KAPAO.build_optimizer(cfg, model, iters_per_epoch=10)
     assert accumulate == 8  # round(64 / 8)

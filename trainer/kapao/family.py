@@ -77,6 +77,13 @@ def _field_of(message: str, names) -> str | None:
     return first if first in names else None
 
 
+def _world_size() -> int:
+    """Processes training together: DDP's world size under Ray Train, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 class KapaoTraining:
     """KAPAO's loss of one run on one worker, and the EMA of the weights."""
 
@@ -97,8 +104,8 @@ class KapaoTraining:
         # KapaoLoss computes in float32 itself; its total is YOLOv5's batch-size-scaled loss, and under DDP
         # (which averages gradients over the workers) YOLOv5 scales it by the number of workers.
         total, parts = self.loss_fn(outputs, targets)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            total = total * torch.distributed.get_world_size()
+        if _world_size() > 1:
+            total = total * _world_size()
         return total, parts
 
     def epoch_metrics(self, all_reduce: Callable[[torch.Tensor], None] | None) -> dict[str, float]:
@@ -285,7 +292,10 @@ class KapaoFamily:
         )
 
     def build_optimizer(self, cfg, model, iters_per_epoch: int):
-        total_batch = cfg.batch_size * cfg.num_workers
+        # The batch of one optimiser step is what the running workers load (``num_workers`` is what a Ray
+        # run starts; ``python -m trainer`` of the same config trains in one process): accumulation and the
+        # weight-decay scaling follow it.
+        total_batch = cfg.batch_size * _world_size()
         return build_optimizer(model, cfg.optim, cfg.epochs, iters_per_epoch, total_batch)
 
     def grad_clip(self, cfg) -> float | None:
