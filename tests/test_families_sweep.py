@@ -4,9 +4,11 @@ their cost (issue 20: inference latency, FLOPs, parameters, training throughput,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from shared_data import ANN, DET, MINI
 
 from orchestrator import tracking
 from trainer.latency import COST_METRICS
@@ -35,7 +37,7 @@ def _shutdown_ray_at_end():
 
 
 @pytest.mark.slow
-def test_an_ablation_mixes_arms_of_two_families(tmp_path):
+def test_an_ablation_mixes_arms_of_two_families(tmp_path, capsys):
     from orchestrator.reports.report import child_runs, write_report
     from orchestrator.sweeps.sweep import run_sweep
     from trainer.config import load_config
@@ -110,6 +112,33 @@ def test_an_ablation_mixes_arms_of_two_families(tmp_path):
         assert float(cpu_h) > 0 and float(wall_h) > 0 and float(gpu_h) == 0, training[label]
     assert "person detector's cost is NOT included for top-down MSE" in text, text
     assert "KAPAO-S finds the people in the whole image itself" in text, text
+
+    # The trained runs as a user then looks at them, on the real mini set: `fowkal eval --run` of the KAPAO
+    # run (logged back to it), the same with a detection file (KAPAO finds the people itself: refused,
+    # exit 2), and `fowkal show` of the two families' runs side by side.
+    if not (ANN.is_file() and DET.is_file()):
+        pytest.skip(f"the ablation passed; its eval and show part needs the real mini set at {MINI} (absent)")
+    from orchestrator.cli import main
+
+    run_args = ["--tracking-uri", uri, "--experiment", parent_experiment_name(client, parent)]
+    data = ["--ann", str(ANN), "--images", str(MINI)]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", "kp-kapao-s0", *data, "--out", str(out), "--no-progress", *run_args]) == 0
+    assert json.loads(out.read_text()) is not None
+    evaluated = client.get_run(kp.info.run_id).data.metrics
+    assert {"eval/wholebody_AP", "eval/body_AP"} <= set(evaluated), sorted(evaluated)
+    refused = ["eval", "--run", "kp-kapao-s0", *data, "--det-file", str(DET), "--no-progress", *run_args]
+    capsys.readouterr()
+    assert main(refused) == 2
+    assert "KAPAO detects people itself and needs no detection file" in capsys.readouterr().err
+    shown = tmp_path / "show"
+    show = ["show", "--run", "td-mse-s0", "--run", "kp-kapao-s0", *data, "--out", str(shown), "--n", "2"]
+    assert main([*show, *run_args]) == 0
+    assert len(list(shown.glob("*.png"))) == 2
+
+
+def parent_experiment_name(client, parent) -> str:
+    return client.get_experiment(parent.info.experiment_id).name
 
 
 def _table_rows(text: str, heading: str) -> dict[str, list[str]]:
