@@ -143,6 +143,11 @@ def test_train_loop_checkpoint_and_evaluate(tmp_path, one_torch_thread):
     state2 = torch.load(latest, weights_only=False)
     assert state2["ema_updates"] == 2 and state2["scheduler"] == {"steps_done": 2}
     assert any(not torch.equal(state2["raw_model"][k], state2["model"][k]) for k in state2["model"])
+    # The authors' best.pt rule: an epoch whose fitness equals the best so far replaces it. Untrained, both
+    # epochs score the same (no results, or AP 0): the tie goes to epoch 2.
+    assert resumed["val/kapao_fitness"] == metrics["val/kapao_fitness"]
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
+    assert best["epoch"] == 2
 
     loaded = load_checkpoint_model(latest)
     assert type(loaded.model).__name__ == "KapaoModel"

@@ -123,6 +123,10 @@ class ExperimentFamily(Protocol):
     arm_key: str | None
     # The metric the best checkpoint maximises (the loop reports it on evaluation epochs).
     selection_metric: str
+    # Whether an evaluation scoring as high as the best so far replaces it (the later checkpoint wins a tie)
+    # or not (the first one keeps it). Under Ray, Ray Train's ranking of the reported checkpoints (the
+    # run's best_checkpoint) gives ties to the later one whatever this says.
+    best_on_ties: bool
     # Whether the prediction rows are the eval data set's samples, one per person box (a top-down family);
     # False: the family finds the people in whole images itself (``fowkal show`` matches them to the GT).
     predicts_per_box: bool

@@ -269,7 +269,7 @@ def train_loop_per_worker(
         score = family.selection_score(metrics, cfg)
         if score is not None:  # e.g. a weighted mix of APs: reported so that Ray keeps the best checkpoint
             metrics.setdefault(family.selection_metric, score)
-        is_best = score is not None and score > best_score
+        is_best = score is not None and (score > best_score or (family.best_on_ties and score == best_score))
         if is_best:
             best_score = score
 

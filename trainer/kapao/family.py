@@ -202,6 +202,9 @@ class KapaoFamily:
     # the model predicts: whole-body, or body for `model.keypoints: body` (whose whole-body AP is ~0: no face
     # or hands). The whole-body evaluator's body pass is COCO's keypoint AP (the same 17 keypoints, sigmas).
     selection_metric = "val/kapao_fitness"
+    # Their train.py saves best.pt whenever the epoch's fitness equals the best (``if best_fitness == fi``): a
+    # tie, 0 = 0 on an untrained start included, goes to the later epoch.
+    best_on_ties = True
     val_metrics = {**VAL_METRICS, "wholebody/AP50": "val/wholebody_AP50", "body/AP50": "val/body_AP50"}
     heatmap_eval_sweep = False
     setting_errors = (KapaoLossSettingError, KapaoEvalSettingError)

@@ -183,6 +183,7 @@ class TopDownHeatmapFamily:
     sweep_conditions = {"loss.variant": (LOSS_VARIANTS, VARIANT_PROPERTIES)}
     arm_key = "loss.variant"
     selection_metric = "val/wholebody_AP"
+    best_on_ties = False  # MMPose's CheckpointHook: save_best with the rule "greater" (strictly)
     val_metrics = VAL_METRICS
     # ``fowkal tune-eval`` caches this family's heatmaps (trainer.topdown.heatmap_cache) and sweeps their
     # decoding.
