@@ -44,6 +44,24 @@ def test_own_arms_need_neither_paper_nor_table(tmp_path):
     assert "paper" not in report.ablation_markdown(rows).lower()
 
 
+def test_the_delta_column_names_the_arm_it_is_taken_against():
+    """Arms without an (a), as the KAPAO files: the delta is to the first arm, and the header says so."""
+    arms = load_ablation_arms(Path(__file__).parents[1] / "search_spaces" / "kapao_bbox.yaml")
+    record = report.SweepRecord(
+        parent_run_id="p",
+        name="bbox",
+        kind="ablate",
+        status="FINISHED",
+        metric="val/wholebody_AP",
+        mode="max",
+        children=[],
+        arms=[asdict(a) for a in arms],
+    )
+    rows = report.ablation_rows(record)
+    assert report.baseline_row(rows).key == arms[0].key == "b010"
+    assert "Δ AP vs (b010)" in report.ablation_markdown(rows) and "(a)" not in report.ablation_markdown(rows)
+
+
 def test_the_papers_arms_keep_their_numbers_and_tables():
     arms = load_ablation_arms(Path(__file__).parents[1] / "search_spaces" / "ablation_paper.yaml")
     assert all(arm.table in ("2", "3") and "wholebody_AP" in arm.paper for arm in arms)

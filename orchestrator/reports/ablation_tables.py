@@ -133,7 +133,11 @@ def best_epochs_cell(row: AblationRow) -> str:
     )
 
 
-def ablation_header(baseline_key: str = BASELINE_ARM_KEY) -> list[str]:
+def ablation_header(baseline_key: str = BASELINE_ARM_KEY, rows: list[AblationRow] | None = None) -> list[str]:
+    """The table's header; with ``rows`` the delta column names their baseline (arm (a), else the first)."""
+    baseline = baseline_row(rows) if rows else None
+    if baseline is not None:
+        baseline_key = baseline.key
     return [
         "Arm",
         "n",
@@ -176,7 +180,7 @@ def ablation_markdown(rows: list[AblationRow]) -> str:
     return (
         ablation_note(rows)
         + "\n\n"
-        + markdown_table(ablation_header(), ablation_table_cells(rows, has_paper(rows)))
+        + markdown_table(ablation_header(rows=rows), ablation_table_cells(rows, has_paper(rows)))
     )
 
 

@@ -309,7 +309,7 @@ def _ablation_blocks(record: SweepRecord, client, tracking_uri: str, tmp: Path) 
     blocks = [
         Block("h2", "Results at the best epoch"),
         Block("p", ablation_note(rows)),
-        Block("table", header=ablation_header(), rows=ablation_table_cells(rows, has_paper(rows))),
+        Block("table", header=ablation_header(rows=rows), rows=ablation_table_cells(rows, has_paper(rows))),
     ]
     blocks += _paired(record, rows)
     blocks += _cost(record)
