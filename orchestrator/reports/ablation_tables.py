@@ -163,12 +163,19 @@ def ablation_table_cells(rows: list[AblationRow], with_paper: bool | None = None
     return out
 
 
+def _selection_metrics() -> str:
+    """``name metric`` of every family's best-checkpoint metric."""
+    from trainer.families import FAMILIES
+
+    return ", ".join(f"{name} {family.selection_metric}" for name, family in FAMILIES.items())
+
+
 def ablation_note(rows: list[AblationRow]) -> str:
     """What the table's cells are."""
     spread = "mean ± std over seeds (n finished runs)" if max_seeds(rows) >= 2 else "single runs (n = 1)"
     note = (
-        f"Ours: {spread} at each run's best epoch (the epoch of its best validation whole-body AP, "
-        "given per seed), COCO-WholeBody metrics in percent"
+        f"Ours: {spread} at each run's best epoch (its best checkpoint's, by its family's validation score: "
+        f"{_selection_metrics()}; given per seed), COCO-WholeBody metrics in percent"
     )
     if has_paper(rows):
         note += "; (paper): the number the paper reports (HRNet-w32 + DARK, full COCO-WholeBody)"
