@@ -82,6 +82,15 @@ def test_an_ablation_mixes_arms_of_two_families(tmp_path, capsys):
             a.path for a in client.list_artifacts(run.info.run_id)
         }
     assert {"train/loss_box", "train/loss_kps", "val/kapao_fitness"} <= set(kp.data.metrics)
+    # The KAPAO run's best-epoch metrics (by its fitness) and its data sets as MLflow inputs, as top-down's.
+    assert {"best/val/wholebody_AP", "best/val/kapao_fitness", "best/epoch"} <= set(kp.data.metrics)
+    contexts = {
+        tag.value
+        for dataset_input in kp.inputs.dataset_inputs
+        for tag in dataset_input.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert contexts == {"training", "validation"}
 
     # Each run logged its inference cost once, measured on its best checkpoint (orchestrator.runs.outputs).
     for run in (td, kp):
