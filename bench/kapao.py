@@ -18,8 +18,14 @@
    at the smoke sizes; random-init weights. The same measurement as the cost a finished run logs
    (``ExperimentFamily.latency_probe`` timed by ``trainer.latency.inference_cost``).
 
+5. ``--bf16-head``: what bf16 autocast (``amp: auto`` on a GPU that has it) costs the pose keypoints: each
+   head convolution's output in bf16 against the same convolution in float32 on the same bf16 features, as
+   the keypoint offsets ``(4 sigmoid - 2) * anchor`` in input pixels (KAPAO-S at 1280, K = 17, random init,
+   the keypoint logits scaled to a trained-like spread, std 1.5). On the CPU's bf16 autocast.
+
     .venv/bin/python bench/kapao.py [--quick]
     .venv/bin/python bench/kapao.py --latency [--quick] [--device cuda]
+    .venv/bin/python bench/kapao.py --bf16-head
 
 Prints Markdown tables (for bench/RESULTS.md, "KAPAO").
 """
@@ -288,6 +294,44 @@ def latency_rows(quick: bool, device: str, repeats: int, images: int | None = No
     return rows
 
 
+def bf16_head_rows(size: int = 1280) -> list[str]:
+    """Module docstring, 5: the keypoint error of the head's bf16 outputs per stride, in input pixels."""
+    k = 17
+    torch.manual_seed(0)
+    model = build_kapao_model("s", k).eval()
+    features = {}
+
+    def keep_input(module, inputs, output) -> None:  # (a hook returning a value would replace the output)
+        features[id(module)] = inputs[0]
+
+    for conv in model.head.convs:
+        conv.register_forward_hook(keep_input)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.rand(1, 3, size, size))
+    rows = [
+        "| stride | largest anchor side (px) | keypoint error: median / p99 / max px |",
+        "| --- | --- | --- |",
+    ]
+    for level, conv in enumerate(model.head.convs):
+        x = features[id(conv)]
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = conv(x).float()
+            full = torch.nn.functional.conv2d(x.float(), conv.weight, conv.bias)
+        batch, _, height, width = full.shape
+        shape = (batch, 3, outputs_per_anchor(k), height, width)
+        low, full = low.view(shape)[:, :, -2 * k :], full.view(shape)[:, :, -2 * k :]
+        scale = 1.5 / full.std()
+        anchors = torch.tensor(P6_ANCHORS[level], dtype=torch.float32).view(1, 3, 1, 2, 1, 1)
+        error = 4 * (torch.sigmoid(low * scale) - torch.sigmoid(full * scale))
+        error = (error.view(batch, 3, k, 2, height, width) * anchors).abs().flatten()
+        rows.append(
+            f"| {STRIDES[level]} | {max(max(a) for a in P6_ANCHORS[level]):.0f} | {error.median():.2f} / "
+            f"{error.quantile(0.99):.2f} / {error.max():.2f} |"
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smoke size only for the forward")
@@ -296,7 +340,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="--latency: where to run (cpu, cuda)")
     parser.add_argument("--images", type=int, default=None, help="--latency: images (default 4, --quick 2)")
+    parser.add_argument("--bf16-head", action="store_true", help="only the head's bf16 error (item 5)")
     args = parser.parse_args(argv)
+    if args.bf16_head:
+        print("\n".join(bf16_head_rows()))
+        return 0
     if args.latency:
         print(
             f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
