@@ -196,11 +196,11 @@ def reconcile_eval_runs(plan: EvalSweepPlan, client, trial_statuses: dict[str, s
     driver died: deleted, as the training sweeps' (:func:`orchestrator.sweeps.trial_status.delete_lost_run`).
     """
     from orchestrator.reports.records import child_runs
-    from orchestrator.sweeps.trial_status import delete_lost_run
+    from orchestrator.sweeps.trial_status import delete_lost_run, is_lost_run
 
     statuses = {}
     for run in child_runs(client, plan.experiment_id, plan.parent_run_id):
-        if trial_statuses and run.data.tags.get(tracking.TAG_TRIAL_ID) not in trial_statuses:
+        if is_lost_run(run, trial_statuses):
             delete_lost_run(client, run)
             continue
         status = run.info.status

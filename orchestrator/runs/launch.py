@@ -25,6 +25,7 @@ RAY_CHECKPOINT_LOGGER = "ray.train._internal.checkpoint_manager"
 class _DropMissingScore(logging.Filter):
     def __init__(self, metric: str):
         super().__init__()
+        self.metric = metric
         self.prefix = f"Result dict has no key: {metric}."
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -52,7 +53,7 @@ class QuietUnscoredCheckpoints(UserCallback):
 def install_missing_score_filter(metric: str) -> None:
     """Drop Ray's "Result dict has no key: <metric>" records in this process (once per metric)."""
     logger = logging.getLogger(RAY_CHECKPOINT_LOGGER)
-    if not any(isinstance(f, _DropMissingScore) and f.prefix.endswith(f" {metric}.") for f in logger.filters):
+    if not any(isinstance(f, _DropMissingScore) and f.metric == metric for f in logger.filters):
         logger.addFilter(_DropMissingScore(metric))
 
 

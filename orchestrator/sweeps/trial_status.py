@@ -166,6 +166,12 @@ LOST_RUN_REASON = (
 )
 
 
+def is_lost_run(run, trial_statuses: dict[str, str]) -> bool:
+    """Whether a child run's trial is missing from a Tune state that was read (``trial_statuses`` not
+    empty): it started after Tune's last save before its driver died."""
+    return bool(trial_statuses) and run.data.tags.get(tracking.TAG_TRIAL_ID, "") not in trial_statuses
+
+
 def delete_lost_run(client, run) -> None:
     """End (KILLED) and soft-delete a child run whose trial the resumed Tune state does not hold."""
     if run.info.status == "RUNNING":
@@ -185,14 +191,13 @@ def reconcile_child_runs(plan: SweepPlan, client, trial_statuses: dict[str, str]
     """
     lost = []
     for run in report.child_runs(client, plan.experiment_id, plan.parent_run_id):
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID, "")
-        tune_status = trial_statuses.get(trial_id)
-        if trial_statuses and tune_status is None:
+        if is_lost_run(run, trial_statuses):
             delete_lost_run(client, run)
             lost.append(run.info.run_id)
             continue
         if run.info.status != "RUNNING":
             continue
+        tune_status = trial_statuses.get(run.data.tags.get(tracking.TAG_TRIAL_ID, ""))
         if tune_status == "ERROR":
             tracking.end_run(run.info.run_id, "FAILED", client=client, error="trial failed (reconciled)")
         elif tune_status == "TERMINATED":
@@ -210,6 +215,7 @@ __all__ = [
     "LOST_RUN_REASON",
     "MlflowTrialStatusCallback",
     "delete_lost_run",
+    "is_lost_run",
     "reconcile_child_runs",
     "trained_all_epochs",
     "trial_end_status",

@@ -104,8 +104,9 @@ class KapaoTraining:
         # KapaoLoss computes in float32 itself; its total is YOLOv5's batch-size-scaled loss, and under DDP
         # (which averages gradients over the workers) YOLOv5 scales it by the number of workers.
         total, parts = self.loss_fn(outputs, targets)
-        if _world_size() > 1:
-            total = total * _world_size()
+        world_size = _world_size()
+        if world_size > 1:
+            total = total * world_size
         return total, parts
 
     def epoch_metrics(self, all_reduce: Callable[[torch.Tensor], None] | None) -> dict[str, float]:
