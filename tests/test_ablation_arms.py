@@ -24,14 +24,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_own_arms_need_neither_paper_nor_table(tmp_path):
-    arms = load_ablation_arms(write(tmp_path, OWN))
-    assert [(a.key, a.paper, a.table) for a in arms] == [("a", {}, None), ("k", {}, None)]
-    assert arms[1].overrides == {"loss.variant": "kal", "loss.tau": 0.1}
-    # What the sweep logs as the parent's arms.json reads back as arms without paper numbers: no paper column.
-    record = report.SweepRecord(
+def _record_without_runs(arms) -> report.SweepRecord:
+    """An ablation's record as the report reads it back (the parent's arms.json), with no child runs yet."""
+    return report.SweepRecord(
         parent_run_id="p",
-        name="own",
+        name="arms",
         kind="ablate",
         status="FINISHED",
         metric="val/wholebody_AP",
@@ -39,7 +36,14 @@ def test_own_arms_need_neither_paper_nor_table(tmp_path):
         children=[],
         arms=[asdict(a) for a in arms],
     )
-    rows = report.ablation_rows(record)
+
+
+def test_own_arms_need_neither_paper_nor_table(tmp_path):
+    arms = load_ablation_arms(write(tmp_path, OWN))
+    assert [(a.key, a.paper, a.table) for a in arms] == [("a", {}, None), ("k", {}, None)]
+    assert arms[1].overrides == {"loss.variant": "kal", "loss.tau": 0.1}
+    # What the sweep logs as the parent's arms.json reads back as arms without paper numbers: no paper column.
+    rows = report.ablation_rows(_record_without_runs(arms))
     assert [row.paper for row in rows] == [{}, {}]
     assert "paper" not in report.ablation_markdown(rows).lower()
 
@@ -47,17 +51,7 @@ def test_own_arms_need_neither_paper_nor_table(tmp_path):
 def test_the_delta_column_names_the_arm_it_is_taken_against():
     """Arms without an (a), as the KAPAO files: the delta is to the first arm, and the header says so."""
     arms = load_ablation_arms(Path(__file__).parents[1] / "search_spaces" / "kapao_bbox.yaml")
-    record = report.SweepRecord(
-        parent_run_id="p",
-        name="bbox",
-        kind="ablate",
-        status="FINISHED",
-        metric="val/wholebody_AP",
-        mode="max",
-        children=[],
-        arms=[asdict(a) for a in arms],
-    )
-    rows = report.ablation_rows(record)
+    rows = report.ablation_rows(_record_without_runs(arms))
     assert report.baseline_row(rows).key == arms[0].key == "b010"
     assert "Δ AP vs (b010)" in report.ablation_markdown(rows) and "(a)" not in report.ablation_markdown(rows)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from run_checks import input_contexts
 from shared_data import ANN, DET, MINI
 
 from orchestrator import tracking
@@ -84,13 +85,7 @@ def test_an_ablation_mixes_arms_of_two_families(tmp_path, capsys):
     assert {"train/loss_box", "train/loss_kps", "val/kapao_fitness"} <= set(kp.data.metrics)
     # The KAPAO run's best-epoch metrics (by its fitness) and its data sets as MLflow inputs, as top-down's.
     assert {"best/val/wholebody_AP", "best/val/kapao_fitness", "best/epoch"} <= set(kp.data.metrics)
-    contexts = {
-        tag.value
-        for dataset_input in kp.inputs.dataset_inputs
-        for tag in dataset_input.tags
-        if tag.key == "mlflow.data.context"
-    }
-    assert contexts == {"training", "validation"}
+    assert input_contexts(kp) == {"training", "validation"}
 
     # Each run logged its inference cost once, measured on its best checkpoint (orchestrator.runs.outputs).
     for run in (td, kp):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
+from run_checks import input_contexts
 
 from orchestrator import tracking
 from orchestrator.runs.outputs import DATASET_INPUT_ATTEMPTS, log_run_outputs
@@ -46,13 +47,7 @@ class LosesTheRace:
 
 
 def _contexts(client, run_id: str) -> set[str]:
-    run = client.get_run(run_id)
-    return {
-        tag.value
-        for dataset_input in run.inputs.dataset_inputs
-        for tag in dataset_input.tags
-        if tag.key == "mlflow.data.context"
-    }
+    return input_contexts(client.get_run(run_id))
 
 
 def _setup(tmp_path: Path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_checks import input_contexts
 
 from orchestrator import tracking
 
@@ -639,13 +640,7 @@ def test_ablation_against_a_remote_mlflow_server_and_its_report(tmp_path, synth_
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "best_checkpoint", "last_checkpoint"} <= artifacts, artifacts
         assert ({"kaf_history.npy", "kaf_history.png"} <= artifacts) == (arm == "fowkal"), artifacts
-        contexts = {
-            tag.value
-            for dataset_input in run.inputs.dataset_inputs
-            for tag in dataset_input.tags
-            if tag.key == "mlflow.data.context"
-        }
-        assert contexts == {"training", "validation"}
+        assert input_contexts(run) == {"training", "validation"}
         assert all(len(d.dataset.digest) == 16 for d in run.inputs.dataset_inputs)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
